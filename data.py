@@ -1,0 +1,617 @@
+"""
+Data for nanoADPO: tasks, preference pairs, grading, tokenization and batches.
+
+Tasks (lists of example dicts: question, prompt, response, answer)
+  - "arith": embedded, offline, seeded multi-step arithmetic word problems in GSM8K's format. Small
+    enough that a tiny byte-level GPT trained from scratch on a laptop CPU learns part of it.
+  - "gsm8k": the hub dataset openai/gsm8k (config "main"), or any local/hub table with the same
+    `question` / `answer` columns. The `<<48/2=24>>` calculator annotations are stripped by default.
+
+Prompt format (the same for every task):
+    prompt   = "Question: {question}\nAnswer:"
+    response = " " + worked solution, ending with a "#### <answer>" line
+The model is trained on prompt + response + EOS; only the response and its EOS are scored.
+
+Preference pairs (lists of dicts: prompt, chosen, rejected)
+  - any table with prompt / chosen / rejected string columns (TRL's convention), local or hub;
+  - HH-RLHF style rows with no prompt column, where chosen and rejected both hold the whole
+    conversation: the prompt is their longest shared prefix, backed off to the end of the last
+    "\n\nAssistant:" inside it;
+  - chosen / rejected (and prompt) as lists of chat messages {role, content}: rendered as
+    "\n\nHuman: ...\n\nAssistant: ..." text and split as above;
+  - "arith": offline pairs from the arith task, rejected = one arithmetic slip carried through.
+Local files: .jsonl / .json / .parquet / .csv, read through `datasets`. Rows are numbered from 0.
+
+Batch convention (what model.py / loss.py / train.py consume): right-padded (B, T) tensors
+input_ids, targets, loss_mask with targets[:, t] = input_ids[:, t+1] (the last column's target is
+the pad id) and loss_mask[:, t] True exactly where targets[:, t] is a response token or the
+response's EOS. Pad id = EOS id, so the mask is explicit and never derived from the ids.
+"""
+
+import codecs
+import csv
+import json
+import os
+import random
+import re
+import zlib
+from decimal import Decimal, InvalidOperation
+
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+# GPT-2's pre-tokenizer regex. For the byte tokenizer it only splits text into pieces (there are no
+# merges); it matches every character, so no text is lost, and it keeps the pieces short.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+TOKENIZERS = ("gpt2", "byte")
+
+def get_tokenizer(name="gpt2"):
+    """'gpt2': GPT-2's BPE (50257 tokens). 'byte': one token per UTF-8 byte + <|endoftext|>=256
+    (257 tokens), so every digit is its own token and digit-level arithmetic is learnable."""
+    if name == "gpt2":
+        return tiktoken.get_encoding("gpt2")
+    if name == "byte":
+        return tiktoken.Encoding(name="byte", pat_str=GPT2_PAT,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": 256})
+    raise ValueError(f"unknown tokenizer {name!r} (choices: {', '.join(repr(t) for t in TOKENIZERS)})")
+
+# -----------------------------------------------------------------------------
+# prompt format and grading
+
+def format_prompt(question):
+    """The prompt every task uses; the response that follows starts with a space."""
+    return f"Question: {question}\nAnswer:"
+
+# a number: optional sign and $, digits with thousands commas, optional decimals. Not preceded by a
+# letter/digit, so the "-" of "20-3" is an operator, not a sign. "1,000." stops before the period.
+NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
+
+def normalize_number(s):
+    """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3'; None if not a number."""
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))                      # also turns -0 into 0
+    return format(d.normalize(), "f")           # 7.50 -> 7.5, never exponent notation
+
+def extract_answer_ex(text):
+    """Final answer of a GSM8K-style solution -> (normalised answer or None, used_fallback).
+
+    Only the text before a stray "Question:" is read (a sampled completion that runs on into a new
+    question must not be graded on it). If "####" occurs, the answer is the first number after the
+    LAST "####" (None if there is none there). Otherwise we fall back to the last number in the text
+    and say so (used_fallback=True): GSM8K practice for sampled completions, which may not follow
+    the format exactly. Pass the completion/solution, not the prompt."""
+    text = text.replace("\u2212", "-")          # unicode minus
+    stray = text.find("Question:", 1)
+    if stray != -1:
+        text = text[:stray]
+    if "####" in text:
+        m = NUM_RE.search(text.rsplit("####", 1)[1])
+        return (normalize_number(m.group()) if m else None), False
+    nums = NUM_RE.findall(text)
+    return (normalize_number(nums[-1]) if nums else None), True
+
+def extract_answer(text):
+    """extract_answer_ex without the flag: the fallback (last number) IS used; see above."""
+    return extract_answer_ex(text)[0]
+
+def is_correct(completion, gold):
+    """Exact numeric match of the completion's final answer with the gold answer ("7.50" == "7.5")."""
+    pred = extract_answer(completion)
+    gold = normalize_number(str(gold)) or extract_answer(str(gold))
+    return pred is not None and gold is not None and Decimal(pred) == Decimal(gold)
+
+def _example(question, solution, answer):
+    return dict(question=question, prompt=format_prompt(question), response=" " + solution, answer=answer)
+
+# -----------------------------------------------------------------------------
+# the embedded "arith" task: short multi-step word problems in GSM8K's format, e.g.
+#   Question: Tom has 12 pens. He buys 7, then gives away 5. How many does he have now?
+#   Answer: He buys 7, so 12+7=19.
+#   He gives away 5, so 19-5=14.
+#   #### 14
+# Each step line spells out "a+b=c", so a byte-level model can learn the digit arithmetic.
+
+ARITH_DEFAULTS = dict(steps=(2, 2), max_number=50, ops="+-", max_factor=5, allow_negative=False)
+ARITH_SIZES = dict(train=5000, test=500)        # default n per split
+NAMES = [("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"),
+         ("Ben", "he"), ("Eva", "she"), ("Max", "he"), ("Zoe", "she")]
+OBJECTS = ["pens", "cards", "coins", "books", "eggs", "shells", "stamps", "apples"]
+PHRASES = {"+": ["buys {}", "finds {}", "gets {}"],
+           "-": ["gives away {}", "loses {}", "sells {}"],
+           "*": ["multiplies them by {}"]}
+
+def _arith_problem(rng, steps, max_number, ops, max_factor, allow_negative):
+    """One problem -> (question, solution, answer), or None when a step cannot be drawn (caller retries)."""
+    name, he = rng.choice(NAMES)
+    obj = rng.choice(OBJECTS)
+    x = start = rng.randint(1, max_number)
+    clauses, lines = [], []
+    for _ in range(rng.randint(*steps)):
+        op = rng.choice(ops)
+        if op == "+":
+            b = rng.randint(1, max_number)
+            y = x + b
+        elif op == "-":
+            hi = max_number if allow_negative else min(max_number, x)  # never take away more than there is
+            if hi < 1:
+                return None
+            b = rng.randint(1, hi)
+            y = x - b
+        else:
+            b = rng.randint(2, max_factor)
+            y = x * b
+        phrase = rng.choice(PHRASES[op]).format(b)
+        clauses.append(phrase)
+        lines.append(f"{he.capitalize()} {phrase}, so {x}{op}{b}={y}.")
+        x = y
+    question = (f"{name} has {start} {obj}. {he.capitalize()} {', then '.join(clauses)}. "
+                f"How many does {he} have now?")
+    return question, "\n".join(lines + [f"#### {x}"]), str(x)
+
+def _is_test_question(question):
+    # the split is a pure function of the question text: train and test are disjoint for every seed
+    return zlib.crc32(question.encode()) % 10 == 0
+
+def generate_arith(split="train", n=None, seed=0, **knobs):
+    """n distinct arith examples of one split (default ARITH_SIZES), deterministic in (split, n, seed,
+    knobs). Knobs (defaults in ARITH_DEFAULTS): steps: int or (min, max) steps per problem;
+    max_number: largest start value and +/- operand; ops: subset of "+-*"; max_factor: largest
+    multiplier for "*"; allow_negative: let "-" go below zero."""
+    if split not in ARITH_SIZES:
+        raise ValueError(f"arith: unknown split {split!r} (choices: 'train', 'test')")
+    unknown = set(knobs) - set(ARITH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"arith: unknown option(s) {', '.join(sorted(unknown))} "
+                         f"(choices: {', '.join(ARITH_DEFAULTS)})")
+    knobs = {**ARITH_DEFAULTS, **knobs}
+    steps, max_number, ops, max_factor = knobs["steps"], knobs["max_number"], knobs["ops"], knobs["max_factor"]
+    n = ARITH_SIZES[split] if n is None else n
+    steps = (steps, steps) if isinstance(steps, int) else tuple(steps)
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+        raise ValueError(f"arith: steps must be an int >= 1 or (min, max) with 1 <= min <= max, got {steps}")
+    if max_number < 1:
+        raise ValueError(f"arith: max_number must be >= 1, got {max_number}")
+    if not ops or set(ops) - set("+-*"):
+        raise ValueError(f"arith: ops must be a non-empty subset of '+-*', got {ops!r}")
+    if "*" in ops and max_factor < 2:
+        raise ValueError(f"arith: max_factor must be >= 2, got {max_factor}")
+    rng = random.Random(seed)                   # never the global RNG
+    seen, out, tries = set(), [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n + 10_000:
+            raise ValueError(f"arith: found only {len(out)} distinct {split} problems of the {n} asked for; "
+                             f"raise max_number or steps, or lower n")
+        p = _arith_problem(rng, steps, max_number, ops, max_factor, knobs["allow_negative"])
+        if p is None or (split == "test") != _is_test_question(p[0]) or p[0] in seen:
+            continue
+        seen.add(p[0])
+        out.append(_example(*p))
+    return out
+
+STEP_RE = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+def make_arith_pairs(examples, seed=0):
+    """Offline preference pairs: chosen = the correct solution; rejected = the same solution with ONE
+    step's result off by a small nonzero delta, and that wrong value carried through the later steps
+    (recomputed correctly from it) to a wrong final answer. -> list of dict(prompt, chosen, rejected)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i, ex in enumerate(examples):
+        lines = ex["response"].split("\n")
+        steps = [(k, m) for k, line in enumerate(lines) for m in [STEP_RE.search(line)] if m]
+        if not steps:
+            raise ValueError(f"arith pairs row {i}: the response has no 'a+b=c' step to get wrong")
+        nonneg = all(int(m.group(4)) >= 0 for _, m in steps)
+        j = rng.randrange(len(steps))
+        deltas = [-3, -2, -1, 1, 2, 3]
+        rng.shuffle(deltas)
+        for d in deltas:
+            new_lines, values, prev_old, prev_new = list(lines), [], None, None
+            for s, (k, m) in enumerate(steps):
+                a, op, b, y = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                if s > j and a == prev_old:      # this step reads the previous result: use the wrong one
+                    a = prev_new
+                new_y = y + d if s == j else (_APPLY[op](a, b) if s > j else y)
+                new_lines[k] = lines[k][:m.start()] + f"{a}{op}{b}={new_y}" + lines[k][m.end():]
+                values.append(new_y)
+                prev_old, prev_new = y, new_y
+            final = str(prev_new)
+            # a plausible slip: the final answer is wrong, and no count goes negative if none did before
+            if final != ex["answer"] and not (nonneg and min(values) < 0):
+                break
+        else:
+            raise ValueError(f"arith pairs row {i}: found no slip that makes the final answer wrong")
+        new_lines = [f"#### {final}" if line.startswith("####") else line for line in new_lines]
+        pairs.append(dict(prompt=ex["prompt"], chosen=ex["response"], rejected="\n".join(new_lines)))
+    return pairs
+
+# -----------------------------------------------------------------------------
+# reading tables (local files or the hub) through `datasets`, with one-line errors
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+def _a(v):
+    kind = type(v).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"   # "an int", "a list"
+
+def _one_line(e):
+    """The outer and the innermost error of a chain, on one line: datasets wraps the real problem
+    (ArrowInvalid, UnicodeDecodeError...) a few levels deep under a generic message."""
+    def line(x):
+        msg = str(x).strip().split("\n")[0][:150]
+        return f"{type(x).__name__}: {msg}" if msg else type(x).__name__
+    inner = e
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    return line(e) if inner is e else f"{line(e)} <- {line(inner)}"
+
+def _check_utf8(path):
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid UTF-8 (bad byte near offset {offset + e.start})") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
+
+def _mixed_column_error(path, column):
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f) if path.lower().endswith(".json") else (json.loads(line) for line in f if line.strip())
+        for i, row in enumerate(rows):
+            v = row.get(column) if isinstance(row, dict) else None
+            if v is not None and not isinstance(v, str):
+                return ValueError(f"{path} row {i}: field '{column}' is {_a(v)} "
+                                  f"but other rows hold strings (expected a non-empty string)")
+    return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
+
+def _load_table(source, split="train", config=None):
+    """-> (rows as a list of dicts, column names, name for error messages). `source` is a local file,
+    a folder holding {split}.jsonl/.json/.parquet/.csv, or a hub dataset id (with `config`)."""
+    import datasets  # imported here: it is slow to import and the offline arith task never needs it
+    path = os.path.expanduser(str(source))
+    if os.path.isdir(path):
+        found = [p for p in (os.path.join(path, split + ext) for ext in BUILDERS) if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv in this folder")
+        path = found[0]
+    if os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in BUILDERS:
+            raise ValueError(f"{path}: unsupported file type '{ext}' (expected one of {', '.join(BUILDERS)})")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: file is empty")
+        if ext != ".parquet":
+            _check_utf8(path)                   # a clearer message than the one datasets gives
+        kwargs = {}
+        if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+        try:
+            ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", **kwargs)
+        except Exception as e:
+            raise ValueError(f"{path}: could not read it as {ext[1:]} ({_one_line(e)})") from None
+        where = path
+        # datasets turns a JSON column that mixes strings with other values into a "Json" column and
+        # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row
+        mixed = [c for c, f in ds.features.items() if type(f).__name__ == "Json"]
+        if mixed:
+            raise _mixed_column_error(path, mixed[0])
+    elif os.path.splitext(path)[1].lower() in BUILDERS or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source}: no such file")
+    else:
+        try:
+            ds = datasets.load_dataset(source, config, split=split)
+        except Exception as e:
+            raise ValueError(f"could not load {source!r} (config {config!r}, split {split!r}) from the Hugging Face "
+                             f"hub ({_one_line(e)}); offline, pass a local .jsonl/.json/.parquet/.csv file") from None
+        where = f"{source}[{split}]"
+    return ds.to_list(), list(ds.column_names), where
+
+def _require_columns(columns, needed, where):
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
+                         f"(found: {', '.join(map(repr, columns)) or 'none'})")
+
+def _bad_text(v):
+    """What is wrong with a field that should be a non-empty string, or None if nothing is."""
+    if v is None:
+        return "is missing"
+    if not isinstance(v, str):
+        return f"is {_a(v)}"
+    return None if v.strip() else "is empty"
+
+def _text(row, field, where, i):
+    """A non-empty string field of a row, or a ValueError naming where, row and field."""
+    problem = _bad_text(row.get(field))
+    if problem:
+        raise ValueError(f"{where} row {i}: field '{field}' {problem} (expected a non-empty string)")
+    return row[field]
+
+# -----------------------------------------------------------------------------
+# tasks
+
+def load_task(name, split="train", n=None, seed=0, **knobs):
+    """Examples of a task: "arith" (knobs: see generate_arith), "gsm8k" (openai/gsm8k, config main),
+    or a local file / folder / hub id with question and answer columns (knobs: strip_calc=True,
+    config=None). For tables, n takes the first n rows and seed is unused; a local file is one split."""
+    if name == "arith":
+        return generate_arith(split, n, seed, **knobs)
+    strip_calc, config = knobs.pop("strip_calc", True), knobs.pop("config", None)
+    if knobs:
+        raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} (expected strip_calc, config)")
+    if name == "gsm8k":
+        name, config = "openai/gsm8k", config or "main"
+    rows, columns, where = _load_table(name, split, config)
+    _require_columns(columns, ["question", "answer"], where)
+    out = []
+    for i, row in enumerate(rows[:n]):
+        question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
+        gold, fallback = extract_answer_ex(answer)
+        if gold is None or fallback:
+            raise ValueError(f"{where} row {i}: field 'answer' has no '#### <number>' final answer line")
+        # the calculator annotations are tool calls, not text a model should learn to write
+        solution = CALC_RE.sub("", answer) if strip_calc else answer
+        out.append(_example(question, solution.strip(), gold))
+    return out
+
+# -----------------------------------------------------------------------------
+# preference pairs
+
+ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+ASSISTANT = "\n\nAssistant:"
+
+def split_shared_prefix(chosen, rejected):
+    """HH-RLHF rows hold the whole conversation in both fields: the prompt is the longest shared
+    prefix, cut back to just after the last "\n\nAssistant:" inside it when there is one (so the
+    responses start at a word, with their leading space). -> (prompt, chosen, rejected)."""
+    k = len(os.path.commonprefix([chosen, rejected]))
+    at = chosen.rfind(ASSISTANT, 0, k)
+    cut = at + len(ASSISTANT) if at != -1 else k
+    if cut == 0:
+        raise ValueError("chosen and rejected share no prefix, so there is no prompt to split off")
+    if cut == len(chosen) or cut == len(rejected):
+        raise ValueError("one of chosen/rejected is a prefix of the other: no response left after the prompt")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+def _render_messages(messages, field):
+    text = ""
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"field '{field}' holds a message that is not {{role: system|user|assistant, "
+                             f"content: str}}: {str(m)[:80]}")
+        text += f"\n\n{ROLES[m['role']]}: {m['content']}"
+    return text
+
+def _pair_from_row(row, has_prompt):
+    """One table row -> dict(prompt, chosen, rejected); a ValueError (without the row) if it is bad."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    prompt = row.get("prompt") if has_prompt else None
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        # chat messages: render prompt + response as one conversation each, then split as HH-RLHF
+        for field, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if has_prompt else ()):
+            if not isinstance(v, list):
+                raise ValueError(f"field '{field}' is {_a(v)}, expected a list of messages like the others")
+        head = _render_messages(prompt or [], "prompt")
+        chosen, rejected = head + _render_messages(chosen, "chosen"), head + _render_messages(rejected, "rejected")
+        has_prompt = False
+    for field, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if has_prompt else ()):
+        problem = _bad_text(v)
+        if problem:
+            raise ValueError(f"field '{field}' {problem} (expected a non-empty string)")
+    if not has_prompt:
+        prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="error"):
+    """Preference pairs -> list of dict(prompt, chosen, rejected). source: "arith" (offline pairs from
+    the arith task, see make_arith_pairs), a local .jsonl/.json/.parquet/.csv file, a folder with
+    {split}.<ext>, or a hub id. Columns: chosen and rejected, plus prompt unless they hold the whole
+    conversation (HH-RLHF). n: first n rows. on_bad_row: "error" (raise naming the row and field) or
+    "skip" (skip the row, count it and print a warning)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if source == "arith":
+        return make_arith_pairs(generate_arith(split, n, seed), seed=seed)
+    rows, columns, where = _load_table(source, split, config)
+    _require_columns(columns, ["chosen", "rejected"], where)
+    pairs, skipped = [], []
+    for i, row in enumerate(rows[:n]):
+        try:
+            pairs.append(_pair_from_row(row, "prompt" in columns))
+        except ValueError as e:
+            if on_bad_row == "error":
+                raise ValueError(f"{where} row {i}: {e}") from None
+            skipped.append(f"row {i}: {e}")
+    if skipped:
+        print(f"warning: {where}: skipped {len(skipped)} of {len(rows[:n])} bad rows, e.g. {'; '.join(skipped[:3])}")
+    return pairs
+
+# -----------------------------------------------------------------------------
+# jsonl files (train.py writes generated pairs this way)
+
+def write_jsonl(records, path):
+    """Write dicts one per line, atomically: a crash never leaves a half-written file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def pairs_to_jsonl(pairs, path):
+    """Check and write pairs as jsonl (prompt, chosen, rejected only), readable by load_pairs."""
+    for i, p in enumerate(pairs):
+        for field in ("prompt", "chosen", "rejected"):
+            _text(p, field, "pairs", i)
+    write_jsonl([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs], path)
+
+def read_jsonl(path):
+    """-> list of dicts; errors name the file and the (1-based) line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+# -----------------------------------------------------------------------------
+# tokenization and truncation
+#
+# Prompt and response are tokenised SEPARATELY and the ids concatenated: BPE could otherwise merge
+# across the boundary and shift the loss mask by a token. The response gets EOS appended so that
+# the model learns to stop. Truncation rule (the original DPO code's): only a row longer than
+# max_len is cut. First its prompt is cut to max_prompt_len tokens keeping the END (the question is
+# usually last); then, if still too long, the response(s) are cut to fit max_len (a cut response
+# loses its EOS: it does not end there). A row left with no response token is dropped. Everything
+# is counted in the returned stats (and printed when verbose); on_overflow="drop" drops every row
+# that would need cutting, on_overflow="error" raises naming the row and field.
+
+def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what, verbose):
+    max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
+    if not 1 <= max_prompt_len <= max_len:
+        raise ValueError(f"max_prompt_len must be in [1, max_len={max_len}], got {max_prompt_len}")
+    if on_overflow not in ("truncate", "drop", "error"):
+        raise ValueError(f"on_overflow must be 'truncate', 'drop' or 'error', got {on_overflow!r}")
+    stats = dict(rows=len(items), kept=0, truncated=0, prompt_truncated=0, response_truncated=0, dropped=0)
+    rows = []
+    for i, item in enumerate(items):
+        prompt = tok.encode_ordinary(_text(item, "prompt", what, i))
+        resps = [tok.encode_ordinary(_text(item, f, what, i)) + [tok.eot_token] for f in fields]
+        longest = max(range(len(fields)), key=lambda k: len(resps[k]))
+        if len(prompt) + len(resps[longest]) > max_len:
+            if on_overflow == "error":
+                field = "prompt" if len(prompt) > max_prompt_len else fields[longest]
+                raise ValueError(f"{what} row {i}: field '{field}' does not fit: prompt {len(prompt)} + "
+                                 f"{fields[longest]} {len(resps[longest])} tokens (with EOS) > max_len={max_len} "
+                                 f"(max_prompt_len={max_prompt_len}, on_overflow='error')")
+            if on_overflow == "drop":
+                stats["dropped"] += 1
+                continue
+            cut_prompt = len(prompt) > max_prompt_len
+            if cut_prompt:
+                prompt = prompt[-max_prompt_len:]
+            room = max_len - len(prompt)
+            cut_resp = max(map(len, resps)) > room
+            resps = [r[:room] for r in resps]
+            if min(map(len, resps)) == 0:       # nothing left to score (and 0/0 in length-normalised losses)
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            stats["prompt_truncated"] += cut_prompt
+            stats["response_truncated"] += cut_resp
+        stats["kept"] += 1
+        rows.append(dict(idx=i, prompt_ids=prompt, **{f"{f}_ids": r for f, r in zip(fields, resps)}))
+    if verbose and (stats["truncated"] or stats["dropped"]):
+        print(f"warning: {what}: {stats['truncated']} of {stats['rows']} rows truncated to max_len={max_len} "
+              f"({stats['prompt_truncated']} prompts cut keeping their end, {stats['response_truncated']} "
+              f"responses cut), {stats['dropped']} rows dropped")
+    return rows, stats
+
+def encode_sft(examples, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
+    """examples (prompt, response) -> (rows of dict(idx, prompt_ids, response_ids incl. EOS), stats).
+    max_prompt_len defaults to max_len // 2; see the truncation rule above."""
+    return _encode_rows(examples, tok, max_len, max_prompt_len, on_overflow, ["response"], "sft data", verbose)
+
+def encode_pairs(pairs, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
+    """pairs (prompt, chosen, rejected) -> (rows of dict(idx, prompt_ids, chosen_ids, rejected_ids),
+    stats). Both responses incl. EOS; max_prompt_len defaults to max_len // 2."""
+    return _encode_rows(pairs, tok, max_len, max_prompt_len, on_overflow, ["chosen", "rejected"], "pairs", verbose)
+
+def row_lengths(rows):
+    """Tokens in each row's longest sequence (prompt + longest response), for length_grouped_batches."""
+    return [len(r["prompt_ids"]) + max(len(v) for k, v in r.items() if k.endswith("_ids") and k != "prompt_ids")
+            for r in rows]
+
+# -----------------------------------------------------------------------------
+# batches
+
+def _collate(seqs, pad_id, pad_to, max_len):
+    """seqs: list of (prompt_ids, response_ids) -> dict(input_ids, targets, loss_mask), each (B, T)."""
+    if not seqs:
+        raise ValueError("cannot make a batch from 0 rows")
+    T = max(len(p) + len(r) for p, r in seqs)
+    if pad_to:  # round T up to a few sizes so torch.compile does not recompile for every new length
+        T_round = -(-T // pad_to) * pad_to
+        T = max(T, min(T_round, max_len)) if max_len else T_round
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, (p, r) in enumerate(seqs):
+        input_ids[b, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        # targets[t] = input_ids[t+1], so the response tokens at columns len(p) .. len(p)+len(r)-1
+        # are the targets of columns len(p)-1 .. len(p)+len(r)-2
+        loss_mask[b, len(p) - 1:len(p) + len(r) - 1] = True
+    targets = torch.full_like(input_ids, pad_id)
+    targets[:, :-1] = input_ids[:, 1:]          # the one and only shift
+    return dict(input_ids=input_ids, targets=targets, loss_mask=loss_mask)
+
+def sft_batch(rows, pad_id, pad_to=None, max_len=None):
+    """rows from encode_sft -> dict(input_ids, targets, loss_mask), (B, T). pad_to rounds T up to a
+    multiple (capped at max_len when given); pad_id is the EOS id by our convention."""
+    return _collate([(r["prompt_ids"], r["response_ids"]) for r in rows], pad_id, pad_to, max_len)
+
+def preference_batch(rows, pad_id, eos_pad=False, pad_to=None, max_len=None, eos_id=None):
+    """rows from encode_pairs -> dict(input_ids, targets, loss_mask), (2B, T): rows [0:B] are
+    prompt+chosen, rows [B:2B] prompt+rejected, pair i = rows i and B+i. eos_pad=True appends EOS
+    tokens (scored, i.e. masked in) to the shorter response of each pair so both have the same length,
+    as the static ADPO family needs. It never exceeds max_len: the longer response already fits after
+    the same prompt. eos_id defaults to pad_id (pad = EOS)."""
+    eos_id = pad_id if eos_id is None else eos_id
+    chosen, rejected = [], []
+    for r in rows:
+        c, j = r["chosen_ids"], r["rejected_ids"]
+        if eos_pad:
+            L = max(len(c), len(j))
+            c, j = c + [eos_id] * (L - len(c)), j + [eos_id] * (L - len(j))
+        chosen.append((r["prompt_ids"], c))
+        rejected.append((r["prompt_ids"], j))
+    return _collate(chosen + rejected, pad_id, pad_to, max_len)
+
+def length_grouped_batches(lengths, batch_size, seed=0, shuffle=True):
+    """Batches of indices with similar lengths (less padding), like HF's group_by_length: shuffle,
+    split into mega-chunks of 50 * batch_size, sort each chunk by length (longest first), cut into
+    batches, shuffle the batches. Deterministic in seed; every index exactly once (the last batch
+    may be smaller). shuffle=False keeps the data order apart from the sorting within chunks."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(idx)
+    mega = 50 * batch_size
+    batches = []
+    for start in range(0, len(idx), mega):
+        chunk = sorted(idx[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
