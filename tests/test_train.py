@@ -1,0 +1,138 @@
+"""End-to-end tests of train.py / eval.py on the smoke preset: every stage's outputs, resume, the harness."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as evaluate
+import train
+from data import is_correct, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(out_dir, *flags):
+    return train.main(["--preset", "smoke", "--out_dir", str(out_dir), *flags])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One uninterrupted smoke run, shared by the checks below."""
+    out = tmp_path_factory.mktemp("smoke")
+    summary = run_main(out)
+    return out, summary
+
+
+def test_summary_has_config_and_every_stage(smoke):
+    out, summary = smoke
+    on_disk = json.load(open(out / "summary.json"))
+    assert on_disk["config"] == json.load(open(out / "config.json"))
+    assert on_disk["config"]["loss"] == "adpo" and on_disk["config"]["size"] == 1  # Table-1 ADPO by default
+    for stage in ("sft", "pairs", "po"):
+        assert stage in on_disk, stage
+    assert on_disk["po"]["test"]["accuracy"] == summary["po"]["test"]["accuracy"]
+
+
+def test_sft_lowers_the_loss(smoke):
+    _, summary = smoke
+    tr = summary["sft"]["train"]
+    assert tr["final_probe_loss"] < 0.7 * tr["initial_probe_loss"]
+    log = read_jsonl(os.path.join(smoke[0], "sft", "metrics.jsonl"))
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_pairs_are_graded_correct_and_incorrect(smoke):
+    out, summary = smoke
+    pairs = read_jsonl(out / "pairs" / "train.jsonl") + read_jsonl(out / "pairs" / "val.jsonl")
+    stats = summary["pairs"]
+    assert len(pairs) == stats["pairs"] > 0
+    assert stats["pairs"] == stats["questions"] - stats["skipped_no_correct"] - stats["skipped_no_wrong"]
+    for p in pairs:
+        assert is_correct(p["chosen"], p["answer"]), p
+        assert not is_correct(p["rejected"], p["answer"]), p
+    # every pair comes from the recorded samples of its question
+    samples = {r["prompt"]: r["samples"] for f in sorted(os.listdir(out / "pairs")) if f.startswith("samples_")
+               for r in read_jsonl(out / "pairs" / f)}
+    for p in pairs:
+        assert p["chosen"] in samples[p["prompt"]] and p["rejected"] in samples[p["prompt"]]
+
+
+def test_adpo_raises_reward_accuracy_on_training_pairs(smoke):
+    out, summary = smoke
+    train_pairs = summary["po"]["train"]["train_pairs"]
+    assert train_pairs["rewards/accuracy"] > 0.6  # 0 at step 0: the policy is the reference (ties)
+    assert train_pairs["rewards/margin"] > 0
+    log = read_jsonl(out / "po" / "metrics.jsonl")
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_eval_numbers_match_the_files(smoke):
+    out, summary = smoke
+    for stage in ("sft", "po"):
+        saved = json.load(open(out / stage / "eval.json"))
+        records = saved["records"]
+        assert len(records) == summary[stage]["test"]["n"] == saved["metrics"]["n"]
+        for r in records:  # the stored verdicts are the grader's verdicts on the stored completions
+            assert r["correct"] == is_correct(r["completion"], r["gold"])
+        assert summary[stage]["test"]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
+    # eval.py on the final checkpoint recomputes the same greedy accuracy
+    cfg = summary["config"]
+    res = evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--n", str(cfg["n_test"]),
+                         "--max_new_tokens", str(cfg["max_new_tokens"]), "--arith_steps", str(cfg["arith_steps"]),
+                         "--arith_max_number", str(cfg["arith_max_number"]), "--arith_ops", cfg["arith_ops"]])
+    assert res["accuracy"] == pytest.approx(summary["po"]["test"]["accuracy"])
+
+
+def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):
+    out, summary = smoke
+    partial = run_main(tmp_path, "--stop_after", "sft")
+    assert "pairs" not in partial and not (tmp_path / "pairs").exists()
+    resumed = run_main(tmp_path)
+    for stage in ("sft", "pairs", "po"):
+        assert resumed[stage] == summary[stage], stage
+    a = torch.load(out / "po" / "ckpt.pt")["model"]
+    b = torch.load(tmp_path / "po" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(out / "pairs" / "train.jsonl") == read_jsonl(tmp_path / "pairs" / "train.jsonl")
+
+
+def test_resume_refuses_a_different_config(smoke):
+    out, _ = smoke
+    with pytest.raises(train.ConfigError, match="different config.*beta"):
+        run_main(out, "--beta", "0.5")
+
+
+def test_comparison_harness_writes_a_table(smoke, tmp_path):
+    out, summary = smoke
+    # reuse the smoke run's SFT model and pairs: the harness must not redo them
+    for stage in ("sft", "pairs"):
+        os.symlink(out / stage, tmp_path / stage)
+    for f in ("config.json", "summary.json"):
+        (tmp_path / f).write_text((out / f).read_text())
+    res = run_main(tmp_path, "--compare", "dpo,adpo:adaptive:4", "--seeds", "0,1")
+    table = (tmp_path / "compare.md").read_text()
+    assert "DPO" in table and "ADPO adaptive m=4" in table and "±" in table
+    assert set(res["compare"]) == {"DPO", "ADPO adaptive m=4"}
+    assert all(len(v) == 2 for v in res["compare"].values())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus", "1"], "unknown flag --bogus"),
+    (["--beta", "abc"], "--beta expects float, got 'abc'"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--size", "0"], "--size (k or m) must be >= 1"),
+    (["--loss", "nope"], "--loss 'nope': expected one of"),
+    (["--family", "dynamic"], "--family must be static or adaptive"),
+    (["--preset", "no_such_preset"], "--preset no_such_preset: no such preset file"),
+    (["--compile", "maybe"], "--compile expects bool, got 'maybe'"),
+    (["--beta"], "--beta needs a value"),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, flags, message):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "x"), *flags],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
