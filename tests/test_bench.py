@@ -1,0 +1,52 @@
+"""bench.py end to end on toy shapes (CPU): its report parses, and its numbers are sane. Not a benchmark."""
+import importlib.util
+import math
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+import bench
+
+# TRL's own calls into transformers 5 raise this deprecation warning; nothing bench.py can change
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+LINE = re.compile(r"^([a-z0-9_]+): (n/a|[-+0-9.e]+|nan|inf)$")
+
+
+def run_bench(capsys, *flags):
+    """bench.main in this process (--inprocess: no interpreter start-ups, so the test stays fast)."""
+    bench.main(["--device", "cpu", "--toy", "--inprocess", *flags])
+    out = capsys.readouterr().out
+    assert "| metric | nanoADPO | peer | ratio |" in out
+    values = {}
+    for line in out[out.index("| metric |"):].splitlines():
+        m = LINE.match(line)
+        if m:
+            values[m.group(1)] = None if m.group(2) == "n/a" else float(m.group(2))
+    return out, values
+
+
+def test_logps_and_sampling_parts(capsys):
+    pytest.importorskip("transformers")  # the sampling peer (HF generate) and the random checkpoint
+    out, v = run_bench(capsys, "--parts", "logps,sampling")
+    for name in ("sampling_speedup_vs_hf_generate", "sampling_speedup_vs_no_kv_cache", "logps_speedup_vs_naive",
+                 "sampling_tokens_per_s", "hf_generate_tokens_per_s", "no_kv_cache_tokens_per_s", "bench_wall_s"):
+        assert v.get(name) is not None and math.isfinite(v[name]) and v[name] > 0, (name, out)
+    # in one process, at toy sizes, the allocator may reuse freed memory: the memory numbers only have to parse
+    for name in ("logps_peak_memory_ratio_vs_naive", "logps_peak_memory_mib", "naive_logps_peak_memory_mib"):
+        assert name in v, (name, out)
+    assert "pref_step_speedup_vs_trl" not in v  # the part was not asked for
+
+
+def test_preference_step_vs_trl(capsys):
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("trl is not installed (bench-only peer: pip install -r requirements-bench.txt)")
+    out, v = run_bench(capsys, "--parts", "pref")
+    for name in ("pref_step_speedup_vs_trl", "pref_step_memory_ratio_vs_trl", "pref_step_tokens_per_s",
+                 "trl_pref_step_tokens_per_s"):
+        assert v.get(name) is not None and v[name] > 0, (name, out)
+    assert v["pref_step_mfu"] is None  # CPU: no peak FLOP/s to compare with
