@@ -302,15 +302,29 @@ def _load_table(source, split="train", config=None):
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
+        if ext == ".jsonl":  # name the first broken line (datasets would say "Trailing data at position 42")
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        if line.strip():
+                            json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: could not read it as jsonl (line {lineno}: invalid JSON, {e.msg}; "
+                                         f"expected one JSON object per line)") from None
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
             with open(path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), [])
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a local file loads in a blink; its bars would only clutter stderr
         try:
             ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", **kwargs)
         except Exception as e:
             raise ValueError(f"{path}: could not read it as {ext[1:]} ({_one_line(e)})") from None
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
         where = path
         # datasets turns a JSON column that mixes strings with other values into a "Json" column and
         # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row

@@ -123,10 +123,10 @@ def stack_responses(values):
 
 def preference_eval(policy_logps, reference_logps, *, beta=0.1, family="static", size=1):
     """Reward accuracy, margin, segment win rate... from per-pair response log-probs (see pair_logps)."""
-    pc, cm = stack_responses([c for c, _ in policy_logps])
-    pr, rm = stack_responses([r for _, r in policy_logps])
-    rc, _ = stack_responses([c for c, _ in reference_logps])
-    rr, _ = stack_responses([r for _, r in reference_logps])
+    n = len(policy_logps)  # chosen and rejected padded to ONE width: the losses need a shared (B, T)
+    p, mask = stack_responses([c for c, _ in policy_logps] + [r for _, r in policy_logps])
+    ref, _ = stack_responses([c for c, _ in reference_logps] + [r for _, r in reference_logps])
+    (pc, pr), (rc, rr), (cm, rm) = p.split(n), ref.split(n), mask.split(n)
     m = preference_metrics(pc.double(), pr.double(), rc.double(), rr.double(), cm, rm,
                            beta=beta, family=family, size=size)
     return {k: float(v) for k, v in m.items()}
@@ -154,8 +154,13 @@ def mean_std(xs):
 # command line
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse's default prints the whole usage block first)
+        raise ValueError(f"{message} (see python eval.py --help)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint (ours, a GPT-2 name, or a HF folder).")
+    p = _Parser(description="Evaluate a checkpoint (ours, a GPT-2 name, or a HF folder).")
     p.add_argument("--ckpt", required=True, help="our ckpt.pt, gpt2 | gpt2-medium | ..., or a HF-format folder")
     p.add_argument("--task", default="arith", help="arith | gsm8k | a local file with question/answer columns | "
                                                       "none (only --pairs)")
@@ -183,6 +188,17 @@ def main(argv=None):
     for flag in ("n", "batch_size", "maj_k", "max_new_tokens", "size"):
         if getattr(args, flag) < (0 if flag == "n" else 1):
             p.error(f"--{flag} must be >= {0 if flag == 'n' else 1}, got {getattr(args, flag)}")
+    if not (args.beta > 0 and math.isfinite(args.beta)):
+        p.error(f"--beta must be a finite number > 0, got {args.beta}")
+    if args.max_len is not None and args.max_len < 1:
+        p.error(f"--max_len must be >= 1, got {args.max_len}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU that torch can use (expected --device cpu)")
+    pairs = read_jsonl(args.pairs) if args.pairs else None  # a bad pairs file fails before the (long) accuracy eval
+    for i, row in enumerate(pairs or []):
+        if not isinstance(row, dict):
+            p.error(f"--pairs {args.pairs} row {i}: a JSON {type(row).__name__}, expected an object with prompt, "
+                    f"chosen and rejected")
 
     model = GPT.from_pretrained(args.ckpt).to(args.device).eval()
     tok_name = args.tokenizer
@@ -194,6 +210,16 @@ def main(argv=None):
         sys.exit(f"error: tokenizer '{tok_name}' has {tok.n_vocab} tokens but {args.ckpt} has a vocabulary of "
                  f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext())
+    if args.pairs:  # checked and encoded before the accuracy eval, so a bad file or flag fails at once
+        if (args.max_len or 0) > model.config.block_size:
+            p.error(f"--max_len {args.max_len} exceeds the model's context of {model.config.block_size} tokens")
+        rows, stats = encode_pairs(pairs, tok, max_len=args.max_len or model.config.block_size)
+        if not rows:
+            raise ValueError(f"{args.pairs}: no pair to score ({stats})")
+        ref = GPT.from_pretrained(args.ref).to(args.device).eval() if args.ref else model
+        if ref.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--ref {args.ref} has a vocabulary of {ref.config.vocab_size} but --ckpt {args.ckpt} has "
+                             f"{model.config.vocab_size} (expected the same tokenizer for both)")
 
     result = {"ckpt": args.ckpt, "task": args.task}
     if args.task != "none":
@@ -208,9 +234,6 @@ def main(argv=None):
                              [[args.ckpt, args.task, metrics["n"], f"{100 * metrics['accuracy']:.1f}%"]
                               + ([f"{100 * metrics[f'maj@{args.maj_k}']:.1f}%"] if args.maj_k > 1 else [])]))
     if args.pairs:
-        pairs = read_jsonl(args.pairs)
-        rows, stats = encode_pairs(pairs, tok, max_len=args.max_len or model.config.block_size)
-        ref = GPT.from_pretrained(args.ref).to(args.device).eval() if args.ref else model
         kw = dict(device=args.device, ctx=ctx, eos_pad=args.family == "static")
         pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw), pair_logps(ref, rows, tok.eot_token, **kw),
                                beta=args.beta, family=args.family, size=args.size)
@@ -225,5 +248,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {' '.join(str(e).split()) or type(e).__name__}")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -60,14 +61,14 @@ class Config:
     tokenizer: str = "auto"     # auto (byte for scratch, gpt2 otherwise) | byte | gpt2
     n_layer: int = 4            # scratch only
     n_head: int = 4
-    n_embd: int = 128
+    n_embd: int = 96
     block_size: int = 256
     dropout: float = 0.0
     # task
     task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
     task_seed: int = 0          # the embedded task's generator seed (fixed across --seed, so runs share data)
     arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
-    arith_max_number: int = 50
+    arith_max_number: int = 10
     arith_ops: str = "+-"
     n_train: int = 4000         # training questions (0 = all)
     n_test: int = 500           # test questions for accuracy (0 = all)
@@ -75,11 +76,11 @@ class Config:
     # SFT
     sft_steps: int = 1000
     sft_batch_size: int = 32
-    sft_lr: float = 3e-3
+    sft_lr: float = 1e-2
     # pairs
     pairs_source: str = "sample"  # sample (on-policy from the SFT model) | offline (arith task) | pair dataset
     n_pair_questions: int = 1000  # training questions to sample on (0 = all)
-    n_samples: int = 8            # samples per question
+    n_samples: int = 4            # samples per question
     temperature: float = 1.0
     top_k: int = 0                # 0 = off
     max_new_tokens: int = 96
@@ -91,10 +92,10 @@ class Config:
     size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
     gamma: float = 0.5          # SimPO margin
     eos_pad: bool = True        # pad the shorter response of a pair with EOS (the paper's static-family padding)
-    nll_weight: float = 0.0     # λ of an SFT term on the chosen response
+    nll_weight: float = 1.0     # λ of an SFT term on the chosen response (0 = pure ADPO; see README)
     po_epochs: float = 2.0
     po_batch_size: int = 16     # pairs per optimizer step
-    po_lr: float = 1e-4
+    po_lr: float = 3e-4
     # optimisation (both stages)
     grad_accum: int = 1
     weight_decay: float = 0.1
@@ -110,7 +111,7 @@ class Config:
     seeds: str = "0"
 
 
-RUN_ONLY = {"stop_after", "compare", "seeds", "device", "log_every", "ckpt_every"}  # may change between resumes
+RUN_ONLY = {"out_dir", "stop_after", "compare", "seeds", "device", "log_every", "ckpt_every"}  # may change between resumes
 STAGES = ("sft", "pairs", "po")
 
 
@@ -130,8 +131,10 @@ def _convert(name, typ, value):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if typ is int and isinstance(value, float) and not value.is_integer():  # a preset's 2.5 is no int
+            raise ValueError
         return typ(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"--{name} expects {typ.__name__}, got {value!r}") from None
 
 
@@ -155,11 +158,13 @@ def parse_config(argv):
                                                                 "presets", f"{name}.json")
         if not os.path.isfile(path):
             raise ConfigError(f"--preset {name}: no such preset file {path}")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
                 overrides = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"preset {path}: not valid JSON ({e})") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"preset {path}: expected a JSON object of Config fields, got {type(overrides).__name__}")
         overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}  # "_comment" keys
         for k in overrides:
             if k not in types:
@@ -170,6 +175,12 @@ def parse_config(argv):
         overrides[k] = v
     cfg = Config(**{k: _convert(k, types[k], v) for k, v in overrides.items()})
     validate(cfg)
+    if cfg.compare:  # checked here, not in validate (parse_variant validates each variant): fail before any training
+        variants = [parse_variant(v, cfg) for v in cfg.compare.split(",") if v.strip()]
+        seeds = [_convert("seeds", int, s) for s in cfg.seeds.split(",") if s.strip()]
+        if not variants or not seeds:
+            raise ConfigError(f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated variants "
+                              f"(e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
     return cfg
 
 
@@ -195,7 +206,26 @@ def validate(cfg):
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
     need(cfg.po_batch_size % cfg.grad_accum == 0 and cfg.sft_batch_size % cfg.grad_accum == 0,
-         f"--grad_accum ({cfg.grad_accum}) must divide the batch sizes")
+         f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}) and "
+         f"--po_batch_size ({cfg.po_batch_size})")
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
+        if f.name in ("out_dir", "init_from", "task", "pairs_source", "arith_ops"):
+            need(value.strip() != "", f"--{f.name} is empty (expected e.g. {f.default!r})")
+    for k in ("seed", "task_seed", "weight_decay", "grad_clip", "nll_weight"):
+        need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
+    need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+         f"--device {cfg.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    need(cfg.pairs_source != "offline" or cfg.task == "arith",
+         "--pairs_source offline needs --task arith (it corrupts the task's own solutions)")
+    if cfg.init_from == "scratch":  # (a loaded model's context is checked when it is loaded, in build_model)
+        need(cfg.max_len <= cfg.block_size, f"--max_len {cfg.max_len} exceeds the model's context "
+                                            f"(--block_size {cfg.block_size})")
+        need(cfg.max_new_tokens < cfg.block_size, f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt "
+                                                  f"in the model's context (expected < --block_size {cfg.block_size})")
 
 
 # -----------------------------------------------------------------------------
@@ -203,18 +233,23 @@ def validate(cfg):
 
 
 def setup(cfg):
-    global RANK, WORLD, MASTER
+    global RANK, WORLD, MASTER, COMM_DEVICE
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     MASTER = RANK == 0
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU that torch can use (expected --device auto or cpu)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available here (expected --device auto or cpu)")
     if WORLD > 1:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device.startswith("cuda"):
             device = f"cuda:{local}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    COMM_DEVICE = device if WORLD > 1 and device.startswith("cuda") else "cpu"  # NCCL reduces CUDA tensors only
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = cfg.dtype
     if dtype == "auto":
@@ -252,13 +287,20 @@ def barrier():
         dist.barrier()
 
 
-def all_mean(values):
-    """Average a dict of floats over ranks."""
+def all_sum(values):
+    """Sum a list of floats over ranks (float64; every rank must call it with the same length)."""
     if WORLD == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=COMM_DEVICE)
     dist.all_reduce(t)
-    return dict(zip(values, (t / WORLD).tolist()))
+    return t.tolist()
+
+
+def crash_point(where):
+    """Tests of exact resume: NANOADPO_DIE_AT=<where> (e.g. sft:7, pairs:0, po:ref, po:done) ends the process here
+    as abruptly as SIGKILL (no cleanup, exit status 137); re-running the command must then resume exactly."""
+    if os.environ.get("NANOADPO_DIE_AT") == where:
+        os._exit(137)
 
 
 # -----------------------------------------------------------------------------
@@ -284,6 +326,17 @@ def rng_state():
     return state
 
 
+def map_tensors(obj, fn, kind=torch.Tensor):
+    """obj with fn applied to every `kind` inside its (nested) dicts, lists and tuples."""
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn, kind) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn, kind) for v in obj)
+    return obj
+
+
 def set_rng_state(state):
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -304,39 +357,54 @@ class Scorer(torch.nn.Module):
         return self.model.token_logps(idx, targets)
 
 
-def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute_loss, make_batch, run, tokens_of):
+def read_metrics(path):
+    """The records of a metrics.jsonl; a torn last line (the run was killed while appending it) is dropped."""
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute_loss, make_batch, run, tokens_of,
+               units_of):
     """Optimise `model` for `total_steps` steps and return the metrics of the last logging window.
 
-    compute_loss(score, batch) -> (scalar loss, dict of float metrics); make_batch(indices) -> batch dict.
-    The data order is a function of (seed, epoch) alone and the training state (weights, optimizer, RNGs, step)
-    is saved every cfg.ckpt_every steps to DIR/<name>/state.pt, so a killed run resumes on the same trajectory.
+    make_batch(indices) -> batch dict; units_of(batch) -> how many units (tokens, pairs) the loss averages over;
+    compute_loss(score, batch) -> (loss SUMMED over the batch's units, {metric: (sum, count)}). A step's loss is the
+    sum over the whole global batch divided by its global unit count, so splitting the batch over processes (DDP)
+    or micro-batches (grad_accum) computes the same step; a logged metric is its global sum over its global count.
+    The data order is a function of (seed, epoch) alone, and the training state (weights, optimizer, scaler, every
+    rank's RNGs, step, the open logging window) is saved every cfg.ckpt_every steps to DIR/<name>/state.pt, so a
+    killed run resumes on exactly the same trajectory and logs exactly the same numbers.
     """
     device, device_type, dtype, ctx = run["device"], run["device_type"], run["dtype"], run["ctx"]
     stage_dir = os.path.join(cfg.out_dir, name)
     state_path, metrics_path = os.path.join(stage_dir, "state.pt"), os.path.join(stage_dir, "metrics.jsonl")
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    step = 0
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # fp16 gradients need loss scaling
+    step, window, window_time, saved_at = 0, [], 0.0, None
     if os.path.exists(state_path):
         state = load_checkpoint(state_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+        ranks = state.get("rng_ranks")
+        set_rng_state(ranks[RANK] if ranks and len(ranks) == WORLD else state["rng"])
+        step = saved_at = state["step"]
+        window, window_time = list(state.get("window", [])), state.get("window_time", 0.0)
         print0(f"[{name}] resuming at step {step}/{total_steps} from {state_path}")
-    if MASTER:  # metrics logged after the checkpoint we resume from are about to be recomputed
-        lines = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-        write_jsonl([m for m in lines if m["step"] <= step], metrics_path)
-    fwd = Scorer(model)
+    if MASTER:  # lines logged after the checkpoint we resume from are about to be recomputed
+        write_jsonl([m for m in read_metrics(metrics_path) if m["step"] <= step], metrics_path)
+    fwd = ddp = Scorer(model)
     if WORLD > 1:
-        fwd = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+        fwd = ddp = DDP(fwd, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
-    per_rank = batch_size // WORLD
-    if per_rank * WORLD != batch_size:
-        raise ConfigError(f"{name} batch size {batch_size} is not divisible by the {WORLD} processes")
-    micro = per_rank // cfg.grad_accum
     epoch_batches = {}
 
     def batch_indices(step):  # the global batch of `step`: deterministic from (seed, epoch)
@@ -348,44 +416,69 @@ def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute
             epoch_batches[epoch] = order
         return epoch_batches[epoch][k]
 
+    def micro_batches(step):
+        """This rank's cfg.grad_accum micro-batches of the global batch of `step` (contiguous slices of its share,
+        so each stays length-grouped), with weights: 1, or 0 for a stand-in. Under DDP every rank must run as many
+        backward passes as the others (each is a collective), so an empty slice (a short last batch of an epoch)
+        becomes a stand-in row that counts for nothing."""
+        batch = batch_indices(step)
+        mine, k = batch[RANK::WORLD], cfg.grad_accum
+        parts = [mine[len(mine) * a // k:len(mine) * (a + 1) // k] for a in range(k)]
+        if WORLD == 1:
+            return [(p, 1.0) for p in parts if p]
+        return [(p, 1.0) if p else (batch[:1], 0.0) for p in parts]
+
+    def stop(what, cause):  # the same verdict on every rank (it is made from reduced numbers): no rank hangs
+        kept = (f"the last good training state (step {saved_at}) is kept in {state_path}" if saved_at is not None
+                else f"no training state was saved yet (one is saved every --ckpt_every {cfg.ckpt_every} steps)")
+        bar.close()  # clears the progress bar's line, so the error starts a line of its own
+        raise FloatingPointError(f"[{name}] {what} at step {step + 1}/{total_steps}: {cause}; {kept}")
+
+    lr_flag = "--sft_lr" if name == "sft" else "--po_lr"
+    fp16_hint = ", or fp16 overflowed (use --dtype bfloat16 or float32)" if dtype == "float16" else ""
     model.train()
-    window, t0, last = [], time.time(), {}
+    t0, last = time.time() - window_time, {}
     bar = tqdm(total=total_steps, initial=step, desc=name, disable=not MASTER, leave=False)
     while step < total_steps:
         lr_now = cosine_lr(step, total_steps, lr, cfg.warmup_frac)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
-        idx = batch_indices(step)[RANK::WORLD]  # this rank's share of the global batch
-        metrics_acc, n_tokens = {}, 0
-        for a in range(cfg.grad_accum):
-            part = idx[a * micro:(a + 1) * micro] if micro * cfg.grad_accum == len(idx) else idx[a::cfg.grad_accum]
-            if not part:
-                continue
-            batch = {k: v.to(device, non_blocking=True) for k, v in make_batch(part).items()}
-            n_tokens += tokens_of(batch)
-            sync = a == cfg.grad_accum - 1
-            with (nullcontext() if sync or WORLD == 1 else fwd.no_sync()), ctx:
+        batches = [({k: v.to(device, non_blocking=True) for k, v in make_batch(part).items()}, w)
+                   for part, w in micro_batches(step)]
+        units = all_sum([sum(w * units_of(b) for b, w in batches)])[0]  # of the global batch, over all ranks
+        sums, n_tokens = {}, 0.0
+        for a, (batch, w) in enumerate(batches):
+            with (nullcontext() if a == len(batches) - 1 or WORLD == 1 else ddp.no_sync()), ctx:
                 loss, metrics = compute_loss(fwd, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"[{name}] non-finite loss {loss.item()} at step {step}: lower the learning rate "
-                    f"(--{'sft' if name == 'sft' else 'po'}_lr) or use --dtype bfloat16/float32; the last good "
-                    f"training state is {state_path if os.path.exists(state_path) else 'the start of the stage'}")
-            scaler.scale(loss / cfg.grad_accum).backward()
-            for k, v in metrics.items():
-                metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v) / cfg.grad_accum
+            # DDP averages the ranks' gradients, hence the factor WORLD: the result is the gradient of the global mean
+            scaler.scale(loss * (w * WORLD / max(units, 1))).backward()
+            n_tokens += w * tokens_of(batch)
+            for k, (s, c) in metrics.items():
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + w * s, acc[1] + w * c
+        totals = all_sum([n_tokens] + [v for acc in sums.values() for v in acc])
+        n_tokens = totals[0]
+        step_metrics = {k: totals[1 + 2 * i] / totals[2 + 2 * i] if totals[2 + 2 * i] else 0.0
+                        for i, k in enumerate(sums)}
+        if not math.isfinite(step_metrics["loss"]):
+            stop(f"non-finite loss ({step_metrics['loss']})",
+                 f"the learning rate is probably too high (lower {lr_flag}){fp16_hint}, or a batch holds broken data")
         scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if gnorm is not None and not torch.isfinite(gnorm) and dtype != "float16":
-            raise FloatingPointError(f"[{name}] non-finite gradient norm at step {step}: lower the learning rate "
-                                     f"or check the data; the last good training state is kept at {state_path}")
+        # the norm is computed even without clipping (max_norm=inf scales by exactly 1), so that a non-finite gradient
+        # never reaches the optimizer; under fp16 an overflow now and then is expected and GradScaler skips that step
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(gnorm) and dtype != "float16":
+            stop(f"non-finite gradient norm ({gnorm.item()}) with a finite loss",
+                 f"the learning rate is probably too high (lower {lr_flag}), or the model's weights overflowed")
         scaler.step(optimizer)
         scaler.update()
+        if dtype == "float16" and scaler.get_scale() < 1.0:
+            stop("fp16 gradients overflow at every loss scale (GradScaler's scale fell below 1)",
+                 f"use --dtype bfloat16 or float32, or lower {lr_flag}")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        metrics_acc = all_mean(metrics_acc)
-        window.append((metrics_acc, n_tokens * WORLD))
+        window.append((step_metrics, n_tokens))
         if step % cfg.log_every == 0 or step == total_steps:
             dt = time.time() - t0
             last = {k: sum(m[k] for m, _ in window) / len(window) for k in window[0][0]}
@@ -399,8 +492,17 @@ def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute
                 bar.write(f"[{name}] step {step}/{total_steps} | {shown} | lr {lr_now:.2e} | {tok_s / 1e3:.1f}k tok/s"
                           + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             window, t0 = [], time.time()
-        if step % cfg.ckpt_every == 0 and step < total_steps and MASTER:
-            save_checkpoint(state_path, model, optimizer, step=step, scaler=scaler.state_dict(), rng=rng_state())
+        crash_point(f"{name}:{step}")
+        if step % cfg.ckpt_every == 0 and step < total_steps:
+            rngs = [rng_state()]
+            if WORLD > 1:  # the ranks' dropout draws differ (their batches do): keep every rank's RNGs
+                mine, rngs = rngs[0], [None] * WORLD  # sent as numpy: all_gather_object cannot unpickle CPU tensors
+                dist.all_gather_object(rngs, map_tensors(mine, lambda t: t.numpy()))
+                rngs = [map_tensors(r, torch.from_numpy, np.ndarray) for r in rngs]
+            if MASTER:
+                save_checkpoint(state_path, model, optimizer, step=step, scaler=scaler.state_dict(), rng=rngs[0],
+                                window=window, window_time=time.time() - t0, **({"rng_ranks": rngs} if WORLD > 1 else {}))
+            saved_at = step
         barrier()
     bar.close()
     model.eval()
@@ -411,6 +513,12 @@ def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute
 # stage 1: supervised fine-tuning on worked solutions
 
 
+def remove_stale_state(path):
+    """A stage's training state outlives its ckpt.pt only when the run was killed between the two writes."""
+    if MASTER and os.path.exists(path):
+        os.remove(path)
+
+
 def build_model(cfg, tok, device):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
@@ -419,9 +527,13 @@ def build_model(cfg, tok, device):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     if tok.n_vocab > model.config.vocab_size:
         raise ConfigError(f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but the model from --init_from "
-                          f"{cfg.init_from} has a vocabulary of {model.config.vocab_size}: use --tokenizer gpt2")
+                          f"{cfg.init_from} has a vocabulary of {model.config.vocab_size}: pass the tokenizer the "
+                          f"model was trained with (--tokenizer byte | gpt2)")
     if cfg.max_len > model.config.block_size:
-        raise ConfigError(f"--max_len {cfg.max_len} exceeds the model's context of {model.config.block_size}")
+        raise ConfigError(f"--max_len {cfg.max_len} exceeds the model's context of {model.config.block_size} tokens")
+    if cfg.max_new_tokens >= model.config.block_size:
+        raise ConfigError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                          f"of {model.config.block_size} tokens (expected < {model.config.block_size})")
     return model.to(device)
 
 
@@ -432,12 +544,17 @@ def evaluate(cfg, model, tok, test, run, path):
     shard = test[RANK::WORLD]
     metrics, records = accuracy(model, tok, shard, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                                 maj_k=cfg.maj_k, temperature=0.7, seed=cfg.seed, ctx=run["ctx"], progress=MASTER)
-    if WORLD > 1:
+    if WORLD > 1:  # rank r evaluated test[r::WORLD]: put the records back in test order, recount as accuracy() does
         gathered = [None] * WORLD
         dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-        metrics = {"accuracy": sum(r["correct"] for r in records) / len(records), "n": len(records),
-                   "correct": sum(r["correct"] for r in records)}
+        records = [None] * len(test)
+        for r, part in enumerate(gathered):
+            records[r::WORLD] = part
+        n_correct = sum(r["correct"] for r in records)
+        metrics = {"accuracy": n_correct / max(len(records), 1), "correct": n_correct, "n": len(records)}
+        if cfg.maj_k > 1:  # (each rank samples its own share, so maj@k differs from a 1-process run's by sampling)
+            metrics[f"maj@{cfg.maj_k}"] = sum(r["maj"] is not None and is_correct(r["maj"], r["gold"])
+                                              for r in records) / max(len(records), 1)
     if MASTER:
         write_json(path, {"metrics": metrics, "records": records})
     barrier()
@@ -450,6 +567,7 @@ def stage_sft(cfg, tok, train, test, run):
     if os.path.exists(ckpt):
         print0(f"[sft] done before: loading {ckpt}")
         model = GPT.from_pretrained(ckpt).to(run["device"])
+        remove_stale_state(os.path.join(cfg.out_dir, "sft", "state.pt"))
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, tok, run["device"])
@@ -457,26 +575,30 @@ def stage_sft(cfg, tok, train, test, run):
         print0(f"[sft] {len(rows)} examples ({stats}) | {model.num_params() / 1e6:.2f}M parameters")
         run["lengths"] = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows]
 
-        def compute_loss(score, batch):  # mean NLL of the response tokens (+EOS); the prompt is not trained
-            logps, mask = score(batch["input_ids"], batch["targets"]), batch["loss_mask"]  # (B, T)
-            loss = -(logps * mask).sum() / mask.sum()
-            return loss, {"loss": loss.item()}
+        def compute_loss(score, batch):  # NLL of the response tokens (+EOS), summed in float32; the prompt is not trained
+            logps, mask = score(batch["input_ids"], batch["targets"]), batch["loss_mask"]  # (B, T) float32
+            nll = -(logps * mask).sum()
+            return nll, {"loss": (nll.item(), mask.sum().item())}  # train_loop divides by the global token count
 
-        first = None
-        if cfg.sft_steps:
+        def probe_loss():  # mean NLL per token on the first 64 examples, in eval mode
             with torch.no_grad(), run["ctx"]:
                 model.eval()
-                probe = {k: v.to(run["device"]) for k, v in sft_batch(rows[:64], tok.eot_token).items()}
-                first = compute_loss(Scorer(model), probe)[0].item()
+                s, n = compute_loss(Scorer(model), probe)[1]["loss"]
+            return s / n
+
+        first = None
+        if cfg.sft_steps:  # (train_loop loads a resumed run's weights after this: `first` is always step 0's)
+            probe = {k: v.to(run["device"]) for k, v in sft_batch(rows[:64], tok.eot_token).items()}
+            first = probe_loss()
         last = train_loop("sft", cfg, model, n_rows=len(rows), batch_size=cfg.sft_batch_size, total_steps=cfg.sft_steps,
                           lr=cfg.sft_lr, compute_loss=compute_loss, make_batch=lambda ix: sft_batch([rows[i] for i in ix], tok.eot_token),
-                          run=run, tokens_of=lambda b: b["input_ids"].numel())
+                          run=run, tokens_of=lambda b: b["input_ids"].numel(), units_of=lambda b: b["loss_mask"].sum().item())
         if cfg.sft_steps:
-            with torch.no_grad(), run["ctx"]:
-                last["final_probe_loss"] = compute_loss(Scorer(model), probe)[0].item()
+            last["final_probe_loss"] = probe_loss()
             last["initial_probe_loss"] = first
         if MASTER:
             save_checkpoint(ckpt, model, tokenizer=tok.name, train_metrics=last)
+            crash_point("sft:done")
             state = os.path.join(cfg.out_dir, "sft", "state.pt")
             if os.path.exists(state):
                 os.remove(state)
@@ -527,28 +649,29 @@ def stage_pairs(cfg, tok, model, train, run):
                                batch_size=cfg.eval_batch_size, ctx=run["ctx"], progress=False)
             write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"], samples=s)
                          for q, s in zip(part, samples)], path)
+            crash_point(f"pairs:{c}")
             print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions") if MASTER else None
         barrier()
         records = [r for c in chunks for r in read_jsonl(os.path.join(pdir, f"samples_{c:06d}.jsonl"))]
-        pairs, no_right, no_wrong, n_right = [], 0, 0, 0
+        pairs, no_right, no_wrong, n_right, n_empty = [], 0, 0, 0, 0
         for r in records:
-            graded = [is_correct(s, r["answer"]) for s in r["samples"]]
+            usable = [s for s in r["samples"] if s.strip()]  # an empty completion (EOS at once) has no text to score
+            n_empty += len(r["samples"]) - len(usable)
+            graded = [is_correct(s, r["answer"]) for s in usable]
             n_right += sum(graded)
             no_right += not any(graded)
-            no_wrong += all(graded)
-            chosen_rejected = choose_pair(r["question"], r["samples"], r["answer"])
+            no_wrong += bool(graded) and all(graded)
+            chosen_rejected = choose_pair(r["question"], usable, r["answer"])
             if chosen_rejected:
                 pairs.append(dict(prompt=r["prompt"], chosen=chosen_rejected[0], rejected=chosen_rejected[1],
                                   answer=r["answer"]))
         stats.update(questions=len(records), samples=len(records) * cfg.n_samples,
                      sample_accuracy=n_right / max(1, len(records) * cfg.n_samples),
-                     skipped_no_correct=no_right, skipped_no_wrong=no_wrong)
+                     skipped_no_correct=no_right, skipped_no_wrong=no_wrong, empty_samples=n_empty)
     elif cfg.pairs_source == "offline":
-        if cfg.task != "arith":
-            raise ConfigError("--pairs_source offline needs --task arith (it corrupts the task's own solutions)")
         pairs = make_arith_pairs(train[:cfg.n_pair_questions or None], seed=cfg.seed)
-    else:
-        pairs = load_pairs(cfg.pairs_source, split="train")
+    else:  # main() has read and checked the file before any training
+        pairs = run.pop("pairs", None) or load_pairs(cfg.pairs_source, split="train")
     rng = random.Random(cfg.seed)
     rng.shuffle(pairs)
     n_val = int(round(cfg.val_frac * len(pairs)))
@@ -557,6 +680,7 @@ def stage_pairs(cfg, tok, model, train, run):
     if MASTER:
         write_jsonl(train_pairs, os.path.join(pdir, "train.jsonl"))
         write_jsonl(val, os.path.join(pdir, "val.jsonl"))
+        crash_point("pairs:written")
         write_json(stats_path, stats)
     barrier()
     print0(f"[pairs] {stats}")
@@ -572,9 +696,12 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
     os.makedirs(po_dir, exist_ok=True)
     ckpt = os.path.join(po_dir, "ckpt.pt")
     if not train_pairs:
-        raise RuntimeError("no preference pairs to train on: the SFT model's samples were all right or all wrong "
-                           "(see pairs/stats.json); sample more (--n_samples, --n_pair_questions) or use --pairs_source offline")
+        raise ValueError("no preference pairs to train on: the SFT model's samples were all right or all wrong "
+                         "(see pairs/stats.json); sample more (--n_samples, --n_pair_questions) or use --pairs_source offline")
     rows, rstats = encode_pairs(train_pairs, tok, max_len=cfg.max_len)
+    if not rows:
+        raise ValueError(f"all {len(train_pairs)} training pairs were dropped: none has a response token within "
+                         f"--max_len {cfg.max_len} ({rstats})")
     val_rows, _ = encode_pairs(val_pairs, tok, max_len=cfg.max_len) if val_pairs else ([], {})
     eos_pad = cfg.eos_pad and cfg.loss == "adpo" and cfg.family == "static"
     # the reference's per-token log-probs, computed once with the frozen SFT model and reused every epoch
@@ -589,6 +716,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
             tmp = ref_path + ".tmp"
             torch.save(ref, tmp)
             os.replace(tmp, ref_path)
+            crash_point("po:ref")
     before = preference_eval(ref["val"], ref["val"], beta=cfg.beta, family=cfg.family, size=cfg.size) if val_rows else {}
     loss_fn = LOSSES[cfg.loss]
     hyper = {p: getattr(cfg, p) for p in list(inspect.signature(loss_fn).parameters)[6:] if hasattr(cfg, p)}
@@ -598,6 +726,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
     if os.path.exists(ckpt):
         print0(f"[po] done before: loading {ckpt}")
         policy = GPT.from_pretrained(ckpt).to(run["device"])
+        remove_stale_state(os.path.join(po_dir, "state.pt"))
     else:
         policy = GPT.from_pretrained(os.path.join(cfg.out_dir, "sft", "ckpt.pt"), dropout=cfg.dropout).to(run["device"])
         run["lengths"] = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
@@ -615,18 +744,24 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
             mask, reference, B = batch["loss_mask"], batch["reference_logps"], batch["loss_mask"].size(0) // 2
             six = dict(policy_chosen_logps=logps[:B], policy_rejected_logps=logps[B:], reference_chosen_logps=reference[:B],
                        reference_rejected_logps=reference[B:], chosen_mask=mask[:B], rejected_mask=mask[B:])
-            losses = loss_fn(**six, **hyper)[0]
-            loss = losses.mean()
+            loss = loss_fn(**six, **hyper)[0].sum()  # summed over pairs: train_loop divides by the global pair count
             if cfg.nll_weight:
-                loss = loss + cfg.nll_weight * chosen_nll(logps[:B], mask[:B]).mean()
+                loss = loss + cfg.nll_weight * chosen_nll(logps[:B], mask[:B]).sum()
             with torch.no_grad():
                 m = preference_metrics(**{k: v.detach() for k, v in six.items()}, beta=cfg.beta, family=cfg.family, size=cfg.size)
-            return loss, {"loss": loss.item(), **{k: float(v) for k, v in m.items()}}
+            # metrics as (sum, count): means over pairs, and the win rate over the compared segments (T' per pair)
+            if cfg.family == "static":
+                n_seg = (-(-torch.maximum(mask[:B].sum(-1), mask[B:].sum(-1)) // cfg.size)).sum().item()
+            else:
+                n_seg = cfg.size * B
+            sums = {k: (float(v) * B, B) for k, v in m.items()}
+            sums["segments/win_rate"] = (round(float(m["segments/win_rate"]) * n_seg), n_seg)
+            return loss, {"loss": (loss.item(), B), **sums}
 
         steps = max(1, math.ceil(cfg.po_epochs * len(rows) / cfg.po_batch_size))
-        last = train_loop(os.path.relpath(po_dir, cfg.out_dir), cfg, policy, n_rows=len(rows), batch_size=min(cfg.po_batch_size, len(rows) - len(rows) % WORLD),
+        last = train_loop(os.path.relpath(po_dir, cfg.out_dir), cfg, policy, n_rows=len(rows), batch_size=min(cfg.po_batch_size, len(rows)),
                           total_steps=steps, lr=cfg.po_lr, compute_loss=compute_loss, make_batch=make_batch, run=run,
-                          tokens_of=lambda b: b["input_ids"].numel())
+                          tokens_of=lambda b: b["input_ids"].numel(), units_of=lambda b: b["loss_mask"].size(0) // 2)
         kw = dict(batch_size=cfg.po_batch_size, eos_pad=eos_pad, device=run["device"], ctx=run["ctx"], progress=False)
         last["train_pairs"] = preference_eval(pair_logps(policy, rows, tok.eot_token, **kw), ref["train"], beta=cfg.beta,
                                               family=cfg.family, size=cfg.size)
@@ -634,6 +769,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
                                              family=cfg.family, size=cfg.size) if val_rows else {})
         if MASTER:
             save_checkpoint(ckpt, policy, tokenizer=tok.name, train_metrics=last)
+            crash_point("po:done")
             state = os.path.join(po_dir, "state.pt")
             if os.path.exists(state):
                 os.remove(state)
@@ -701,7 +837,10 @@ def parse_variant(spec, cfg):
                           f"or adpo:<static|adaptive>:<size>")
     extra = dict(family=parts[1], size=_convert("compare size", int, parts[2])) if len(parts) == 3 else {}
     variant = dataclasses.replace(cfg, loss=parts[0], **extra)
-    validate(variant)
+    try:
+        validate(variant)
+    except ConfigError as e:
+        raise ConfigError(f"--compare: bad variant {spec!r}: {e}") from None
     return variant
 
 
@@ -762,7 +901,13 @@ def check_resume(cfg):
     path = os.path.join(cfg.out_dir, "config.json")
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
     if os.path.exists(path):
-        saved = {k: v for k, v in read_json(path).items() if k not in RUN_ONLY}
+        try:
+            saved = read_json(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a readable run config ({e}); use another --out_dir") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path}: not a run config (expected a JSON object); use another --out_dir")
+        saved = {k: v for k, v in saved.items() if k not in RUN_ONLY}
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -773,9 +918,21 @@ def check_resume(cfg):
         write_json(path, dataclasses.asdict(cfg))
 
 
+def tokenizer_name(cfg):
+    """--tokenizer auto: byte for a model from scratch, the one a nanoADPO checkpoint records, else gpt2."""
+    if cfg.tokenizer != "auto":
+        return cfg.tokenizer
+    if cfg.init_from == "scratch":
+        return "byte"
+    path = cfg.init_from if os.path.isfile(cfg.init_from) else os.path.join(cfg.init_from, "ckpt.pt")
+    return (load_checkpoint(path).get("tokenizer") if os.path.isfile(path) else None) or "gpt2"
+
+
 def main(argv=None):
     t_start = time.time()
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"--out_dir {cfg.out_dir} is a file (expected a run folder, new or to resume)")
     device, device_type, dtype, ctx = setup(cfg)
     run = dict(device=device, device_type=device_type, dtype=dtype, ctx=ctx)
     if MASTER:
@@ -785,13 +942,16 @@ def main(argv=None):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tok = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else ("byte" if cfg.init_from == "scratch" else "gpt2"))
+    tok = get_tokenizer(tokenizer_name(cfg))
     knobs = dict(steps=(cfg.arith_steps, cfg.arith_steps), max_number=cfg.arith_max_number, ops=cfg.arith_ops) \
         if cfg.task == "arith" else {}
     train = load_task(cfg.task, "train", n=cfg.n_train or None, seed=cfg.task_seed, **knobs)
     test = load_task(cfg.task, "test", n=cfg.n_test or None, seed=cfg.task_seed, **knobs)
     print0(f"device {device} | dtype {dtype} | task {cfg.task}: {len(train)} train / {len(test)} test questions"
            f" | tokenizer {tok.name} | world size {WORLD}")
+    if cfg.pairs_source not in ("sample", "offline") and cfg.stop_after != "sft" and \
+            not os.path.exists(os.path.join(cfg.out_dir, "pairs", "stats.json")):
+        run["pairs"] = load_pairs(cfg.pairs_source, split="train")  # a bad pair file fails now, not after SFT
 
     summary = {"config": dataclasses.asdict(cfg), "device": device, "dtype": dtype}
     summary_path = os.path.join(cfg.out_dir, "summary.json")
@@ -828,8 +988,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError) as e:  # bad input: one line
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input (files, flags, numerics): one line
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_available() and dist.is_initialized():
