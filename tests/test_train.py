@@ -102,7 +102,7 @@ def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):
 def test_resume_refuses_a_different_config(smoke):
     out, _ = smoke
     with pytest.raises(train.ConfigError, match="different config.*beta"):
-        run_main(out, "--beta", "0.5")
+        run_main(out, "--beta", "0.3")
 
 
 def test_comparison_harness_writes_a_table(smoke, tmp_path):
