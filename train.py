@@ -520,6 +520,11 @@ def remove_stale_state(path):
         os.remove(path)
 
 
+def bucket(cfg):
+    """Under torch.compile, round batch lengths up to a multiple of 64 so a few shapes are compiled, not one per step."""
+    return dict(pad_to=64, max_len=cfg.max_len) if cfg.compile else {}
+
+
 def build_model(cfg, tok, device):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
@@ -592,7 +597,7 @@ def stage_sft(cfg, tok, train, test, run):
             probe = {k: v.to(run["device"]) for k, v in sft_batch(rows[:64], tok.eot_token).items()}
             first = probe_loss()
         last = train_loop("sft", cfg, model, n_rows=len(rows), batch_size=cfg.sft_batch_size, total_steps=cfg.sft_steps,
-                          lr=cfg.sft_lr, compute_loss=compute_loss, make_batch=lambda ix: sft_batch([rows[i] for i in ix], tok.eot_token),
+                          lr=cfg.sft_lr, compute_loss=compute_loss, make_batch=lambda ix: sft_batch([rows[i] for i in ix], tok.eot_token, **bucket(cfg)),
                           run=run, tokens_of=lambda b: b["input_ids"].numel(), units_of=lambda b: b["loss_mask"].sum().item())
         if cfg.sft_steps:
             last["final_probe_loss"] = probe_loss()
@@ -732,7 +737,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
         run["lengths"] = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
 
         def make_batch(ix):
-            batch = preference_batch([rows[i] for i in ix], tok.eot_token, eos_pad=eos_pad)
+            batch = preference_batch([rows[i] for i in ix], tok.eot_token, eos_pad=eos_pad, **bucket(cfg))
             mask = batch["loss_mask"]
             reference = torch.zeros(mask.shape)
             reference[mask] = torch.cat([ref["train"][i][0] for i in ix] + [ref["train"][i][1] for i in ix])
