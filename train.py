@@ -808,13 +808,21 @@ def summary_table(summary):
     return markdown_table(["model", "test accuracy (greedy)", "reward acc. train / held-out pairs", "held-out margin"], rows)
 
 
-def plot_curves(out_dir, names=("sft", "po")):
-    """training curves to DIR/curves.png (only when matplotlib is installed: an optional dependency)"""
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None: plots are optional (matplotlib is not a requirement)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(out_dir, names=("sft", "po")):
+    """training curves to DIR/curves.png (only when matplotlib is installed)"""
+    plt = pyplot()
+    if plt is None:
         return None
     logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl")) for n in names
             if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
@@ -876,13 +884,12 @@ def compare(cfg, tok, sft_model, train_pairs, val_pairs, test, run, summary):
             f.write(table + "\n")
         write_json(os.path.join(cfg.out_dir, "compare.json"),
                    {label: [r["test"]["accuracy"] for r in runs] for label, runs in results.items()})
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        plt = pyplot()
+        if plt is not None:
             labels = list(results)
-            means = [100 * np.mean([r["test"]["accuracy"] for r in results[k]]) for k in labels]
-            stds = [100 * np.std([r["test"]["accuracy"] for r in results[k]]) for k in labels]
+            accs = [[100 * r["test"]["accuracy"] for r in results[k]] for k in labels]
+            means = [np.mean(a) for a in accs]
+            stds = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in accs]  # sample std, as in the table
             fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3.5))
             ax.bar(labels, means, yerr=stds, capsize=4)
             ax.axhline(100 * sft_acc, color="gray", ls="--", label="SFT")
@@ -892,8 +899,6 @@ def compare(cfg, tok, sft_model, train_pairs, val_pairs, test, run, summary):
             fig.tight_layout()
             fig.savefig(os.path.join(cfg.out_dir, "compare.png"), dpi=100)
             plt.close(fig)
-        except ImportError:
-            pass
     print0("\n" + table)
     return results
 
