@@ -101,16 +101,21 @@ def _status_kib(field):
     raise KeyError(field)
 
 
+def _proc_bytes(field):
+    """/proc/self/status's VmRSS or VmHWM in bytes; without /proc (not Linux) the never-reset high-water mark."""
+    try:
+        return 1024 * _status_kib(field)
+    except (OSError, KeyError):
+        import resource
+        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def mem_now(device):
     """Bytes in use now: allocated tensors on CUDA, the resident set on CPU."""
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
-    try:
-        return 1024 * _status_kib("VmRSS")
-    except (OSError, KeyError):  # no /proc (not Linux): fall back to the high-water mark, never reset
-        import resource
-        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _proc_bytes("VmRSS")
 
 
 def reset_peak(device):
@@ -130,11 +135,7 @@ def mem_peak(device):
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    try:
-        return 1024 * _status_kib("VmHWM")
-    except (OSError, KeyError):
-        import resource
-        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _proc_bytes("VmHWM")
 
 
 def sync(device):

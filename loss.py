@@ -97,6 +97,14 @@ def _segment_ids(mask, family, size):
     return torch.where(mask, seg, 0)
 
 
+def feedback_length(chosen_mask, rejected_mask, family, size):
+    """T' = μ'(y), the number of segments compared for each pair, (B,) long:
+    static ⌈max(T^w, T^l)/k⌉, adaptive m (whatever the lengths; empty segments count)."""
+    if family == "static":
+        return -(-torch.maximum(chosen_mask.sum(-1), rejected_mask.sum(-1)) // size)       # ⌈max(T^w,T^l)/k⌉
+    return torch.full((chosen_mask.size(0),), size, device=chosen_mask.device)          # m
+
+
 def _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask, family, size):
     """Segment sums S^w(i), S^l(i), each (B, n_seg), and valid (B, n_seg): True for the T' compared segments.
 
@@ -108,13 +116,8 @@ def _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask, family, size):
     B, T = chosen_mask.shape
     ids_w = _segment_ids(chosen_mask, family, size)
     ids_l = _segment_ids(rejected_mask, family, size)
-    if family == "static":
-        n_seg = -(-T // size)                                                    # ⌈T/k⌉ windows fit any row
-        longest = torch.maximum(chosen_mask.sum(-1), rejected_mask.sum(-1))      # (B,) max(T^w, T^l)
-        n_valid = -(-longest // size)                                            # (B,) T' = ⌈max(T^w,T^l)/k⌉
-    else:
-        n_seg = size
-        n_valid = torch.full((B,), size, device=chosen_mask.device)            # T' = m
+    n_seg = -(-T // size) if family == "static" else size                        # ⌈T/k⌉ windows fit any row
+    n_valid = feedback_length(chosen_mask, rejected_mask, family, size)          # (B,) T'
     S_w = rho_w.new_zeros(B, n_seg).scatter_add(1, ids_w, rho_w)                 # (B, n_seg)
     S_l = rho_l.new_zeros(B, n_seg).scatter_add(1, ids_l, rho_l)                 # (B, n_seg)
     valid = torch.arange(n_seg, device=chosen_mask.device) < n_valid[:, None]  # (B, n_seg)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from data import (encode_pairs, encode_sft, extract_answer, get_tokenizer, is_correct, length_grouped_batches,
                   load_pairs, load_task, make_arith_pairs, preference_batch, read_jsonl, sft_batch, write_jsonl)
 from eval import accuracy, complete, markdown_table, mean_std, pair_logps, preference_eval
-from loss import LOSSES, chosen_nll, preference_metrics
+from loss import LOSSES, chosen_nll, feedback_length, preference_metrics
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
@@ -177,11 +177,7 @@ def parse_config(argv):
     cfg = Config(**{k: _convert(k, types[k], v) for k, v in overrides.items()})
     validate(cfg)
     if cfg.compare:  # checked here, not in validate (parse_variant validates each variant): fail before any training
-        variants = [parse_variant(v, cfg) for v in cfg.compare.split(",") if v.strip()]
-        seeds = [_convert("seeds", int, s) for s in cfg.seeds.split(",") if s.strip()]
-        if not variants or not seeds:
-            raise ConfigError(f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated variants "
-                              f"(e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
+        compare_plan(cfg)
     return cfg
 
 
@@ -515,7 +511,7 @@ def train_loop(name, cfg, model, *, n_rows, batch_size, total_steps, lr, compute
 
 
 def remove_stale_state(path):
-    """A stage's training state outlives its ckpt.pt only when the run was killed between the two writes."""
+    """A stage's training state is deleted once its ckpt.pt is written (or on resume, if a kill came in between)."""
     if MASTER and os.path.exists(path):
         os.remove(path)
 
@@ -605,9 +601,7 @@ def stage_sft(cfg, tok, train, test, run):
         if MASTER:
             save_checkpoint(ckpt, model, tokenizer=tok.name, train_metrics=last)
             crash_point("sft:done")
-            state = os.path.join(cfg.out_dir, "sft", "state.pt")
-            if os.path.exists(state):
-                os.remove(state)
+            remove_stale_state(os.path.join(cfg.out_dir, "sft", "state.pt"))
         barrier()
     metrics = evaluate(cfg, model, tok, test, run, os.path.join(cfg.out_dir, "sft", "eval.json"))
     train_metrics = load_checkpoint(ckpt).get("train_metrics", {})
@@ -755,10 +749,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
             with torch.no_grad():
                 m = preference_metrics(**{k: v.detach() for k, v in six.items()}, beta=cfg.beta, family=cfg.family, size=cfg.size)
             # metrics as (sum, count): means over pairs, and the win rate over the compared segments (T' per pair)
-            if cfg.family == "static":
-                n_seg = (-(-torch.maximum(mask[:B].sum(-1), mask[B:].sum(-1)) // cfg.size)).sum().item()
-            else:
-                n_seg = cfg.size * B
+            n_seg = feedback_length(mask[:B], mask[B:], cfg.family, cfg.size).sum().item()
             sums = {k: (float(v) * B, B) for k, v in m.items()}
             sums["segments/win_rate"] = (round(float(m["segments/win_rate"]) * n_seg), n_seg)
             return loss, {"loss": (loss.item(), B), **sums}
@@ -775,9 +766,7 @@ def stage_po(cfg, tok, sft_model, train_pairs, val_pairs, test, run, po_dir=None
         if MASTER:
             save_checkpoint(ckpt, policy, tokenizer=tok.name, train_metrics=last)
             crash_point("po:done")
-            state = os.path.join(po_dir, "state.pt")
-            if os.path.exists(state):
-                os.remove(state)
+            remove_stale_state(os.path.join(po_dir, "state.pt"))
         barrier()
     metrics = evaluate(cfg, policy, tok, test, run, os.path.join(po_dir, "eval.json"))
     train_metrics = load_checkpoint(ckpt).get("train_metrics", {})
@@ -857,10 +846,19 @@ def parse_variant(spec, cfg):
     return variant
 
 
-def compare(cfg, tok, sft_model, train_pairs, val_pairs, test, run, summary):
-    """Paper Table 3 in miniature: every variant x seed from the same SFT checkpoint and the same pairs."""
+def compare_plan(cfg):
+    """--compare and --seeds -> (a Config per variant, the seeds), or a ConfigError naming what is wrong."""
     variants = [parse_variant(v, cfg) for v in cfg.compare.split(",") if v.strip()]
     seeds = [_convert("seeds", int, s) for s in cfg.seeds.split(",") if s.strip()]
+    if not variants or not seeds:
+        raise ConfigError(f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated variants "
+                          f"(e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
+    return variants, seeds
+
+
+def compare(cfg, tok, sft_model, train_pairs, val_pairs, test, run, summary):
+    """Paper Table 3 in miniature: every variant x seed from the same SFT checkpoint and the same pairs."""
+    variants, seeds = compare_plan(cfg)
     results = {}
     for v in variants:
         for seed in seeds:
