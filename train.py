@@ -676,6 +676,7 @@ def stage_pairs(cfg, tok, model, train, run):
     n_val = int(round(cfg.val_frac * len(pairs)))
     val, train_pairs = pairs[:n_val], pairs[n_val:]
     stats.update(pairs=len(pairs), train_pairs=len(train_pairs), val_pairs=len(val))
+    barrier()  # every rank has made its "done before?" check above before rank 0 writes stats.json
     if MASTER:
         write_jsonl(train_pairs, os.path.join(pdir, "train.jsonl"))
         write_jsonl(val, os.path.join(pdir, "val.jsonl"))
