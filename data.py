@@ -57,7 +57,8 @@ def get_tokenizer(name="gpt2"):
         return tiktoken.Encoding(name="byte", pat_str=GPT2_PAT,
                                  mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
-    raise ValueError(f"unknown tokenizer {name!r} (choices: {', '.join(repr(t) for t in TOKENIZERS)})")
+    raise ValueError(f"unknown tokenizer {name!r} "
+                     f"(choices: {', '.join(repr(t) for t in TOKENIZERS)})")
 
 # -----------------------------------------------------------------------------
 # prompt format and grading
@@ -72,7 +73,8 @@ NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
 CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 def normalize_number(s):
-    """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3'; None if not a number."""
+    """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3';
+    None if not a number."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
     try:
         d = Decimal(s)
@@ -107,13 +109,15 @@ def extract_answer(text):
     return extract_answer_ex(text)[0]
 
 def is_correct(completion, gold):
-    """Exact numeric match of the completion's final answer with the gold answer ("7.50" == "7.5")."""
+    """Exact numeric match of the completion's final answer with the gold answer
+    ("7.50" == "7.5")."""
     pred = extract_answer(completion)
     gold = normalize_number(str(gold)) or extract_answer(str(gold))
     return pred is not None and gold is not None and Decimal(pred) == Decimal(gold)
 
 def _example(question, solution, answer):
-    return dict(question=question, prompt=format_prompt(question), response=" " + solution, answer=answer)
+    return dict(question=question, prompt=format_prompt(question), response=" " + solution,
+                answer=answer)
 
 # -----------------------------------------------------------------------------
 # the embedded "arith" task: short multi-step word problems in GSM8K's format, e.g.
@@ -133,7 +137,8 @@ PHRASES = {"+": ["buys {}", "finds {}", "gets {}"],
            "*": ["multiplies them by {}"]}
 
 def _arith_problem(rng, steps, max_number, ops, max_factor, allow_negative):
-    """One problem -> (question, solution, answer), or None when a step cannot be drawn (caller retries)."""
+    """One problem -> (question, solution, answer),
+    or None when a step cannot be drawn (caller retries)."""
     name, he = rng.choice(NAMES)
     obj = rng.choice(OBJECTS)
     x = start = rng.randint(1, max_number)
@@ -144,7 +149,8 @@ def _arith_problem(rng, steps, max_number, ops, max_factor, allow_negative):
             b = rng.randint(1, max_number)
             y = x + b
         elif op == "-":
-            hi = max_number if allow_negative else min(max_number, x)  # never take away more than there is
+            # never take away more than there is
+            hi = max_number if allow_negative else min(max_number, x)
             if hi < 1:
                 return None
             b = rng.randint(1, hi)
@@ -165,10 +171,11 @@ def _is_test_question(question):
     return zlib.crc32(question.encode()) % 10 == 0
 
 def generate_arith(split="train", n=None, seed=0, **knobs):
-    """n distinct arith examples of one split (default ARITH_SIZES), deterministic in (split, n, seed,
-    knobs). Knobs (defaults in ARITH_DEFAULTS): steps: int or (min, max) steps per problem;
-    max_number: largest start value and +/- operand; ops: subset of "+-*"; max_factor: largest
-    multiplier for "*"; allow_negative: let "-" go below zero."""
+    """n distinct arith examples of one split (default ARITH_SIZES),
+    deterministic in (split, n, seed, knobs). Knobs (defaults in ARITH_DEFAULTS):
+    steps: int or (min, max) steps per problem; max_number: largest start value and +/- operand;
+    ops: subset of "+-*"; max_factor: largest multiplier for "*";
+    allow_negative: let "-" go below zero."""
     if split not in ARITH_SIZES:
         raise ValueError(f"arith: unknown split {split!r} (choices: 'train', 'test')")
     unknown = set(knobs) - set(ARITH_DEFAULTS)
@@ -176,11 +183,13 @@ def generate_arith(split="train", n=None, seed=0, **knobs):
         raise ValueError(f"arith: unknown option(s) {', '.join(sorted(unknown))} "
                          f"(choices: {', '.join(ARITH_DEFAULTS)})")
     knobs = {**ARITH_DEFAULTS, **knobs}
-    steps, max_number, ops, max_factor = knobs["steps"], knobs["max_number"], knobs["ops"], knobs["max_factor"]
+    steps, max_number, ops, max_factor = (knobs["steps"], knobs["max_number"], knobs["ops"],
+                                          knobs["max_factor"])
     n = ARITH_SIZES[split] if n is None else n
     steps = (steps, steps) if isinstance(steps, int) else tuple(steps)
     if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
-        raise ValueError(f"arith: steps must be an int >= 1 or (min, max) with 1 <= min <= max, got {steps}")
+        raise ValueError(f"arith: steps must be an int >= 1 or (min, max) with 1 <= min <= max, "
+                         f"got {steps}")
     if max_number < 1:
         raise ValueError(f"arith: max_number must be >= 1, got {max_number}")
     if not ops or set(ops) - set("+-*"):
@@ -192,8 +201,8 @@ def generate_arith(split="train", n=None, seed=0, **knobs):
     while len(out) < n:
         tries += 1
         if tries > 100 * n + 10_000:
-            raise ValueError(f"arith: found only {len(out)} distinct {split} problems of the {n} asked for; "
-                             f"raise max_number or steps, or lower n")
+            raise ValueError(f"arith: found only {len(out)} distinct {split} problems "
+                             f"of the {n} asked for; raise max_number or steps, or lower n")
         p = _arith_problem(rng, steps, max_number, ops, max_factor, knobs["allow_negative"])
         if p is None or (split == "test") != _is_test_question(p[0]) or p[0] in seen:
             continue
@@ -205,9 +214,10 @@ STEP_RE = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 def make_arith_pairs(examples, seed=0):
-    """Offline preference pairs: chosen = the correct solution; rejected = the same solution with ONE
-    step's result off by a small nonzero delta, and that wrong value carried through the later steps
-    (recomputed correctly from it) to a wrong final answer. -> list of dict(prompt, chosen, rejected)."""
+    """Offline preference pairs: chosen = the correct solution; rejected = the same solution with
+    ONE step's result off by a small nonzero delta, and that wrong value carried through the later
+    steps (recomputed correctly from it) to a wrong final answer.
+    -> list of dict(prompt, chosen, rejected)."""
     rng = random.Random(seed)
     pairs = []
     for i, ex in enumerate(examples):
@@ -223,20 +233,24 @@ def make_arith_pairs(examples, seed=0):
             new_lines, values, prev_old, prev_new = list(lines), [], None, None
             for s, (k, m) in enumerate(steps):
                 a, op, b, y = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-                if s > j and a == prev_old:      # this step reads the previous result: use the wrong one
+                # this step reads the previous result: use the wrong one
+                if s > j and a == prev_old:
                     a = prev_new
                 new_y = y + d if s == j else (_APPLY[op](a, b) if s > j else y)
                 new_lines[k] = lines[k][:m.start()] + f"{a}{op}{b}={new_y}" + lines[k][m.end():]
                 values.append(new_y)
                 prev_old, prev_new = y, new_y
             final = str(prev_new)
-            # a plausible slip: the final answer is wrong, and no count goes negative if none did before
+            # a plausible slip: the final answer is wrong,
+            # and no count goes negative if none did before
             if final != ex["answer"] and not (nonneg and min(values) < 0):
                 break
         else:
-            raise ValueError(f"arith pairs row {i}: found no slip that makes the final answer wrong")
+            raise ValueError(f"arith pairs row {i}: "
+                             f"found no slip that makes the final answer wrong")
         new_lines = [f"#### {final}" if line.startswith("####") else line for line in new_lines]
-        pairs.append(dict(prompt=ex["prompt"], chosen=ex["response"], rejected="\n".join(new_lines)))
+        pairs.append(dict(prompt=ex["prompt"], chosen=ex["response"],
+                          rejected="\n".join(new_lines)))
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -267,7 +281,8 @@ def _check_utf8(path):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not valid UTF-8 (bad byte near offset {offset + e.start})") from None
+                raise ValueError(f"{path}: not valid UTF-8 "
+                                 f"(bad byte near offset {offset + e.start})") from None
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
@@ -276,7 +291,8 @@ def _check_utf8(path):
 
 def _mixed_column_error(path, column):
     with open(path, encoding="utf-8") as f:
-        rows = json.load(f) if path.lower().endswith(".json") else (json.loads(line) for line in f if line.strip())
+        rows = (json.load(f) if path.lower().endswith(".json")
+                else (json.loads(line) for line in f if line.strip()))
         for i, row in enumerate(rows):
             v = row.get(column) if isinstance(row, dict) else None
             if v is not None and not isinstance(v, str):
@@ -285,31 +301,37 @@ def _mixed_column_error(path, column):
     return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
 
 def _load_table(source, split="train", config=None):
-    """-> (rows as a list of dicts, column names, name for error messages). `source` is a local file,
-    a folder holding {split}.jsonl/.json/.parquet/.csv, or a hub dataset id (with `config`)."""
+    """-> (rows as a list of dicts, column names, name for error messages).
+    `source` is a local file, a folder holding {split}.jsonl/.json/.parquet/.csv,
+    or a hub dataset id (with `config`)."""
     import datasets  # imported here: it is slow to import and the offline arith task never needs it
     path = os.path.expanduser(str(source))
     if os.path.isdir(path):
-        found = [p for p in (os.path.join(path, split + ext) for ext in BUILDERS) if os.path.isfile(p)]
+        found = [p for p in (os.path.join(path, split + ext) for ext in BUILDERS)
+                 if os.path.isfile(p)]
         if not found:
-            raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv in this folder")
+            raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv "
+                                    f"in this folder")
         path = found[0]
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:
-            raise ValueError(f"{path}: unsupported file type '{ext}' (expected one of {', '.join(BUILDERS)})")
+            raise ValueError(f"{path}: unsupported file type '{ext}' "
+                             f"(expected one of {', '.join(BUILDERS)})")
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
-        if ext == ".jsonl":  # name the first broken line (datasets would say "Trailing data at position 42")
+        # name the first broken line (datasets would say "Trailing data at position 42")
+        if ext == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
                     try:
                         if line.strip():
                             json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: could not read it as jsonl (line {lineno}: invalid JSON, {e.msg}; "
+                        raise ValueError(f"{path}: could not read it as jsonl "
+                                         f"(line {lineno}: invalid JSON, {e.msg}; "
                                          f"expected one JSON object per line)") from None
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
@@ -317,7 +339,8 @@ def _load_table(source, split="train", config=None):
                 header = next(csv.reader(f), [])
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
         quiet = datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # a local file loads in a blink; its bars would only clutter stderr
+        # a local file loads in a blink; its bars would only clutter stderr
+        datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", **kwargs)
         except Exception as e:
@@ -337,8 +360,9 @@ def _load_table(source, split="train", config=None):
         try:
             ds = datasets.load_dataset(source, config, split=split)
         except Exception as e:
-            raise ValueError(f"could not load {source!r} (config {config!r}, split {split!r}) from the Hugging Face "
-                             f"hub ({_one_line(e)}); offline, pass a local .jsonl/.json/.parquet/.csv file") from None
+            raise ValueError(f"could not load {source!r} (config {config!r}, split {split!r}) "
+                             f"from the Hugging Face hub ({_one_line(e)}); "
+                             f"offline, pass a local .jsonl/.json/.parquet/.csv file") from None
         where = f"{source}[{split}]"
     return ds.to_list(), list(ds.column_names), where
 
@@ -360,7 +384,8 @@ def _text(row, field, where, i):
     """A non-empty string field of a row, or a ValueError naming where, row and field."""
     problem = _bad_text(row.get(field))
     if problem:
-        raise ValueError(f"{where} row {i}: field '{field}' {problem} (expected a non-empty string)")
+        raise ValueError(f"{where} row {i}: field '{field}' {problem} "
+                         f"(expected a non-empty string)")
     return row[field]
 
 # -----------------------------------------------------------------------------
@@ -369,12 +394,14 @@ def _text(row, field, where, i):
 def load_task(name, split="train", n=None, seed=0, **knobs):
     """Examples of a task: "arith" (knobs: see generate_arith), "gsm8k" (openai/gsm8k, config main),
     or a local file / folder / hub id with question and answer columns (knobs: strip_calc=True,
-    config=None). For tables, n takes the first n rows and seed is unused; a local file is one split."""
+    config=None). For tables, n takes the first n rows and seed is unused;
+    a local file is one split."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
     strip_calc, config = knobs.pop("strip_calc", True), knobs.pop("config", None)
     if knobs:
-        raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} (expected strip_calc, config)")
+        raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} "
+                         f"(expected strip_calc, config)")
     if name == "gsm8k":
         name, config = "openai/gsm8k", config or "main"
     rows, columns, where = _load_table(name, split, config)
@@ -384,7 +411,8 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
         question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
         gold, fallback = extract_answer_ex(answer)
         if gold is None or fallback:
-            raise ValueError(f"{where} row {i}: field 'answer' has no '#### <number>' final answer line")
+            raise ValueError(f"{where} row {i}: "
+                             f"field 'answer' has no '#### <number>' final answer line")
         # the calculator annotations are tool calls, not text a model should learn to write
         solution = CALC_RE.sub("", answer) if strip_calc else answer
         out.append(_example(question, solution.strip(), gold))
@@ -406,31 +434,38 @@ def split_shared_prefix(chosen, rejected):
     if cut == 0:
         raise ValueError("chosen and rejected share no prefix, so there is no prompt to split off")
     if cut == len(chosen) or cut == len(rejected):
-        raise ValueError("one of chosen/rejected is a prefix of the other: no response left after the prompt")
+        raise ValueError("one of chosen/rejected is a prefix of the other: "
+                         "no response left after the prompt")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 def _render_messages(messages, field):
     text = ""
     for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise ValueError(f"field '{field}' holds a message that is not {{role: system|user|assistant, "
-                             f"content: str}}: {str(m)[:80]}")
+        if not (isinstance(m, dict) and m.get("role") in ROLES
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"field '{field}' holds a message that is not "
+                             f"{{role: system|user|assistant, content: str}}: {str(m)[:80]}")
         text += f"\n\n{ROLES[m['role']]}: {m['content']}"
     return text
 
 def _pair_from_row(row, has_prompt):
-    """One table row -> dict(prompt, chosen, rejected); a ValueError (without the row) if it is bad."""
+    """One table row -> dict(prompt, chosen, rejected);
+    a ValueError (without the row) if it is bad."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     prompt = row.get("prompt") if has_prompt else None
     if isinstance(chosen, list) or isinstance(rejected, list):
         # chat messages: render prompt + response as one conversation each, then split as HH-RLHF
-        for field, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if has_prompt else ()):
+        for field, v in ((("chosen", chosen), ("rejected", rejected))
+                         + ((("prompt", prompt),) if has_prompt else ())):
             if not isinstance(v, list):
-                raise ValueError(f"field '{field}' is {_a(v)}, expected a list of messages like the others")
+                raise ValueError(f"field '{field}' is {_a(v)}, "
+                                 f"expected a list of messages like the others")
         head = _render_messages(prompt or [], "prompt")
-        chosen, rejected = head + _render_messages(chosen, "chosen"), head + _render_messages(rejected, "rejected")
+        chosen, rejected = (head + _render_messages(chosen, "chosen"),
+                            head + _render_messages(rejected, "rejected"))
         has_prompt = False
-    for field, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if has_prompt else ()):
+    for field, v in ((("chosen", chosen), ("rejected", rejected))
+                     + ((("prompt", prompt),) if has_prompt else ())):
         problem = _bad_text(v)
         if problem:
             raise ValueError(f"field '{field}' {problem} (expected a non-empty string)")
@@ -441,11 +476,13 @@ def _pair_from_row(row, has_prompt):
     return dict(prompt=prompt, chosen=chosen, rejected=rejected)
 
 def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="error"):
-    """Preference pairs -> list of dict(prompt, chosen, rejected). source: "arith" (offline pairs from
-    the arith task, see make_arith_pairs), a local .jsonl/.json/.parquet/.csv file, a folder with
-    {split}.<ext>, or a hub id. Columns: chosen and rejected, plus prompt unless they hold the whole
-    conversation (HH-RLHF). n: first n rows. on_bad_row: "error" (raise naming the row and field) or
-    "skip" (skip the row, count it and print a warning)."""
+    """Preference pairs -> list of dict(prompt, chosen, rejected).
+    source: "arith" (offline pairs from the arith task, see make_arith_pairs), a local
+    .jsonl/.json/.parquet/.csv file, a folder with {split}.<ext>, or a hub id.
+    Columns: chosen and rejected, plus prompt unless they hold the whole conversation (HH-RLHF).
+    n: first n rows.
+    on_bad_row: "error" (raise naming the row and field) or "skip" (skip the row, count it and
+    print a warning)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if source == "arith":
@@ -461,7 +498,8 @@ def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="e
                 raise ValueError(f"{where} row {i}: {e}") from None
             skipped.append(f"row {i}: {e}")
     if skipped:
-        print(f"warning: {where}: skipped {len(skipped)} of {len(rows[:n])} bad rows, e.g. {'; '.join(skipped[:3])}")
+        print(f"warning: {where}: skipped {len(skipped)} of {len(rows[:n])} bad rows, "
+              f"e.g. {'; '.join(skipped[:3])}")
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -516,7 +554,8 @@ def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what,
         raise ValueError(f"max_prompt_len must be in [1, max_len={max_len}], got {max_prompt_len}")
     if on_overflow not in ("truncate", "drop", "error"):
         raise ValueError(f"on_overflow must be 'truncate', 'drop' or 'error', got {on_overflow!r}")
-    stats = dict(rows=len(items), kept=0, truncated=0, prompt_truncated=0, response_truncated=0, dropped=0)
+    stats = dict(rows=len(items), kept=0, truncated=0, prompt_truncated=0, response_truncated=0,
+                 dropped=0)
     rows = []
     for i, item in enumerate(items):
         prompt = tok.encode_ordinary(_text(item, "prompt", what, i))
@@ -525,8 +564,9 @@ def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what,
         if len(prompt) + len(resps[longest]) > max_len:
             if on_overflow == "error":
                 field = "prompt" if len(prompt) > max_prompt_len else fields[longest]
-                raise ValueError(f"{what} row {i}: field '{field}' does not fit: prompt {len(prompt)} + "
-                                 f"{fields[longest]} {len(resps[longest])} tokens (with EOS) > max_len={max_len} "
+                raise ValueError(f"{what} row {i}: field '{field}' does not fit: "
+                                 f"prompt {len(prompt)} + {fields[longest]} {len(resps[longest])} "
+                                 f"tokens (with EOS) > max_len={max_len} "
                                  f"(max_prompt_len={max_prompt_len}, on_overflow='error')")
             if on_overflow == "drop":
                 stats["dropped"] += 1
@@ -537,40 +577,47 @@ def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what,
             room = max_len - len(prompt)
             cut_resp = max(map(len, resps)) > room
             resps = [r[:room] for r in resps]
-            if min(map(len, resps)) == 0:       # nothing left to score (and 0/0 in length-normalised losses)
+            # nothing left to score (and 0/0 in length-normalised losses)
+            if min(map(len, resps)) == 0:
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
             stats["prompt_truncated"] += cut_prompt
             stats["response_truncated"] += cut_resp
         stats["kept"] += 1
-        rows.append(dict(idx=i, prompt_ids=prompt, **{f"{f}_ids": r for f, r in zip(fields, resps)}))
+        rows.append(dict(idx=i, prompt_ids=prompt,
+                         **{f"{f}_ids": r for f, r in zip(fields, resps)}))
     if verbose and (stats["truncated"] or stats["dropped"]):
-        print(f"warning: {what}: {stats['truncated']} of {stats['rows']} rows truncated to max_len={max_len} "
-              f"({stats['prompt_truncated']} prompts cut keeping their end, {stats['response_truncated']} "
-              f"responses cut), {stats['dropped']} rows dropped")
+        print(f"warning: {what}: {stats['truncated']} of {stats['rows']} rows truncated "
+              f"to max_len={max_len} ({stats['prompt_truncated']} prompts cut keeping their end, "
+              f"{stats['response_truncated']} responses cut), {stats['dropped']} rows dropped")
     return rows, stats
 
 def encode_sft(examples, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
-    """examples (prompt, response) -> (rows of dict(idx, prompt_ids, response_ids incl. EOS), stats).
-    max_prompt_len defaults to max_len // 2; see the truncation rule above."""
-    return _encode_rows(examples, tok, max_len, max_prompt_len, on_overflow, ["response"], "sft data", verbose)
+    """examples (prompt, response) -> (rows of dict(idx, prompt_ids, response_ids incl. EOS),
+    stats). max_prompt_len defaults to max_len // 2; see the truncation rule above."""
+    return _encode_rows(examples, tok, max_len, max_prompt_len, on_overflow,
+                        ["response"], "sft data", verbose)
 
 def encode_pairs(pairs, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
     """pairs (prompt, chosen, rejected) -> (rows of dict(idx, prompt_ids, chosen_ids, rejected_ids),
     stats). Both responses incl. EOS; max_prompt_len defaults to max_len // 2."""
-    return _encode_rows(pairs, tok, max_len, max_prompt_len, on_overflow, ["chosen", "rejected"], "pairs", verbose)
+    return _encode_rows(pairs, tok, max_len, max_prompt_len, on_overflow,
+                        ["chosen", "rejected"], "pairs", verbose)
 
 def row_lengths(rows):
-    """Tokens in each row's longest sequence (prompt + longest response), for length_grouped_batches."""
-    return [len(r["prompt_ids"]) + max(len(v) for k, v in r.items() if k.endswith("_ids") and k != "prompt_ids")
+    """Tokens in each row's longest sequence (prompt + longest response),
+    for length_grouped_batches."""
+    return [len(r["prompt_ids"])
+            + max(len(v) for k, v in r.items() if k.endswith("_ids") and k != "prompt_ids")
             for r in rows]
 
 # -----------------------------------------------------------------------------
 # batches
 
 def _collate(seqs, pad_id, pad_to, max_len):
-    """seqs: list of (prompt_ids, response_ids) -> dict(input_ids, targets, loss_mask), each (B, T)."""
+    """seqs: list of (prompt_ids, response_ids) ->
+    dict(input_ids, targets, loss_mask), each (B, T)."""
     if not seqs:
         raise ValueError("cannot make a batch from 0 rows")
     T = max(len(p) + len(r) for p, r in seqs)
@@ -596,9 +643,9 @@ def sft_batch(rows, pad_id, pad_to=None, max_len=None):
 def preference_batch(rows, pad_id, eos_pad=False, pad_to=None, max_len=None, eos_id=None):
     """rows from encode_pairs -> dict(input_ids, targets, loss_mask), (2B, T): rows [0:B] are
     prompt+chosen, rows [B:2B] prompt+rejected, pair i = rows i and B+i. eos_pad=True appends EOS
-    tokens (scored, i.e. masked in) to the shorter response of each pair so both have the same length,
-    as the static ADPO family needs. It never exceeds max_len: the longer response already fits after
-    the same prompt. eos_id defaults to pad_id (pad = EOS)."""
+    tokens (scored, i.e. masked in) to the shorter response of each pair so both have the same
+    length, as the static ADPO family needs. It never exceeds max_len: the longer response
+    already fits after the same prompt. eos_id defaults to pad_id (pad = EOS)."""
     eos_id = pad_id if eos_id is None else eos_id
     chosen, rejected = [], []
     for r in rows:

@@ -1,4 +1,6 @@
-"""Tests for data.py: the arith task, grading, tokenization, masks, truncation, batching, file loading."""
+"""
+Tests for data.py: the arith task, grading, tokenization, masks, truncation, batching, file loading.
+"""
 
 import json
 import os
@@ -48,10 +50,12 @@ def test_arith_splits_disjoint_and_distinct():
         data.load_task("arith", "validation")
 
 @pytest.mark.parametrize("knobs", [{}, dict(steps=(3, 5), max_number=200, ops="+-*", max_factor=4),
-                                   dict(steps=1, ops="-", max_number=9), dict(ops="-", allow_negative=True)])
+                                   dict(steps=1, ops="-", max_number=9),
+                                   dict(ops="-", allow_negative=True)])
 def test_arith_worked_steps_are_right(knobs):
     exs = data.load_task("arith", "train", n=300, seed=3, **knobs)
-    lo, hi = (knobs.get("steps", (2, 2)),) * 2 if isinstance(knobs.get("steps"), int) else knobs.get("steps", (2, 2))
+    lo, hi = ((knobs.get("steps", (2, 2)),) * 2 if isinstance(knobs.get("steps"), int)
+              else knobs.get("steps", (2, 2)))
     negatives = 0
     for e in exs:
         assert e["prompt"] == f"Question: {e['question']}\nAnswer:"
@@ -60,10 +64,11 @@ def test_arith_worked_steps_are_right(knobs):
         assert lo <= len(st) <= hi
         for k, (a, op, b, c) in enumerate(st):
             assert op in knobs.get("ops", "+-") and OPS[op](a, b) == c
-            assert k == 0 or a == st[k - 1][3]                    # each step continues from the last
+            assert k == 0 or a == st[k - 1][3]                  # each step continues from the last
             assert b <= (knobs.get("max_factor", 5) if op == "*" else knobs.get("max_number", 50))
             negatives += c < 0
-        assert e["question"].split(" has ")[1].startswith(f"{st[0][0]} ")  # starts from the question's number
+        # starts from the question's number
+        assert e["question"].split(" has ")[1].startswith(f"{st[0][0]} ")
         assert str(st[-1][3]) == e["answer"] == data.extract_answer(e["response"])
         assert data.is_correct(e["response"], e["answer"])
     assert (negatives > 0) == knobs.get("allow_negative", False)
@@ -75,8 +80,10 @@ def test_arith_default_is_short():
     assert all(len(steps_of(e["response"])) == 2 for e in exs)
     assert all(int(e["answer"]) >= 0 for e in exs)
 
-@pytest.mark.parametrize("knobs,match", [(dict(ops="+/"), "ops"), (dict(ops=""), "ops"), (dict(steps=(3, 2)), "steps"),
-                                         (dict(max_number=0), "max_number"), (dict(ops="*", max_factor=1), "max_factor"),
+@pytest.mark.parametrize("knobs,match", [(dict(ops="+/"), "ops"), (dict(ops=""), "ops"),
+                                         (dict(steps=(3, 2)), "steps"),
+                                         (dict(max_number=0), "max_number"),
+                                         (dict(ops="*", max_factor=1), "max_factor"),
                                          (dict(max_num=9), "unknown option.*max_num")])
 def test_arith_bad_knobs(knobs, match):
     with pytest.raises(ValueError, match=match):
@@ -94,14 +101,16 @@ def test_arith_pairs(knobs):
     for e, p in zip(exs, pairs):
         assert set(p) == {"prompt", "chosen", "rejected"}
         assert p["prompt"] == e["prompt"] and p["chosen"] == e["response"]
-        assert data.is_correct(p["chosen"], e["answer"]) and not data.is_correct(p["rejected"], e["answer"])
+        assert (data.is_correct(p["chosen"], e["answer"])
+                and not data.is_correct(p["rejected"], e["answer"]))
         good, bad = steps_of(p["chosen"]), steps_of(p["rejected"])
         assert len(good) == len(bad)
         wrong = [k for k, (a, op, b, c) in enumerate(bad) if OPS[op](a, b) != c]
         assert len(wrong) == 1                                  # exactly one slip ...
         j = wrong[0]
         assert bad[:j] == good[:j] and 1 <= abs(bad[j][3] - good[j][3]) <= 3
-        for k in range(j + 1, len(bad)):                        # ... carried through, all else consistent
+        for k in range(j + 1, len(bad)):                        # ... carried through,
+                                                                # all else consistent
             assert bad[k][0] == bad[k - 1][3]
         assert data.extract_answer(p["rejected"]) == str(bad[-1][3]) and int(bad[-1][3]) >= 0
         # same text apart from the numbers
@@ -111,7 +120,8 @@ def test_arith_pairs(knobs):
 
 def test_arith_pairs_need_steps():
     with pytest.raises(ValueError, match="row 0"):
-        data.make_arith_pairs([dict(prompt="Question: q\nAnswer:", response=" It is 5.\n#### 5", answer="5")])
+        data.make_arith_pairs([dict(prompt="Question: q\nAnswer:", response=" It is 5.\n#### 5",
+                                    answer="5")])
 
 # -----------------------------------------------------------------------------
 # grading
@@ -137,7 +147,8 @@ def test_arith_pairs_need_steps():
     ("He has 20-3=17 apples.", "17", True),             # fallback: last number, flagged
     ("The answer is 20-3", "3", True),                  # "-" after a digit is an operator
     ("so the total is $1,250.", "1250", True),
-    (" 3+4=7.\n#### 7\n\nQuestion: Ann has 99 pens.\nAnswer: #### 99", "7", False),  # stray Question: ignored
+    # stray Question: ignored
+    (" 3+4=7.\n#### 7\n\nQuestion: Ann has 99 pens.\nAnswer: #### 99", "7", False),
     (" So 12.\nQuestion: Tom has 50 pens. #### 50", "12", True),
 ])
 def test_extract_answer(text, answer, fallback):
@@ -145,8 +156,9 @@ def test_extract_answer(text, answer, fallback):
     assert data.extract_answer(text) == answer
 
 @pytest.mark.parametrize("completion,gold,ok", [
-    ("#### 7.50", "7.5", True), ("#### 18", "18.0", True), ("#### 1,000", "1000", True), ("#### -0", "0", True),
-    ("#### 17", "18", False), ("no answer", "18", False), ("the answer is 18", "18", True), ("#### 18", 18, True),
+    ("#### 7.50", "7.5", True), ("#### 18", "18.0", True), ("#### 1,000", "1000", True),
+    ("#### -0", "0", True), ("#### 17", "18", False), ("no answer", "18", False),
+    ("the answer is 18", "18", True), ("#### 18", 18, True),
     ("#### 18\nQuestion: #### 19", "19", False),
 ])
 def test_is_correct(completion, gold, ok):
@@ -163,29 +175,36 @@ def test_tokenizers():
     assert len(ids) == len(s.encode()) and byte.decode(ids) == s
     assert byte.decode([byte.eot_token]) == "<|endoftext|>"
     gpt2 = data.get_tokenizer("gpt2")
-    assert gpt2.n_vocab == 50257 and gpt2.eot_token == 50256 and gpt2.decode(gpt2.encode_ordinary(s)) == s
+    assert (gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
+            and gpt2.decode(gpt2.encode_ordinary(s)) == s)
     with pytest.raises(ValueError, match="'gpt2', 'byte'"):
         data.get_tokenizer("llama")
 
 EXAMPLES = [dict(prompt="Question: Tom has 12 pens.\nAnswer:", response=" 12+7=19.\n#### 19"),
-            dict(prompt="Question: hi\nAnswer:", response=" A much longer response, with words.\n#### 1,000"),
-            dict(prompt="say hel", response="lo world")]         # BPE would merge "hel"+"lo" if joined first
+            dict(prompt="Question: hi\nAnswer:",
+                 response=" A much longer response, with words.\n#### 1,000"),
+            # BPE would merge "hel"+"lo" if joined first
+            dict(prompt="say hel", response="lo world")]
 
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 def test_sft_mask_and_shift(name):
     tok = data.get_tokenizer(name)
     rows, stats = data.encode_sft(EXAMPLES, tok, max_len=256)
-    assert stats == dict(rows=3, kept=3, truncated=0, prompt_truncated=0, response_truncated=0, dropped=0)
+    assert stats == dict(rows=3, kept=3, truncated=0, prompt_truncated=0, response_truncated=0,
+                         dropped=0)
     batch = data.sft_batch(rows, pad_id=tok.eot_token)
     x, y, m = batch["input_ids"], batch["targets"], batch["loss_mask"]
-    assert x.shape == y.shape == m.shape and x.dtype == y.dtype == torch.long and m.dtype == torch.bool
+    assert (x.shape == y.shape == m.shape
+            and x.dtype == y.dtype == torch.long and m.dtype == torch.bool)
     assert torch.equal(y[:, :-1], x[:, 1:]) and (y[:, -1] == tok.eot_token).all()
     for b, (ex, row) in enumerate(zip(EXAMPLES, rows)):
         p, r = tok.encode_ordinary(ex["prompt"]), tok.encode_ordinary(ex["response"])
-        assert row["prompt_ids"] == p and row["response_ids"] == r + [tok.eot_token]   # separately tokenised
+        # separately tokenised
+        assert row["prompt_ids"] == p and row["response_ids"] == r + [tok.eot_token]
         assert x[b, :len(p) + len(r) + 1].tolist() == p + r + [tok.eot_token]
         cols = m[b].nonzero().squeeze(1).tolist()
-        assert cols == list(range(len(p) - 1, len(p) + len(r)))  # exactly the response + EOS targets
+        # exactly the response + EOS targets
+        assert cols == list(range(len(p) - 1, len(p) + len(r)))
         assert tok.decode(y[b][m[b]].tolist()) == ex["response"] + "<|endoftext|>"
 
 def test_bpe_boundary():
@@ -193,12 +212,15 @@ def test_bpe_boundary():
     ex = EXAMPLES[2]
     joined = tok.encode_ordinary(ex["prompt"] + ex["response"])
     split = tok.encode_ordinary(ex["prompt"]) + tok.encode_ordinary(ex["response"])
-    assert joined != split                                      # the case really merges across the boundary
+    assert joined != split                                      # the case really merges
+                                                                # across the boundary
     rows, _ = data.encode_sft([ex], tok, max_len=64)
     assert rows[0]["prompt_ids"] + rows[0]["response_ids"] == split + [tok.eot_token]
 
-PAIRS = [dict(prompt="Question: 2+2?\nAnswer:", chosen=" 2+2=4.\n#### 4", rejected=" 2+2=5, as everyone knows.\n#### 5"),
-         dict(prompt="Question: a long one?\nAnswer:", chosen=" yes, the long one.\n#### 1", rejected=" no.\n#### 2")]
+PAIRS = [dict(prompt="Question: 2+2?\nAnswer:", chosen=" 2+2=4.\n#### 4",
+              rejected=" 2+2=5, as everyone knows.\n#### 5"),
+         dict(prompt="Question: a long one?\nAnswer:", chosen=" yes, the long one.\n#### 1",
+              rejected=" no.\n#### 2")]
 
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 @pytest.mark.parametrize("eos_pad", [False, True])
@@ -221,7 +243,8 @@ def test_preference_batch(name, eos_pad):
             scored = y[row][m[row]].tolist()
             assert scored[:len(resp)] == resp and scored[len(resp):] == [eot] * (n - len(resp))
         if eos_pad:
-            assert m[i].sum() == m[B + i].sum()                 # equal response lengths within a pair
+            assert m[i].sum() == m[B + i].sum()                 # equal response lengths
+                                                                # within a pair
     assert not eos_pad or batch["input_ids"].shape[1] <= 128
 
 def test_pad_to():
@@ -229,10 +252,12 @@ def test_pad_to():
     rows, _ = data.encode_sft(EXAMPLES, tok, max_len=100)
     longest = max(data.row_lengths(rows))
     assert data.sft_batch(rows, tok.eot_token)["input_ids"].shape[1] == longest
-    assert longest % 16 and data.sft_batch(rows, tok.eot_token, pad_to=16)["input_ids"].shape[1] == -(-longest // 16) * 16
+    assert longest % 16 and (data.sft_batch(rows, tok.eot_token, pad_to=16)["input_ids"].shape[1]
+                             == -(-longest // 16) * 16)
     assert data.sft_batch(rows[:1], tok.eot_token, pad_to=64)["input_ids"].shape[1] == 64
     rows, _ = data.encode_sft([dict(prompt="p" * 10, response="r" * 80)], tok, max_len=100)
-    assert data.sft_batch(rows, tok.eot_token, pad_to=64, max_len=100)["input_ids"].shape[1] == 100  # capped
+    # capped
+    assert data.sft_batch(rows, tok.eot_token, pad_to=64, max_len=100)["input_ids"].shape[1] == 100
     assert data.sft_batch(rows, tok.eot_token, pad_to=64)["input_ids"].shape[1] == 128
 
 # -----------------------------------------------------------------------------
@@ -242,23 +267,28 @@ def test_truncation_rule():
     tok = data.get_tokenizer("byte")
     prompt = "".join(chr(ord("a") + i % 26) for i in range(100))
     items = [dict(prompt=prompt, response="x" * 10),              # fits: 100 + 11 <= 128, untouched
-             dict(prompt=prompt, response="y" * 40),              # too long: prompt cut to 64, keeping its end
+             dict(prompt=prompt, response="y" * 40),              # too long: prompt cut to 64,
+                                                                  # keeping its end
              dict(prompt="short", response="z" * 200)]            # response cut to fit
     rows, stats = data.encode_sft(items, tok, max_len=128, verbose=False)
-    assert stats == dict(rows=3, kept=3, truncated=2, prompt_truncated=1, response_truncated=1, dropped=0)
+    assert stats == dict(rows=3, kept=3, truncated=2, prompt_truncated=1, response_truncated=1,
+                         dropped=0)
     assert rows[0]["prompt_ids"] == list(prompt.encode())
     assert tok.decode(rows[1]["prompt_ids"]) == prompt[-64:] and len(rows[1]["response_ids"]) == 41
     assert len(rows[2]["prompt_ids"]) + len(rows[2]["response_ids"]) == 128
     assert rows[2]["response_ids"][-1] != tok.eot_token           # a cut response has no EOS
     assert all(len(r["prompt_ids"]) + len(r["response_ids"]) <= 128 for r in rows)
     # pairs: both responses cut to the same room
-    rows, stats = data.encode_pairs([dict(prompt=prompt, chosen="c" * 100, rejected="r" * 5)], tok, max_len=128)
+    rows, stats = data.encode_pairs([dict(prompt=prompt, chosen="c" * 100, rejected="r" * 5)],
+                                    tok, max_len=128)
     assert stats["prompt_truncated"] == 1 and len(rows[0]["prompt_ids"]) == 64
     assert len(rows[0]["chosen_ids"]) == 64 and len(rows[0]["rejected_ids"]) == 6
 
 def test_truncation_drops_are_counted(capsys):
     tok = data.get_tokenizer("byte")
-    items = [dict(prompt="p" * 50, response="ok"), dict(prompt="q" * 200, response="lost"), dict(prompt="p", response="ok")]
+    items = [dict(prompt="p" * 50, response="ok"),
+             dict(prompt="q" * 200, response="lost"),
+             dict(prompt="p", response="ok")]
     rows, stats = data.encode_sft(items, tok, max_len=64, max_prompt_len=64)
     assert stats["dropped"] == 1 and stats["kept"] == 2 and [r["idx"] for r in rows] == [0, 2]
     assert "1 rows dropped" in capsys.readouterr().out           # reported, never silent
@@ -267,7 +297,9 @@ def test_truncation_drops_are_counted(capsys):
 
 def test_truncation_strict_mode():
     tok = data.get_tokenizer("byte")
-    items = [dict(prompt="p", response="ok"), dict(prompt="p", response="ok"), dict(prompt="q" * 200, response="x")]
+    items = [dict(prompt="p", response="ok"),
+             dict(prompt="p", response="ok"),
+             dict(prompt="q" * 200, response="x")]
     with pytest.raises(ValueError, match=r"row 2: field 'prompt'.*max_len=64"):
         data.encode_sft(items, tok, max_len=64, on_overflow="error")
     pairs = [dict(prompt="p", chosen="c", rejected="r" * 100)]
@@ -297,9 +329,11 @@ def test_length_grouped_batches():
     assert batches == data.length_grouped_batches(lengths, batch_size=8, seed=0)
     assert batches != data.length_grouped_batches(lengths, batch_size=8, seed=1)
     maxes = [max(lengths[i] for i in b) for b in batches[:50]]
-    assert maxes != sorted(maxes, reverse=True)                   # the batches themselves are shuffled
+    assert maxes != sorted(maxes, reverse=True)                   # the batches themselves
+                                                                  # are shuffled
     # grouping works: far less padding than random batches
-    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                         for b in bs)
     random_batches = [list(range(k, min(k + 8, 1234))) for k in range(0, 1234, 8)]
     assert pad(batches) < pad(random_batches) / 5
     ordered = data.length_grouped_batches(lengths, batch_size=8, seed=0, shuffle=False)
@@ -310,19 +344,23 @@ def test_length_grouped_batches():
 # -----------------------------------------------------------------------------
 # local files through `datasets`
 
-GSM = [{"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. "
+GSM = [{"question": "Natalia sold clips to 48 of her friends in April, "
+                    "and then she sold half as many in May. "
                     "How many clips did Natalia sell altogether in April and May?",
         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-                  "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"},
-       {"question": "  What is 1,000 + 234?  ", "answer": "1,000+234=<<1000+234=1234>>1,234\n#### 1,234"}]
+                  "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+                  "#### 72"},
+       {"question": "  What is 1,000 + 234?  ",
+        "answer": "1,000+234=<<1000+234=1234>>1,234\n#### 1,234"}]
 
 def test_local_gsm8k_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", GSM)
     exs = data.load_task(path, "test")
     assert [e["answer"] for e in exs] == ["72", "1234"]
     assert exs[0]["prompt"] == "Question: " + GSM[0]["question"] + "\nAnswer:"
-    assert exs[0]["response"] == " Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether " \
-                                 "in April and May.\n#### 72"
+    assert exs[0]["response"] == " Natalia sold 48/2 = 24 clips in May.\n" \
+                                 "Natalia sold 48+24 = 72 clips altogether in April and May.\n" \
+                                 "#### 72"
     assert exs[1]["question"] == "What is 1,000 + 234?"
     assert all(data.is_correct(e["response"], e["answer"]) for e in exs)
     raw = data.load_task(path, "test", n=1, strip_calc=False)
@@ -339,7 +377,8 @@ def test_local_gsm8k_bad_answer(tmp_path):
     with pytest.raises(ValueError, match=r"gsm.jsonl row 1: field 'answer' has no '#### <number>'"):
         data.load_task(path, "test")
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "solution": "#### 5"}])
-    with pytest.raises(ValueError, match=r"qa.jsonl: missing column\(s\) 'answer' \(found: 'question', 'solution'\)"):
+    with pytest.raises(ValueError, match=r"qa.jsonl: missing column\(s\) 'answer' "
+                                         r"\(found: 'question', 'solution'\)"):
         data.load_task(path, "test")
 
 PREFS = [{"prompt": "Question: 2+2?\nAnswer:", "chosen": " 4", "rejected": " 5"},
@@ -351,10 +390,12 @@ def test_local_pair_files(tmp_path):
     assert data.load_pairs(path, n=1) == PREFS[:1]
     path = write(tmp_path / "prefs.json", json.dumps(PREFS))
     assert data.load_pairs(path) == PREFS
-    path = write(tmp_path / "prefs.csv", 'prompt,chosen,rejected\n"Question: 2+2?\nAnswer:", 4, 5\nHi, there, you\n')
+    path = write(tmp_path / "prefs.csv",
+                 'prompt,chosen,rejected\n"Question: 2+2?\nAnswer:", 4, 5\nHi, there, you\n')
     assert data.load_pairs(path) == PREFS
     import pyarrow as pa, pyarrow.parquet as pq
-    path = write(tmp_path / "nums.csv", "prompt,chosen,rejected\nWhat is 2+2?,4,5\n")  # cells stay text
+    # cells stay text
+    path = write(tmp_path / "nums.csv", "prompt,chosen,rejected\nWhat is 2+2?,4,5\n")
     assert data.load_pairs(path) == [dict(prompt="What is 2+2?", chosen="4", rejected="5")]
     with pytest.raises(ValueError, match=r"gaps.csv row 1: field 'chosen' is missing"):
         data.load_pairs(write(tmp_path / "gaps.csv", "prompt,chosen,rejected\np,c,r\nq,,r\n"))
@@ -367,12 +408,18 @@ def test_local_pair_files(tmp_path):
     assert data.load_pairs(str(out)) == PREFS
 
 @pytest.mark.parametrize("rows,match", [
-    ([PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}], r"prefs.jsonl row 1: field 'chosen' is empty \(expected a non-empty string\)"),
-    ([PREFS[0], PREFS[1], {"prompt": "p", "chosen": "c", "rejected": 5}], r"prefs.jsonl row 2: field 'rejected' is an int"),
-    ([{"prompt": "p", "chosen": "c", "rejected": 5}], r"prefs.jsonl row 0: field 'rejected' is an int"),
-    ([PREFS[0], {"prompt": "p", "chosen": ["c"], "rejected": "r"}], r"prefs.jsonl row 1: field 'chosen' is a list"),
-    ([PREFS[0], {"prompt": None, "chosen": "c", "rejected": "r"}], r"prefs.jsonl row 1: field 'prompt' is missing"),
-    ([{"prompt": "p", "chosen": "same", "rejected": "same"}], r"prefs.jsonl row 0: chosen and rejected are identical"),
+    ([PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}],
+     r"prefs.jsonl row 1: field 'chosen' is empty \(expected a non-empty string\)"),
+    ([PREFS[0], PREFS[1], {"prompt": "p", "chosen": "c", "rejected": 5}],
+     r"prefs.jsonl row 2: field 'rejected' is an int"),
+    ([{"prompt": "p", "chosen": "c", "rejected": 5}],
+     r"prefs.jsonl row 0: field 'rejected' is an int"),
+    ([PREFS[0], {"prompt": "p", "chosen": ["c"], "rejected": "r"}],
+     r"prefs.jsonl row 1: field 'chosen' is a list"),
+    ([PREFS[0], {"prompt": None, "chosen": "c", "rejected": "r"}],
+     r"prefs.jsonl row 1: field 'prompt' is missing"),
+    ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
+     r"prefs.jsonl row 0: chosen and rejected are identical"),
     ([{"prompt": "p", "chosen": "c"}], r"prefs.jsonl: missing column\(s\) 'rejected'"),
 ])
 def test_bad_pair_rows(tmp_path, rows, match):
@@ -381,7 +428,8 @@ def test_bad_pair_rows(tmp_path, rows, match):
         data.load_pairs(path)
 
 def test_bad_rows_can_be_skipped(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "prefs.jsonl", [PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}, PREFS[1]])
+    path = write_jsonl(tmp_path / "prefs.jsonl",
+                       [PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}, PREFS[1]])
     assert data.load_pairs(path, on_bad_row="skip") == PREFS
     out = capsys.readouterr().out
     assert "skipped 1 of 3" in out and "row 1: field 'chosen' is empty" in out
@@ -392,9 +440,11 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"prefs.txt: unsupported file type '.txt'"):
         data.load_pairs(write(tmp_path / "prefs.txt", "hello"))
     with pytest.raises(ValueError, match=r"latin.jsonl: not valid UTF-8"):
-        data.load_pairs(write(tmp_path / "latin.jsonl", '{"prompt": "caf\xe9"}\n'.encode("latin-1"), "wb"))
+        data.load_pairs(write(tmp_path / "latin.jsonl",
+                              '{"prompt": "caf\xe9"}\n'.encode("latin-1"), "wb"))
     with pytest.raises(ValueError, match=r"latin.csv: not valid UTF-8"):
-        data.load_task(write(tmp_path / "latin.csv", "question,answer\ncaf\xe9,#### 1\n".encode("latin-1"), "wb"))
+        data.load_task(write(tmp_path / "latin.csv",
+                             "question,answer\ncaf\xe9,#### 1\n".encode("latin-1"), "wb"))
     with pytest.raises(ValueError, match=r"empty.jsonl: file is empty"):
         data.load_pairs(write(tmp_path / "empty.jsonl", ""))
     with pytest.raises(ValueError, match=r"broken.jsonl: could not read it as jsonl"):
@@ -413,14 +463,17 @@ def test_bad_files(tmp_path):
 
 def test_hh_rlhf_split(tmp_path):
     convo = "\n\nHuman: What is 2+2?\n\nAssistant: Four.\n\nHuman: And 3+3?\n\nAssistant:"
-    rows = [{"chosen": convo + " It is six.", "rejected": convo + " It is seven."},   # backs off to the marker
-            {"chosen": "The sky is blue", "rejected": "The sky is green"}]          # no marker: longest prefix
+    rows = [{"chosen": convo + " It is six.",
+             "rejected": convo + " It is seven."},    # backs off to the marker
+            {"chosen": "The sky is blue",
+             "rejected": "The sky is green"}]         # no marker: longest prefix
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
     pairs = data.load_pairs(path)
     assert pairs[0] == dict(prompt=convo, chosen=" It is six.", rejected=" It is seven.")
     assert pairs[1] == dict(prompt="The sky is ", chosen="blue", rejected="green")
     for row, p in zip(rows, pairs):
-        assert p["prompt"] + p["chosen"] == row["chosen"] and p["prompt"] + p["rejected"] == row["rejected"]
+        assert (p["prompt"] + p["chosen"] == row["chosen"]
+                and p["prompt"] + p["rejected"] == row["rejected"])
     for bad, match in [({"chosen": "abc", "rejected": "xyz"}, "no prefix"),
                        ({"chosen": "abc", "rejected": "abcdef"}, "prefix of the other")]:
         with pytest.raises(ValueError, match="hh2.jsonl row 0: .*" + match):
@@ -435,6 +488,7 @@ def test_chat_messages(tmp_path):
     rows = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "Hello."}],
              "rejected": [{"role": "assistant", "content": "Go away."}]}]
     assert data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows)) == [want]
-    rows = [{"chosen": [{"role": "robot", "content": "x"}], "rejected": [{"role": "robot", "content": "y"}]}]
+    rows = [{"chosen": [{"role": "robot", "content": "x"}],
+             "rejected": [{"role": "robot", "content": "y"}]}]
     with pytest.raises(ValueError, match="chat3.jsonl row 0: field 'chosen' holds a message"):
         data.load_pairs(write_jsonl(tmp_path / "chat3.jsonl", rows))

@@ -1,7 +1,8 @@
 """
-Tests for loss.py: every loss against a slow reference written straight from the paper's equations (plain
-Python loops over pairs and segments), the identities of the paper (arXiv 2602.09533), numerical safety,
-clear errors for bad hyper-parameters, and the logged metrics on a hand-computed example.
+Tests for loss.py: every loss against a slow reference written straight from the paper's equations
+(plain Python loops over pairs and segments), the identities of the paper (arXiv 2602.09533),
+numerical safety, clear errors for bad hyper-parameters, and the logged metrics on a
+hand-computed example.
 """
 
 import math
@@ -10,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, ipo_loss, preference_metrics,
-                  simpo_loss)
+from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, ipo_loss,
+                  preference_metrics, simpo_loss)
 
 LN2 = math.log(2.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # random ragged batches
 
 def ragged_mask(B, T, lengths, starts):
@@ -27,8 +28,8 @@ def ragged_mask(B, T, lengths, starts):
 
 
 def make_batch(seed=0, dtype=torch.float64, garbage=1e3):
-    """6 pairs, 24 columns; ragged lengths (1 to 13), a different start column per row, chosen and rejected
-    lengths unequal, and large garbage values off the masks (which must never be read)."""
+    """6 pairs, 24 columns; ragged lengths (1 to 13), a different start column per row, chosen and
+    rejected lengths unequal, and large garbage values off the masks (which must never be read)."""
     g = torch.Generator().manual_seed(seed)
     B, T = 6, 24
     len_w, len_l = [5, 9, 1, 13, 7, 2], [7, 4, 3, 13, 1, 11]
@@ -39,7 +40,8 @@ def make_batch(seed=0, dtype=torch.float64, garbage=1e3):
         x[~m] = garbage
     pc, pr, rc, rr = logps
     return dict(policy_chosen_logps=pc.requires_grad_(), policy_rejected_logps=pr.requires_grad_(),
-                reference_chosen_logps=rc, reference_rejected_logps=rr, chosen_mask=cm, rejected_mask=rm)
+                reference_chosen_logps=rc, reference_rejected_logps=rr,
+                chosen_mask=cm, rejected_mask=rm)
 
 
 def masked_log_ratios(batch, side):
@@ -54,18 +56,20 @@ def make_weights(batch, seed=1):
             torch.rand(B, T, generator=g, dtype=torch.float64))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the slow reference: one pair at a time, segments as explicit Python lists
 
 def response(policy, reference, mask, b, weights=None):
-    """The log-ratios ρ_t (times w_t) of row b's response tokens, as a Python list of 0-dim tensors."""
+    """The log-ratios ρ_t (times w_t) of row b's response tokens,
+    as a Python list of 0-dim tensors."""
     return [(policy[b, t] - reference[b, t]) * (1.0 if weights is None else weights[b, t])
             for t in range(mask.shape[1]) if mask[b, t]]
 
 
 def split(values, family, size, padded_length=None):
-    """The paper's compositions. static: windows of k from the start, last one the remainder, over the padded
-    length (positions past the end are ρ = 0). adaptive: m segments with boundaries b_i = floor(i*T/m)."""
+    """The paper's compositions. static: windows of k from the start, last one the remainder,
+    over the padded length (positions past the end are ρ = 0).
+    adaptive: m segments with boundaries b_i = floor(i*T/m)."""
     if family == "static":
         values = values + [torch.zeros((), dtype=torch.float64)] * (padded_length - len(values))
         return [values[s:s + size] for s in range(0, len(values), size)]
@@ -75,10 +79,12 @@ def split(values, family, size, padded_length=None):
 
 
 def log_sigmoid(x):
-    return torch.log(torch.sigmoid(x))  # fine for the moderate values used here; loss.py uses F.logsigmoid
+    # fine for the moderate values used here; loss.py uses F.logsigmoid
+    return torch.log(torch.sigmoid(x))
 
 
-def slow_loss(name, batch, beta, family=None, size=None, gamma=None, chosen_weights=None, rejected_weights=None):
+def slow_loss(name, batch, beta, family=None, size=None, gamma=None,
+              chosen_weights=None, rejected_weights=None):
     pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
     rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     cm, rm = batch["chosen_mask"], batch["rejected_mask"]
@@ -125,18 +131,21 @@ def test_matches_slow_reference(name, params, weighted):
     weights = make_weights(batch) if weighted else (None, None)
     extra = dict(chosen_weights=weights[0], rejected_weights=weights[1]) if weighted else {}
     fast = values_and_grads(lambda: LOSSES[name](**batch, beta=beta, **params, **extra)[0], batch)
-    slow = values_and_grads(lambda: slow_loss(name, batch, beta, **params, chosen_weights=weights[0],
+    slow = values_and_grads(lambda: slow_loss(name, batch, beta, **params,
+                                              chosen_weights=weights[0],
                                               rejected_weights=weights[1]), batch)
     assert fast[0].dtype == torch.float64
     for f, s in zip(fast, slow):
         torch.testing.assert_close(f, s, rtol=1e-6, atol=1e-6)
-    assert fast[1].abs().sum() > 0 and fast[2].abs().sum() > 0  # the grads compared are not trivially zero
+    # the grads compared are not trivially zero
+    assert fast[1].abs().sum() > 0 and fast[2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("m,lengths,expected", [
     (2, [5, 9, 7], [[2, 3], [4, 5], [3, 4]]),                           # Figure 1, m = 2
     (4, [5, 9, 7], [[1, 1, 1, 2], [2, 2, 2, 3], [1, 2, 2, 2]]),         # Figure 1, m = 4
-    (4, [2, 0], [[0, 1, 0, 1], [0, 0, 0, 0]]),                          # T < m: empty segments, no crash on T = 0
+    (4, [2, 0], [[0, 1, 0, 1], [0, 0, 0, 0]]),                          # T < m: empty segments,
+                                                                        # no crash on T = 0
 ])
 def test_adaptive_split_figure1(m, lengths, expected):
     starts = [3, 0, 1][:len(lengths)]
@@ -154,7 +163,7 @@ def test_static_split():
     assert ids[1][mask[1]].tolist() == [0, 0, 0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # identities of the paper
 
 def test_adaptive_m1_is_dpo():
@@ -166,29 +175,34 @@ def test_adaptive_m1_is_dpo():
 
 
 def test_static_k1_is_token_level_formula():
-    """Table 1 row 2: −Σ_i log σ(β ρ_i(y^w) − β ρ_i(y^l)), i over max(T^w, T^l) with ρ = 0 past the end."""
+    """Table 1 row 2: −Σ_i log σ(β ρ_i(y^w) − β ρ_i(y^l)),
+    i over max(T^w, T^l) with ρ = 0 past the end."""
     batch = make_batch(seed=4)
     cm, rm = batch["chosen_mask"], batch["rejected_mask"]
     B, T = cm.shape
     rho_w, rho_l = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):  # left-align each response: column i is token i of the response
-        rho_w[b, :cm[b].sum()] = (batch["policy_chosen_logps"] - batch["reference_chosen_logps"])[b][cm[b]]
-        rho_l[b, :rm[b].sum()] = (batch["policy_rejected_logps"] - batch["reference_rejected_logps"])[b][rm[b]]
+        rho_w[b, :cm[b].sum()] = (batch["policy_chosen_logps"]
+                                  - batch["reference_chosen_logps"])[b][cm[b]]
+        rho_l[b, :rm[b].sum()] = (batch["policy_rejected_logps"]
+                                  - batch["reference_rejected_logps"])[b][rm[b]]
     positions = torch.arange(T) < torch.maximum(cm.sum(-1), rm.sum(-1))[:, None]
     expected = -(F.logsigmoid(0.7 * rho_w - 0.7 * rho_l) * positions).sum(-1)
     torch.testing.assert_close(adpo_loss(**batch, beta=0.7, family="static", size=1)[0], expected)
 
 
 def test_static_large_window_is_dpo():
-    batch = make_batch(seed=5)  # unequal lengths: with zero padding one window holds both whole responses
+    # unequal lengths: with zero padding one window holds both whole responses
+    batch = make_batch(seed=5)
     for k in (13, 24, 1000):
-        torch.testing.assert_close(adpo_loss(**batch, family="static", size=k)[0], dpo_loss(**batch)[0])
+        torch.testing.assert_close(adpo_loss(**batch, family="static", size=k)[0],
+                                   dpo_loss(**batch)[0])
     k = 12  # one response of 13 tokens needs two windows: no longer DPO
     assert not torch.allclose(adpo_loss(**batch, family="static", size=k)[0], dpo_loss(**batch)[0])
 
 
-@pytest.mark.parametrize("family,size", [("static", 1), ("static", 2), ("static", 5), ("adaptive", 1),
-                                         ("adaptive", 3), ("adaptive", 40)])
+@pytest.mark.parametrize("family,size", [("static", 1), ("static", 2), ("static", 5),
+                                         ("adaptive", 1), ("adaptive", 3), ("adaptive", 40)])
 def test_policy_equals_reference_gives_T_prime_ln2(family, size):
     batch = make_batch(seed=6)
     batch["policy_chosen_logps"] = batch["reference_chosen_logps"].clone()
@@ -208,8 +222,10 @@ def test_padding_columns_and_offsets_change_nothing(name, params):
     batch = make_batch(seed=7)
     before = LOSSES[name](**batch, **params)
     # 5 more columns, off every mask, holding inf / nan / huge garbage
-    padded = {k: torch.cat([v.detach(), torch.full((6, 5), True if v.dtype == torch.bool else math.nan,
-                                                   dtype=v.dtype)], dim=1) for k, v in batch.items()}
+    padded = {k: torch.cat([v.detach(),
+                            torch.full((6, 5), True if v.dtype == torch.bool else math.nan,
+                                       dtype=v.dtype)], dim=1)
+              for k, v in batch.items()}
     padded["chosen_mask"][:, -5:] = padded["rejected_mask"][:, -5:] = False
     padded["policy_chosen_logps"][:, -5:] = math.inf
     padded["reference_rejected_logps"][:, -5:] = -1e30
@@ -246,7 +262,8 @@ def test_weights_of_ones_change_nothing(family, size):
     batch = make_batch(seed=9)
     ones = torch.ones_like(batch["reference_chosen_logps"])
     plain = adpo_loss(**batch, family=family, size=size)
-    weighted = adpo_loss(**batch, family=family, size=size, chosen_weights=ones, rejected_weights=ones)
+    weighted = adpo_loss(**batch, family=family, size=size,
+                         chosen_weights=ones, rejected_weights=ones)
     for x, y in zip(plain, weighted):
         torch.testing.assert_close(x, y)
     halves = adpo_loss(**batch, family=family, size=size, rejected_weights=ones / 2)[0]
@@ -264,7 +281,7 @@ def test_rewards_are_detached_beta_sums():
         torch.testing.assert_close(chosen, 0.25 * rho_w.sum(-1).detach())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # numerical safety
 
 @pytest.mark.parametrize("name,params", CASES)
@@ -286,7 +303,8 @@ def test_huge_log_ratios_stay_finite(name, params):
 def test_bf16_inputs_give_float32_losses(name, params):
     batch = make_batch(seed=12, dtype=torch.float32, garbage=0.0)
     half = {k: v.detach().bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
-    exact = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}  # same numbers, float32
+    # same numbers, float32
+    exact = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
     got, want = LOSSES[name](**half, **params)[0], LOSSES[name](**exact, **params)[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -306,15 +324,16 @@ def test_gradcheck(name, params):
     extra = {"rejected_weights": weights} if name == "adpo" else {}
 
     def f(pc, pr):
-        return LOSSES[name](policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=ref_w,
-                            reference_rejected_logps=ref_l, chosen_mask=cm, rejected_mask=rm, **params, **extra)[0]
+        return LOSSES[name](policy_chosen_logps=pc, policy_rejected_logps=pr,
+                            reference_chosen_logps=ref_w, reference_rejected_logps=ref_l,
+                            chosen_mask=cm, rejected_mask=rm, **params, **extra)[0]
 
     pc = -torch.rand(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
     pr = -torch.rand(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (pc, pr))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # clear errors
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -351,11 +370,14 @@ def test_bad_shapes_name_the_argument():
 def test_empty_response_is_an_error_for_length_normalised_losses():
     batch = make_batch()
     batch["rejected_mask"][2] = False
-    with pytest.raises(ValueError, match=r"simpo_loss: rejected_mask has no response token in rows \[2\]"):
+    with pytest.raises(ValueError,
+                       match=r"simpo_loss: rejected_mask has no response token in rows \[2\]"):
         simpo_loss(**batch)
-    assert torch.isfinite(adpo_loss(**batch, family="adaptive", size=4)[0]).all()  # sums are fine: S = 0
+    # sums are fine: S = 0
+    assert torch.isfinite(adpo_loss(**batch, family="adaptive", size=4)[0]).all()
     batch["chosen_mask"][0] = False
-    with pytest.raises(ValueError, match=r"chosen_nll: chosen_mask has no response token in rows \[0\]"):
+    with pytest.raises(ValueError,
+                       match=r"chosen_nll: chosen_mask has no response token in rows \[0\]"):
         chosen_nll(batch["policy_chosen_logps"], batch["chosen_mask"])
 
 
@@ -365,17 +387,19 @@ def test_chosen_nll():
     torch.testing.assert_close(chosen_nll(logps, mask), torch.tensor([1.5, 1.0]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # metrics
 
 def small_example():
     x = 7.0  # off-mask garbage
     T, F_ = True, False
     return dict(
+        # ρ_w: [.5, .5], [-1, 0]
         policy_chosen_logps=torch.tensor([[-1.0, -2.0, x], [x, -3.0, -1.0]]),
-        reference_chosen_logps=torch.tensor([[-1.5, -2.5, x], [x, -2.0, -1.0]]),     # ρ_w: [.5, .5], [-1, 0]
+        reference_chosen_logps=torch.tensor([[-1.5, -2.5, x], [x, -2.0, -1.0]]),
+        # ρ_l: [0, -.5, 0], [.25]
         policy_rejected_logps=torch.tensor([[-1.0, -1.0, -1.0], [-2.0, x, x]]),
-        reference_rejected_logps=torch.tensor([[-1.0, -0.5, -1.0], [-2.25, x, x]]),  # ρ_l: [0, -.5, 0], [.25]
+        reference_rejected_logps=torch.tensor([[-1.0, -0.5, -1.0], [-2.25, x, x]]),
         chosen_mask=torch.tensor([[T, T, F_], [F_, T, T]]),
         rejected_mask=torch.tensor([[T, T, T], [T, F_, F_]]),
     )
@@ -387,13 +411,15 @@ def test_metrics_by_hand():
     m = preference_metrics(**small_example(), beta=0.5, family="static", size=1)
     expected = {"rewards/chosen": 0.0, "rewards/rejected": -0.0625, "rewards/accuracy": 0.5,
                 "rewards/margin": 0.0625, "logps/chosen": -3.5, "logps/rejected": -2.5,
-                # token level: pair 0 (.5 > 0, .5 > -.5, 0 > 0) -> 2 of 3; pair 1 (-1 > .25, 0 > 0) -> 0 of 2
+                # token level: pair 0 (.5 > 0, .5 > -.5, 0 > 0) -> 2 of 3;
+                #              pair 1 (-1 > .25, 0 > 0) -> 0 of 2
                 "segments/win_rate": 0.4}
     assert set(m) == set(expected)
     for k, v in expected.items():
         assert m[k].dim() == 0 and m[k].is_floating_point()
         assert m[k].item() == pytest.approx(v), k
-    # adaptive m = 2: pair 0 S^w (.5, .5) vs S^l (0, -.5) -> 2 wins; pair 1 S^w (-1, 0) vs S^l (0, .25) -> 0
+    # adaptive m = 2: pair 0 S^w (.5, .5) vs S^l (0, -.5) -> 2 wins;
+    #                 pair 1 S^w (-1, 0) vs S^l (0, .25) -> 0
     m = preference_metrics(**small_example(), beta=0.5, family="adaptive", size=2)
     assert m["segments/win_rate"].item() == pytest.approx(0.5)
 

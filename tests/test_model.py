@@ -1,7 +1,7 @@
 """
-Tests for model.py: GPT-2 equivalence with Hugging Face transformers (the independent reference, a test-only
-dependency), KV-cache generation against full recomputation, chunked token log-probabilities, atomic
-checkpoints, loading errors, sampling, and (on CUDA only) mixed precision.
+Tests for model.py: GPT-2 equivalence with Hugging Face transformers (the independent reference,
+a test-only dependency), KV-cache generation against full recomputation, chunked token
+log-probabilities, atomic checkpoints, loading errors, sampling, and (on CUDA only) mixed precision.
 """
 
 import json
@@ -11,7 +11,8 @@ import subprocess
 import sys
 import textwrap
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: tests never touch the network
+# before anything imports huggingface_hub: tests never touch the network
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 import model as M
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,8 @@ SHAPES = {
 
 
 def randomize_(module, std, seed):
-    """Every parameter random, biases and LayerNorms included, so a weight that is not loaded shows up."""
+    """Every parameter random, biases and LayerNorms included,
+    so a weight that is not loaded shows up."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -48,7 +51,8 @@ def tiny_gpt(seed=0, std=0.2, **kw):
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def hf_folders(request, tmp_path_factory):
-    """(HF model, folder saved by save_pretrained, folder in the hub gpt2 layout) for one random shape."""
+    """(HF model, folder saved by save_pretrained, folder in the hub gpt2 layout)
+    for one random shape."""
     transformers = pytest.importorskip("transformers")
     shape = SHAPES[request.param]
     torch.manual_seed(0)
@@ -58,12 +62,15 @@ def hf_folders(request, tmp_path_factory):
     assert hf.transformer.h[0].attn.c_attn.bias.abs().max() > 0.1  # a random, non-zero bias to load
     root = tmp_path_factory.mktemp(request.param)
     st = root / "safetensors"
-    hf.save_pretrained(st)  # model.safetensors, keys prefixed with "transformer.", no lm_head (tied)
+    # model.safetensors, keys prefixed with "transformer.", no lm_head (tied)
+    hf.save_pretrained(st)
     hub = root / "hub"
     hf.config.save_pretrained(hub)
-    # the hub gpt2* layout: no "transformer." prefix, HF's causal-mask buffers present, no lm_head.weight
+    # the hub gpt2* layout: no "transformer." prefix, HF's causal-mask buffers present,
+    # no lm_head.weight
     n = shape["n_positions"]
-    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()
+          if k != "lm_head.weight"}
     for i in range(shape["n_layer"]):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -88,9 +95,10 @@ def test_from_pretrained_matches_transformers(hf_folders, layout):
     cfg = hf.config
     assert model.config.vocab_size == cfg.vocab_size  # never padded
     assert model.config.block_size == cfg.n_positions
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.bias, hf.transformer.h[0].attn.c_attn.bias,
-                               rtol=0, atol=0)
-    idx = torch.randint(0, cfg.vocab_size, (3, cfg.n_positions), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.bias,
+                               hf.transformer.h[0].attn.c_attn.bias, rtol=0, atol=0)
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.n_positions),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx)
     assert ours.shape == (3, cfg.n_positions, cfg.vocab_size)
@@ -115,7 +123,8 @@ def test_from_pretrained_hub_name_falls_back_to_bin(hf_folders, monkeypatch):
     calls = []
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hub(hub, calls))
     model = GPT.from_pretrained("gpt2", dropout=0.1)
-    assert calls == [("gpt2", "config.json"), ("gpt2", "model.safetensors"), ("gpt2", "pytorch_model.bin")]
+    assert calls == [("gpt2", "config.json"), ("gpt2", "model.safetensors"),
+                     ("gpt2", "pytorch_model.bin")]
     assert model.config.dropout == 0.1
     idx = torch.randint(0, hf.config.vocab_size, (2, 17))
     model.eval()
@@ -127,8 +136,8 @@ def test_generate_matches_transformers_greedy(hf_folders):
     hf, st, _ = hf_folders
     model = GPT.from_pretrained(st)
     prompt = [5, 17, 3, 42, 8]
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, attention_mask=torch.ones(1, 5,
-                      dtype=torch.long))[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                      attention_mask=torch.ones(1, 5, dtype=torch.long))[0, len(prompt):].tolist()
     assert model.generate([prompt], 12, temperature=0) == [ref]
 
 
@@ -140,7 +149,8 @@ def greedy_by_recompute(model, prompt, n, eos=None):
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            tok = int(model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].argmax())
+            tok = int(model(torch.tensor([ids],
+                                         device=model.lm_head.weight.device))[0, -1].argmax())
             out.append(tok)
             ids.append(tok)
             if tok == eos:
@@ -193,7 +203,8 @@ def test_generate_restores_mode_and_validates():
 
 def naive_logps(model, idx, targets):
     logp = F.log_softmax(model(idx).float(), dim=-1)  # (B, T, V): what token_logps avoids building
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(targets < 0, 0.0)
+    return (logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            .masked_fill(targets < 0, 0.0))
 
 
 def test_forward_loss_ignores_negative_targets():
@@ -249,7 +260,8 @@ def test_token_logps_keeps_no_full_vocab_tensor_for_backward():
     model = tiny_gpt(vocab_size=1000, std=0.05)
     idx = torch.randint(0, 1000, (2, 64))
     full = 2 * 64 * 1000 * 4  # one float32 (B, T, V) tensor
-    body = saved_bytes(lambda: model._hidden(idx))  # what the transformer itself keeps, same for both
+    # what the transformer itself keeps, same for both
+    body = saved_bytes(lambda: model._hidden(idx))
     naive = saved_bytes(lambda: naive_logps(model, idx, idx)) - body
     ours = saved_bytes(lambda: model.token_logps(idx, idx, chunk_size=16)) - body
     assert naive >= 2 * full  # logits and log-softmax, both (B, T, V)
@@ -258,14 +270,17 @@ def test_token_logps_keeps_no_full_vocab_tensor_for_backward():
 
 def test_forward_compiles_without_graph_breaks():
     model = tiny_gpt(std=0.1).train()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break fails
+    # fullgraph: any graph break fails
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     idx = torch.randint(0, 61, (2, 16))
     logits, loss = compiled(idx, idx)
     loss.backward()
     torch.testing.assert_close(logits, model(idx))
-    # a compiled module only compiles forward(); token_logps (chunks + checkpointing) compiles on its own
+    # a compiled module only compiles forward();
+    # token_logps (chunks + checkpointing) compiles on its own
     targets = idx.masked_fill(idx % 7 == 0, -1)
-    logps = torch.compile(model.token_logps, backend="aot_eager", fullgraph=True)(idx, targets, chunk_size=5)
+    logps = torch.compile(model.token_logps, backend="aot_eager", fullgraph=True)(
+        idx, targets, chunk_size=5)
     logps.sum().backward()
     torch.testing.assert_close(logps, model.token_logps(idx, targets, chunk_size=5))
 
@@ -282,10 +297,11 @@ def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, torch.compile(model), opt, step=7, train_config={"beta": 0.1})
     ckpt = load_checkpoint(path)
-    assert ckpt["format"] == "nanoadpo" and ckpt["step"] == 7 and ckpt["train_config"] == {"beta": 0.1}
+    assert (ckpt["format"] == "nanoadpo" and ckpt["step"] == 7
+            and ckpt["train_config"] == {"beta": 0.1})
     assert not any("_orig_mod" in k for k in ckpt["model"])
-    assert ckpt["config"] == dict(block_size=64, vocab_size=61, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                                  bias=True)
+    assert ckpt["config"] == dict(block_size=64, vocab_size=61, n_layer=2, n_head=2, n_embd=32,
+                                  dropout=0.0, bias=True)
 
     idx = torch.randint(0, 61, (2, 20))
     for source in (path, tmp_path):  # the file, or a folder holding ckpt.pt
@@ -345,15 +361,17 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
         def dying_save(obj, f, *a, **kw):
             f.write(b"PK partial bytes"); f.flush(); os._exit(9)
         torch.save = dying_save
-        model.save_checkpoint({str(path)!r}, model.GPT(model.GPTConfig(block_size=8, vocab_size=11, n_layer=1,
-                              n_head=1, n_embd=8)))
+        model.save_checkpoint({str(path)!r}, model.GPT(model.GPTConfig(block_size=8, vocab_size=11,
+                              n_layer=1, n_head=1, n_embd=8)))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 9, proc.stderr
     assert path.read_bytes() == before
     assert load_checkpoint(path)["format"] == "nanoadpo"
     leftovers = [p for p in tmp_path.iterdir() if p.name != "ckpt.pt"]
-    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")  # ignored by loaders, overwritten never
+    # ignored by loaders, overwritten never
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
     GPT.from_pretrained(tmp_path)  # a folder with ckpt.pt and a stale temp file still loads
 
 
@@ -422,7 +440,8 @@ def test_cuda_autocast_fused_adamw_and_logps():
 
     gen_model = tiny_gpt().cuda()  # peaked logits: no near-ties for kernel-level rounding to flip
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    assert gen_model.generate(prompts, 10, temperature=0) == [greedy_by_recompute(gen_model, p, 10) for p in prompts]
+    assert (gen_model.generate(prompts, 10, temperature=0)
+            == [greedy_by_recompute(gen_model, p, 10) for p in prompts])
     mfu = model.estimate_mfu(1e5)
     assert mfu is None or 0 < mfu < 1
 
@@ -430,10 +449,12 @@ def test_cuda_autocast_fused_adamw_and_logps():
 def test_mfu_helpers_never_invent_a_peak():
     model = tiny_gpt()
     cfg = model.config
-    assert model.flops_per_token() == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert (model.flops_per_token()
+            == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
     assert model.estimate_mfu(1000, device="cpu") is None
     assert M.peak_flops("cpu") is None
-    assert model.estimate_mfu(1000, peak_flops=1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)
+    assert (model.estimate_mfu(1000, peak_flops=1e12)
+            == pytest.approx(model.flops_per_token() * 1000 / 1e12))
     assert isinstance(M.autocast_context("cpu"), type(M.nullcontext()))
     assert M.autocast_dtype("cpu") == torch.float32
 
@@ -446,7 +467,8 @@ def test_unknown_name_fails_before_touching_the_hub(monkeypatch):
     def no_network(*a, **kw):
         raise AssertionError("the hub was contacted")
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
-    with pytest.raises(ValueError, match=r"unknown model 'gpt3': expected one of gpt2, gpt2-medium"):
+    with pytest.raises(ValueError,
+                       match=r"unknown model 'gpt3': expected one of gpt2, gpt2-medium"):
         GPT.from_pretrained("gpt3")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         GPT.from_pretrained(os.path.join("does", "not", "exist.pt"))
@@ -456,7 +478,8 @@ def test_unreachable_hub_says_how_to_load_a_local_folder(monkeypatch, tmp_path):
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # real client, empty cache, offline
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face hub.*pass the local folder"):
+    with pytest.raises(ConnectionError,
+                       match="cannot reach the Hugging Face hub.*pass the local folder"):
         GPT.from_pretrained("gpt2-medium")
 
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -471,7 +494,8 @@ def test_unreachable_hub_says_how_to_load_a_local_folder(monkeypatch, tmp_path):
 def test_folder_without_weights_or_config(tmp_path, hf_folders):
     _, st, _ = hf_folders
     shutil.copy(st / "config.json", tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="no model weights found; expected model.safetensors"):
+    with pytest.raises(FileNotFoundError,
+                       match="no model weights found; expected model.safetensors"):
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     shutil.copy(st / "model.safetensors", tmp_path / "model.safetensors")
@@ -501,7 +525,8 @@ def test_state_dict_key_and_shape_errors(tmp_path, hf_folders):
     bad = dict(sd)
     del bad["h.1.mlp.c_fc.bias"]
     torch.save(bad, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"pytorch_model\.bin: missing key transformer\.h\.1\.mlp\.c_fc\.bias"):
+    with pytest.raises(ValueError,
+                       match=r"pytorch_model\.bin: missing key transformer\.h\.1\.mlp\.c_fc\.bias"):
         GPT.from_pretrained(tmp_path)
     bad = dict(sd, **{"h.0.attn.q_attn.weight": torch.zeros(2)})
     torch.save(bad, tmp_path / "pytorch_model.bin")
