@@ -35,10 +35,13 @@ import os
 import random
 import re
 import zlib
+from collections import Counter
 from decimal import Decimal, InvalidOperation
 
 import tiktoken
 import torch
+
+from common import write_jsonl
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -418,6 +421,16 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
         out.append(_example(question, solution.strip(), gold))
     return out
 
+def load_split(cfg, split):
+    """The questions of a run's split, from its task settings (a train.py Config, an eval.py
+    EvalConfig or a run's config.json): the one place where settings become a test set, so that
+    every script that scores a run scores the same questions."""
+    knobs = {}
+    if cfg.task == "arith":
+        knobs = dict(steps=cfg.arith_steps, max_number=cfg.arith_max_number, ops=cfg.arith_ops)
+    n = cfg.n_train if split == "train" else cfg.n_test
+    return load_task(cfg.task, split, n=n or None, seed=cfg.task_seed, **knobs)
+
 # -----------------------------------------------------------------------------
 # preference pairs
 
@@ -502,19 +515,31 @@ def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="e
               f"e.g. {'; '.join(skipped[:3])}")
     return pairs
 
-# -----------------------------------------------------------------------------
-# jsonl files (train.py writes generated pairs this way)
+def _most_frequent(samples):
+    """The first sample whose extracted answer is the most frequent one among the samples."""
+    answers = [extract_answer(s) for s in samples]
+    return samples[answers.index(Counter(answers).most_common(1)[0][0])]
 
-def write_jsonl(records, path):
-    """Write dicts one per line, atomically: a crash never leaves a half-written file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def pairs_from_samples(records):
+    """On-policy pairs, cDPO's recipe: records of dict(prompt, answer, samples) -> (pairs, stats).
+    Per question, chosen = a sample with the most frequent correct answer, rejected = one with the
+    most frequent wrong answer; a question without a correct or without a wrong sample (or whose
+    samples are empty: nothing to score) gives no pair, and stats count why."""
+    pairs, counts = [], Counter()
+    for r in records:
+        usable = [s for s in r["samples"] if s.strip()]
+        right = [s for s in usable if is_correct(s, r["answer"])]
+        wrong = [s for s in usable if not is_correct(s, r["answer"])]
+        counts.update(samples=len(r["samples"]), empty=len(r["samples"]) - len(usable),
+                      right=len(right), no_right=not right, no_wrong=bool(right) and not wrong)
+        if right and wrong:
+            pairs.append(dict(prompt=r["prompt"], chosen=_most_frequent(right),
+                              rejected=_most_frequent(wrong), answer=r["answer"]))
+    stats = dict(questions=len(records), samples=counts["samples"],
+                 sample_accuracy=counts["right"] / max(1, counts["samples"]),
+                 skipped_no_correct=counts["no_right"], skipped_no_wrong=counts["no_wrong"],
+                 empty_samples=counts["empty"])
+    return pairs, stats
 
 def pairs_to_jsonl(pairs, path):
     """Check and write pairs as jsonl (prompt, chosen, rejected only), readable by load_pairs."""
@@ -522,19 +547,6 @@ def pairs_to_jsonl(pairs, path):
         for field in ("prompt", "chosen", "rejected"):
             _text(p, field, "pairs", i)
     write_jsonl([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs], path)
-
-def read_jsonl(path):
-    """-> list of dicts; errors name the file and the (1-based) line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-    return out
 
 # -----------------------------------------------------------------------------
 # tokenization and truncation

@@ -1,56 +1,83 @@
 """
-Evaluate a checkpoint: greedy accuracy, maj@k, and preference metrics on pairs.
+Evaluate a checkpoint: greedy accuracy, maj@k, and preference metrics on pairs; and a run's report.
 
-    python eval.py --ckpt out/default/po/ckpt.pt                       # greedy accuracy, embedded arith test split
-    python eval.py --ckpt out/default/po/ckpt.pt --maj_k 8             # + maj@8 (8 samples at temperature 0.7)
-    python eval.py --ckpt gpt2 --task gsm8k --n 200                    # a hub model (or any HF folder) on GSM8K
-    python eval.py --ckpt out/default/po/ckpt.pt --ref out/default/sft/ckpt.pt \\
-                   --pairs out/default/pairs/val.jsonl                 # reward accuracy / margins on held-out pairs
+    python eval.py --ckpt out/default/po/ckpt.pt              # the run's own test set (its config.json)
+    python eval.py --ckpt out/default/po/ckpt.pt --maj_k 8    # + maj@8 (8 samples at temperature 0.7)
+    python eval.py --ckpt out/default/po/ckpt.pt --n_test 2000   # more questions than the run used
+    python eval.py --ckpt gpt2 --task gsm8k --n_test 200      # a hub model (or an HF folder) on GSM8K
+    python eval.py --ckpt out/default/po/ckpt.pt --pairs out/default/pairs/val.jsonl
+                                                              # reward accuracy against the run's SFT model
 
-The functions here are also what train.py calls, so the numbers a run prints and the numbers this script prints
-for the same checkpoint are computed by the same code.
+A checkpoint inside a run folder (DIR/sft/ckpt.pt, DIR/po/ckpt.pt, DIR/compare/<variant>/ckpt.pt) is
+scored with the run's settings, read from DIR/config.json: the same test questions, the same
+generation length, the same β and granularity; a flag you give overrides its setting, and a test
+set that differs from the run's is said so. train.py calls the functions below, so a run's numbers
+and this script's numbers come from the same code.
 """
-import argparse
-import json
 import math
 import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import encode_pairs, extract_answer, get_tokenizer, is_correct, load_task, preference_batch, read_jsonl
-from loss import preference_metrics
+from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
+                    read_json, read_jsonl, setup, write_json)
+from data import (encode_pairs, extract_answer, get_tokenizer, is_correct, load_pairs, load_split,
+                  preference_batch)
+from loss import LOSSES, preference_metrics
 from model import GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
-# generation
+# models and their tokenizers
+
+
+def tokenizer_for(source, name="auto"):
+    """--tokenizer auto: byte for a model trained from scratch, the one our checkpoint records,
+    else GPT-2's."""
+    if name != "auto":
+        return get_tokenizer(name)
+    if source == "scratch":
+        return get_tokenizer("byte")
+    path = source if os.path.isfile(source) else os.path.join(source, "ckpt.pt")
+    recorded = load_checkpoint(path).get("tokenizer") if os.path.isfile(path) else None
+    return get_tokenizer(recorded or "gpt2")
+
+
+def uses_eos_pad(cfg):
+    """The paper pads the shorter response of a pair with EOS for the static family only."""
+    return cfg.eos_pad and cfg.loss == "adpo" and cfg.family == "static"
+
+# -----------------------------------------------------------------------------
+# generation and accuracy
 
 
 @torch.no_grad()
 def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, top_k=None, seed=0,
              batch_size=64, ctx=nullcontext(), desc="generating", progress=True):
-    """n completions (strings, EOS removed) for every prompt string -> list (len(prompts)) of lists (n).
-
-    Work is cut into fixed batches of (prompt, sample) jobs and batch j is sampled with seed `seed + j`, so the
-    result does not depend on how many batches ran before it (a resumed or sharded run gets the same samples).
-    """
+    """n completions (strings, EOS removed) for every prompt string -> list (len(prompts)) of
+    lists (n). Work is cut into fixed batches of (prompt, sample) jobs and batch j is sampled with
+    seed `seed + j`, so the result does not depend on how many batches ran before it."""
     eot = tok.eot_token
     room = model.config.block_size - max_new_tokens  # a prompt longer than this keeps its end
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {model.config.block_size} tokens")
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context of {model.config.block_size} tokens")
     encoded = [tok.encode_ordinary(p)[-room:] for p in prompts]
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     out = [[] for _ in prompts]
-    for j, b0 in enumerate(tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress, leave=False)):
+    batches = range(0, len(jobs), batch_size)
+    for j, b0 in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         chunk = jobs[b0:b0 + batch_size]
         with ctx:
-            new = model.generate([encoded[i] for i in chunk], max_new_tokens, temperature=temperature,
-                                 top_k=top_k, eos_token_id=eot, seed=seed + j)
+            new = model.generate([encoded[i] for i in chunk], max_new_tokens,
+                                 temperature=temperature, top_k=top_k, eos_token_id=eot,
+                                 seed=seed + j)
         for i, ids in zip(chunk, new):
             out[i].append(tok.decode(ids[:-1] if ids and ids[-1] == eot else ids))
     return out
@@ -62,55 +89,69 @@ def majority_answer(completions):
     return Counter(answers).most_common(1)[0][0] if answers else None
 
 
-def accuracy(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, temperature=0.7, seed=0,
-             ctx=nullcontext(), progress=True):
-    """Greedy accuracy on `examples` (dicts with 'prompt' and gold 'answer'); maj@k when maj_k > 1.
-
-    Returns (metrics dict, one record per example) so a caller can write the completions next to the number.
-    """
+def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, temperature=0.7,
+          seed=0, ctx=nullcontext(), progress=True):
+    """One record per example (dicts with 'prompt' and gold 'answer'): question, greedy
+    completion, its extracted answer `pred`, `gold`, `correct`; and `maj` when maj_k > 1."""
     prompts = [ex["prompt"] for ex in examples]
     greedy = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                       batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
-    records = []
-    for ex, (c,) in zip(examples, greedy):
-        records.append(dict(question=ex.get("question", ex["prompt"]), completion=c, pred=extract_answer(c),
-                            gold=ex["answer"], correct=is_correct(c, ex["answer"])))
-    n_correct = sum(r["correct"] for r in records)
-    metrics = {"accuracy": n_correct / max(len(records), 1), "correct": n_correct, "n": len(records)}
+    records = [dict(question=ex.get("question", ex["prompt"]), completion=c,
+                    pred=extract_answer(c), gold=ex["answer"], correct=is_correct(c, ex["answer"]))
+               for ex, (c,) in zip(examples, greedy)]
     if maj_k > 1:
-        samples = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=seed, batch_size=batch_size, ctx=ctx, desc=f"eval maj@{maj_k}", progress=progress)
-        maj = [majority_answer(s) for s in samples]
-        for r, m in zip(records, maj):
-            r["maj"] = m
-        metrics[f"maj@{maj_k}"] = sum(m is not None and is_correct(m, r["gold"])
-                                      for r, m in zip(records, maj)) / max(len(records), 1)
-    return metrics, records
+        samples = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, batch_size=batch_size, ctx=ctx,
+                           desc=f"eval maj@{maj_k}", progress=progress)
+        for r, s in zip(records, samples):
+            r["maj"] = majority_answer(s)
+    return records
 
+
+def accuracy_of(records, maj_k=1):
+    """{accuracy, correct, n} (+ maj@k) counted from graded records."""
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    metrics = {"accuracy": correct / max(n, 1), "correct": correct, "n": n}
+    if maj_k > 1:
+        right = sum(r["maj"] is not None and is_correct(r["maj"], r["gold"]) for r in records)
+        metrics[f"maj@{maj_k}"] = right / max(n, 1)
+    return metrics
+
+
+def evaluate_test(model, tok, cfg, run):
+    """Greedy accuracy (and maj@k) on the test split cfg describes, the questions split over the
+    ranks -> (metrics, records in test order). cfg: a train.py Config or an EvalConfig."""
+    test = load_split(cfg, getattr(cfg, "split", "test"))
+    mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
+                 batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
+                 progress=run.master)
+    records = [None] * len(test)
+    for rank, part in enumerate(all_gather(mine)):  # rank r graded test[r::world]
+        records[rank::run.world] = part
+    return accuracy_of(records, cfg.maj_k), records
 
 # -----------------------------------------------------------------------------
 # log-probs of pairs, and preference metrics
 
 
 @torch.no_grad()
-def pair_logps(model, rows, pad_id, *, batch_size=16, eos_pad=False, device="cpu", ctx=nullcontext(),
-               desc="log-probs", progress=True):
-    """Per-token log-probs of every pair's response tokens -> list of (chosen (Tw,), rejected (Tl,)) float32 CPU.
-
-    Only the scored (masked-in) positions are kept, in order, so a row's values can be dropped back into any
-    batch layout with `logps[mask] = torch.cat(values)`: this is how train.py reuses the reference's log-probs.
-    """
+def pair_logps(model, rows, pad_id, *, batch_size=16, eos_pad=False, device="cpu",
+               ctx=nullcontext(), desc="log-probs", progress=True):
+    """Per-token log-probs of every pair's response tokens -> list of (chosen (Tw,), rejected
+    (Tl,)) float32 CPU tensors. Only the scored (masked-in) positions are kept, in order, so a
+    row's values drop back into any batch layout with `logps[mask] = torch.cat(values)`: this is
+    how train.py reuses the reference's log-probs."""
     model.eval()
     out = []
     for b0 in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = rows[b0:b0 + batch_size]
-        batch = {k: v.to(device) for k, v in preference_batch(chunk, pad_id, eos_pad=eos_pad).items()}
+        batch = preference_batch(chunk, pad_id, eos_pad=eos_pad)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with ctx:
             logps = model.token_logps(batch["input_ids"], batch["targets"]).float()  # (2B, T)
-        mask = batch["loss_mask"]
-        B = len(chunk)
-        for i in range(B):
-            out.append((logps[i][mask[i]].cpu(), logps[B + i][mask[B + i]].cpu()))
+        mask, B = batch["loss_mask"], len(chunk)
+        out += [(logps[i][mask[i]].cpu(), logps[B + i][mask[B + i]].cpu()) for i in range(B)]
     return out
 
 
@@ -122,7 +163,8 @@ def stack_responses(values):
 
 
 def preference_eval(policy_logps, reference_logps, *, beta=0.1, family="static", size=1):
-    """Reward accuracy, margin, segment win rate... from per-pair response log-probs (see pair_logps)."""
+    """Reward accuracy, margin, segment win rate... from per-pair response log-probs
+    (see pair_logps), as floats averaged over the pairs."""
     n = len(policy_logps)  # chosen and rejected padded to ONE width: the losses need a shared (B, T)
     p, mask = stack_responses([c for c, _ in policy_logps] + [r for _, r in policy_logps])
     ref, _ = stack_responses([c for c, _ in reference_logps] + [r for _, r in reference_logps])
@@ -132,121 +174,269 @@ def preference_eval(policy_logps, reference_logps, *, beta=0.1, family="static",
     return {k: float(v) for k, v in m.items()}
 
 
+def evaluate_stage(stage_dir, cfg, run, pairs=None):
+    """Greedy accuracy (and maj@k) of a stage's model (stage_dir/ckpt.pt) on the run's test split,
+    plus, for a preference stage, reward accuracy and margins on its training and held-out pairs
+    (pairs = encoded train rows, val rows, the reference's log-probs) -> stage_dir/eval.json"""
+    path = os.path.join(stage_dir, "eval.json")
+    if os.path.exists(path):
+        return read_json(path)
+    ckpt = os.path.join(stage_dir, "ckpt.pt")
+    model = GPT.from_pretrained(ckpt).to(run.device).eval()
+    tok = tokenizer_for(ckpt)
+    metrics, records = evaluate_test(model, tok, cfg, run)
+    result = {"metrics": metrics}
+    if pairs is not None:
+        rows, val_rows, reference = pairs
+        kw = dict(batch_size=cfg.po_batch_size, eos_pad=uses_eos_pad(cfg), device=run.device,
+                  ctx=run.ctx, progress=False)
+        score = partial(preference_eval, beta=cfg.beta, family=cfg.family, size=cfg.size)
+        result["pairs"] = {"train": score(pair_logps(model, rows, tok.eot_token, **kw),
+                                          reference["train"])}
+        if val_rows:  # before = the reference against itself (ties: accuracy 0)
+            val = pair_logps(model, val_rows, tok.eot_token, **kw)
+            result["pairs"]["val"] = score(val, reference["val"])
+            result["pairs"]["val_before"] = score(reference["val"], reference["val"])
+    result["records"] = records
+    if run.master:
+        write_json(path, result)
+    barrier()
+    name = os.path.relpath(stage_dir, cfg.out_dir)
+    print0(f"[{name}] test accuracy {100 * metrics['accuracy']:.1f}% "
+           f"({metrics['correct']}/{metrics['n']})")
+    return result
+
 # -----------------------------------------------------------------------------
-# tables
-
-
-def markdown_table(header, rows):
-    """A GitHub-markdown table from a header list and a list of row lists (cells formatted by str)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+# a run's report, read back from its folders
 
 
 def mean_std(xs):
-    """'mean ± std' in percent (sample std; '±0.0' for a single run)."""
+    """'mean ± std' in percent (sample std; '± 0.0' for a single run)."""
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    """A figure as a PNG, written atomically."""
+    plt = pyplot()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def stage_report(folder):
+    """What a stage folder holds: its last training step's metrics and its eval.json's numbers."""
+    if not os.path.exists(os.path.join(folder, "eval.json")):
+        return None
+    saved = read_json(os.path.join(folder, "eval.json"))
+    log = os.path.join(folder, "metrics.jsonl")
+    last = read_jsonl(log)[-1] if os.path.exists(log) and os.path.getsize(log) else {}
+    untimed = {k: v for k, v in last.items() if k not in ("tokens_per_s", "mfu")}
+    return {"train": untimed, "test": saved["metrics"], **({"pairs": saved["pairs"]}
+                                                          if "pairs" in saved else {})}
+
+
+def summary_table(summary, label):
+    rows = [["SFT (reference)", f"{100 * summary['sft']['test']['accuracy']:.1f}%", "-", "-"]]
+    if "po" in summary:
+        pairs = summary["po"].get("pairs", {})
+        train, val = pairs.get("train", {}), pairs.get("val", {})
+        nan = float("nan")
+        rows.append([label, f"{100 * summary['po']['test']['accuracy']:.1f}%",
+                     f"{train.get('rewards/accuracy', nan):.2f} / "
+                     f"{val.get('rewards/accuracy', nan):.2f}",
+                     f"{val.get('rewards/margin', nan):.3f}"])
+    return markdown_table(["model", "test accuracy (greedy)", "reward acc. train / held-out pairs",
+                           "held-out margin"], rows)
+
+
+def plot_curves(out_dir):
+    """Training curves of the run -> DIR/curves.png (when matplotlib is installed)."""
+    plt = pyplot()
+    logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl")) for n in ("sft", "po")
+            if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
+    keys = [("sft", "loss"), ("po", "loss"), ("po", "rewards/accuracy"), ("po", "rewards/margin")]
+    keys = [(n, k) for n, k in keys if logs.get(n) and k in logs[n][0]]
+    if plt is None or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, (n, k) in zip(axes[0], keys):
+        ax.plot([m["step"] for m in logs[n]], [m[k] for m in logs[n]])
+        ax.set_title(f"{n}: {k}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "curves.png"))
+
+
+def report_comparison(out_dir, results, sft):
+    """compare.md / compare.json / compare.png: test accuracy (mean ± std over seeds) and held-out
+    reward accuracy of every variant, all from the same SFT model and pairs."""
+    rows = [["SFT (reference)", f"{100 * sft['test']['accuracy']:.1f}", "-", sft["test"]["n"]]]
+    for label, runs in results.items():
+        val = [r.get("pairs", {}).get("val", {}).get("rewards/accuracy", math.nan) for r in runs]
+        rows.append([label, mean_std([r["test"]["accuracy"] for r in runs]), mean_std(val),
+                     runs[0]["test"]["n"]])
+    table = markdown_table(["method", "test accuracy % (mean ± std over seeds)",
+                            "held-out reward acc. %", "n test"], rows)
+    atomic_write(os.path.join(out_dir, "compare.md"), lambda f: f.write((table + "\n").encode()))
+    write_json(os.path.join(out_dir, "compare.json"),
+               {label: [r["test"]["accuracy"] for r in runs] for label, runs in results.items()})
+    plt = pyplot()
+    if plt is not None:
+        accs = [[100 * r["test"]["accuracy"] for r in runs] for runs in results.values()]
+        fig, ax = plt.subplots(figsize=(1.2 * len(accs) + 2, 3.5))
+        ax.bar(list(results), [sum(a) / len(a) for a in accs],
+               yerr=[torch.tensor(a).std().item() if len(a) > 1 else 0.0 for a in accs], capsize=4)
+        ax.axhline(100 * sft["test"]["accuracy"], color="gray", ls="--", label="SFT")
+        ax.set_ylabel("test accuracy %")
+        ax.legend()
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, "compare.png"))
+    return table
+
+
+def report_run(out_dir, plan, run, wall_time_s):
+    """4. DIR/summary.json (config, device, and every stage's numbers, read from its folder), the
+    summary table, curves.png; with --compare also the comparison table and plot."""
+    summary = {"config": read_json(os.path.join(out_dir, "config.json")), "device": run.device,
+               "dtype": run.dtype, "torch": torch.__version__, "wall_time_s": wall_time_s}
+    summary["sft"] = stage_report(os.path.join(out_dir, "sft"))
+    if os.path.exists(os.path.join(out_dir, "pairs", "stats.json")):
+        summary["pairs"] = read_json(os.path.join(out_dir, "pairs", "stats.json"))
+    results = {}
+    for label, _, folder in plan:
+        done = stage_report(folder)
+        if done is not None:
+            results.setdefault(label, []).append(done)
+    if results and os.path.basename(folder) == "po":
+        summary["po"] = results[label][0]
+        print0("\n" + summary_table(summary, label))
+        plot_curves(out_dir)
+    elif results:
+        summary["compare"] = {k: [r["test"]["accuracy"] for r in v] for k, v in results.items()}
+        print0("\n" + report_comparison(out_dir, results, summary["sft"]))
+    write_json(os.path.join(out_dir, "summary.json"), {k: v for k, v in summary.items() if v})
+
 # -----------------------------------------------------------------------------
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (argparse's default prints the whole usage block first)
-        raise ValueError(f"{message} (see python eval.py --help)")
+@dataclass
+class EvalConfig:
+    ckpt: str = ""              # our ckpt.pt, gpt2 | gpt2-medium | ..., or a Hugging Face folder
+    split: str = "test"         # the task split to score
+    pairs: str = ""             # a prompt/chosen/rejected file: reward accuracy and margins on it
+    ref: str = ""               # their reference model (default: the run's SFT model, else ckpt)
+    out: str = ""               # write the metrics and the per-question records to this JSON file
+    # the settings below are the run's (DIR/config.json) for a checkpoint inside a run folder;
+    # outside one, these defaults, which are train.py's (tests pin that they stay equal)
+    task: str = "arith"         # arith | gsm8k | a local file / hub id | none (only --pairs)
+    task_seed: int = 0
+    arith_steps: int = 2
+    arith_max_number: int = 10
+    arith_ops: str = "+-"
+    n_train: int = 4000
+    n_test: int = 500           # test questions (0 = all)
+    tokenizer: str = "auto"     # auto: the one the checkpoint records, else gpt2
+    max_new_tokens: int = 96
+    eval_batch_size: int = 128
+    maj_k: int = 1              # maj@k (samples at temperature 0.7) as well as greedy accuracy
+    seed: int = 1337            # maj@k sampling seed
+    max_len: int = 256          # pair truncation
+    loss: str = "adpo"          # β, family and size of the preference metrics; loss, family and
+    beta: float = 0.5           # eos_pad decide the paper's EOS padding (static family)
+    family: str = "static"
+    size: int = 1
+    eos_pad: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+TEST_SET = ("task", "task_seed", "arith_steps", "arith_max_number", "arith_ops", "n_test", "split")
+
+
+def run_folder(ckpt):
+    """DIR for a checkpoint of a run (DIR/<stage>/ckpt.pt or DIR/compare/<variant>/ckpt.pt)."""
+    if not os.path.isfile(ckpt):
+        return None
+    stage = os.path.dirname(os.path.abspath(ckpt))
+    for folder in (os.path.dirname(stage), os.path.dirname(os.path.dirname(stage))):
+        if os.path.isfile(os.path.join(folder, "config.json")) and \
+                os.path.isdir(os.path.join(folder, "sft")):
+            return folder
+    return None
+
+
+def validate(cfg):
+    need(cfg.ckpt, "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)")
+    for k in ("eval_batch_size", "maj_k", "max_new_tokens", "size", "max_len"):
+        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
+    need(cfg.n_test >= 0, f"--n_test must be >= 0, got {cfg.n_test}")
+    need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
+    need(cfg.loss in LOSSES, f"--loss {cfg.loss!r}: expected one of {sorted(LOSSES)}")
+    need(cfg.family in ("static", "adaptive"),
+         f"--family must be static or adaptive, got {cfg.family!r}")
 
 
 def main(argv=None):
-    p = _Parser(description="Evaluate a checkpoint (ours, a GPT-2 name, or a HF folder).")
-    p.add_argument("--ckpt", required=True, help="our ckpt.pt, gpt2 | gpt2-medium | ..., or a HF-format folder")
-    p.add_argument("--task", default="arith", help="arith | gsm8k | a local file with question/answer columns | "
-                                                      "none (only --pairs)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=500, help="number of test questions (0 = all)")
-    p.add_argument("--tokenizer", default="auto", help="byte | gpt2 | auto (what the checkpoint was trained with)")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--maj_k", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for maj@k")
-    p.add_argument("--seed", type=int, default=0, help="maj@k sampling seed")
-    p.add_argument("--task_seed", type=int, default=0, help="the arith task's generator seed (as in train.py)")
-    p.add_argument("--arith_steps", type=int, default=2)
-    p.add_argument("--arith_max_number", type=int, default=50)
-    p.add_argument("--arith_ops", default="+-")
-    p.add_argument("--ref", default=None, help="reference checkpoint for --pairs (default: the policy itself)")
-    p.add_argument("--pairs", default=None, help="a pairs jsonl (prompt/chosen/rejected) for preference metrics")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--family", default="static", choices=["static", "adaptive"])
-    p.add_argument("--size", type=int, default=1)
-    p.add_argument("--max_len", type=int, default=None, help="pair truncation length (default: model context)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="write metrics + per-question records to this json file")
-    args = p.parse_args(argv)
-    for flag in ("n", "batch_size", "maj_k", "max_new_tokens", "size"):
-        if getattr(args, flag) < (0 if flag == "n" else 1):
-            p.error(f"--{flag} must be >= {0 if flag == 'n' else 1}, got {getattr(args, flag)}")
-    if not (args.beta > 0 and math.isfinite(args.beta)):
-        p.error(f"--beta must be a finite number > 0, got {args.beta}")
-    if args.max_len is not None and args.max_len < 1:
-        p.error(f"--max_len must be >= 1, got {args.max_len}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this machine has no CUDA GPU that torch can use (expected --device cpu)")
-    pairs = read_jsonl(args.pairs) if args.pairs else None  # a bad pairs file fails before the (long) accuracy eval
-    for i, row in enumerate(pairs or []):
-        if not isinstance(row, dict):
-            p.error(f"--pairs {args.pairs} row {i}: a JSON {type(row).__name__}, expected an object with prompt, "
-                    f"chosen and rejected")
-
-    model = GPT.from_pretrained(args.ckpt).to(args.device).eval()
-    tok_name = args.tokenizer
-    if tok_name == "auto":  # our checkpoints record their tokenizer; GPT-2 weights use gpt2
-        saved = load_checkpoint(args.ckpt).get("tokenizer") if os.path.isfile(args.ckpt) else None
-        tok_name = saved or ("byte" if model.config.vocab_size < 1000 else "gpt2")
-    tok = get_tokenizer(tok_name)
-    if tok.n_vocab > model.config.vocab_size:
-        sys.exit(f"error: tokenizer '{tok_name}' has {tok.n_vocab} tokens but {args.ckpt} has a vocabulary of "
-                 f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext())
-    if args.pairs:  # checked and encoded before the accuracy eval, so a bad file or flag fails at once
-        if (args.max_len or 0) > model.config.block_size:
-            p.error(f"--max_len {args.max_len} exceeds the model's context of {model.config.block_size} tokens")
-        rows, stats = encode_pairs(pairs, tok, max_len=args.max_len or model.config.block_size)
-        if not rows:
-            raise ValueError(f"{args.pairs}: no pair to score ({stats})")
-        ref = GPT.from_pretrained(args.ref).to(args.device).eval() if args.ref else model
-        if ref.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"--ref {args.ref} has a vocabulary of {ref.config.vocab_size} but --ckpt {args.ckpt} has "
-                             f"{model.config.vocab_size} (expected the same tokenizer for both)")
-
-    result = {"ckpt": args.ckpt, "task": args.task}
-    if args.task != "none":
-        knobs = dict(steps=(args.arith_steps, args.arith_steps), max_number=args.arith_max_number,
-                     ops=args.arith_ops) if args.task == "arith" else {}
-        examples = load_task(args.task, args.split, n=args.n or None, seed=args.task_seed, **knobs)
-        metrics, records = accuracy(model, tok, examples, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.batch_size, maj_k=args.maj_k, temperature=args.temperature,
-                                    seed=args.seed, ctx=ctx)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse(EvalConfig, argv)
+    folder = run_folder(cfg.ckpt)
+    if folder:  # the run's settings under the flags: its test set, exactly
+        saved = read_json(os.path.join(folder, "config.json"))
+        cfg = parse(EvalConfig, argv, base=saved)
+        changed = [f"--{k} {getattr(cfg, k)} (the run's: {saved[k]})" for k in TEST_SET
+                   if k in saved and getattr(cfg, k) != saved[k]]
+        print0(f"settings of the run in {folder}" + (f"; NOT the run's test set: {', '.join(changed)}"
+                                                     if changed else ""))
+    validate(cfg)
+    pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
+    run = setup(cfg.device, cfg.dtype)
+    model = GPT.from_pretrained(cfg.ckpt).to(run.device).eval()
+    tok = tokenizer_for(cfg.ckpt, cfg.tokenizer)
+    need(tok.n_vocab <= model.config.vocab_size,
+         f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but {cfg.ckpt} has a vocabulary of "
+         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    result = {"ckpt": cfg.ckpt, "task": cfg.task}
+    if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
+        need(cfg.max_len <= model.config.block_size, f"--max_len {cfg.max_len} exceeds the "
+                                                     f"model's context of {model.config.block_size}")
+        rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
+        need(rows, f"{cfg.pairs}: no pair to score ({stats})")
+        ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
+        ref = GPT.from_pretrained(ref_path).to(run.device).eval()
+        need(ref.config.vocab_size == model.config.vocab_size,
+             f"--ref {ref_path} has a vocabulary of {ref.config.vocab_size} but --ckpt {cfg.ckpt} "
+             f"has {model.config.vocab_size} (expected the same tokenizer for both)")
+    if cfg.task != "none":
+        metrics, records = evaluate_test(model, tok, cfg, run)
         result.update(metrics, records=records)
-        print(markdown_table(["checkpoint", "task", "n", "accuracy"] + ([f"maj@{args.maj_k}"] if args.maj_k > 1 else []),
-                             [[args.ckpt, args.task, metrics["n"], f"{100 * metrics['accuracy']:.1f}%"]
-                              + ([f"{100 * metrics[f'maj@{args.maj_k}']:.1f}%"] if args.maj_k > 1 else [])]))
-    if args.pairs:
-        kw = dict(device=args.device, ctx=ctx, eos_pad=args.family == "static")
-        pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw), pair_logps(ref, rows, tok.eot_token, **kw),
-                               beta=args.beta, family=args.family, size=args.size)
-        result["pairs"] = {"file": args.pairs, **stats, **pref}
-        print(markdown_table(list(pref), [[f"{v:.4f}" for v in pref.values()]]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        shown = {k: f"{100 * v:.1f}%" for k, v in metrics.items() if k != "correct" and k != "n"}
+        print0(markdown_table(["checkpoint", "task", "n", *shown], [[cfg.ckpt, cfg.task,
+                                                                      metrics["n"], *shown.values()]]))
+    if pairs:
+        kw = dict(device=run.device, ctx=run.ctx, eos_pad=uses_eos_pad(cfg), progress=False)
+        pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw),
+                               pair_logps(ref, rows, tok.eot_token, **kw),
+                               beta=cfg.beta, family=cfg.family, size=cfg.size)
+        result["pairs"] = {"file": cfg.pairs, "reference": ref_path, **stats, **pref}
+        print0(markdown_table(list(pref), [[f"{v:.4f}" for v in pref.values()]]))
+    if cfg.out and run.master:
+        write_json(cfg.out, result)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {' '.join(str(e).split()) or type(e).__name__}")
+    cli(main)

@@ -283,9 +283,11 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
                                        (strictly)
     rewards/margin                     mean of chosen − rejected reward
     logps/chosen, logps/rejected       mean summed policy log-prob Σ_t log πθ(y_t)
-    segments/win_rate                  fraction of the compared ADPO segments (family, size)
-                                       where S^w > S^l
+    segments/win_rate                  per pair, the fraction of its T' compared ADPO segments
+                                       (family, size) where S^w > S^l; then the mean over pairs
 
+    Every number is a mean over pairs, so that a batch split into parts (micro-batches, ranks)
+    gives the same numbers as a whole: the means of the parts weighted by their pair counts.
     Ties count as wrong, so at step 0 (policy == reference, every ρ is 0) accuracy and win rate
     are 0, the margin is 0 and the loss is ln 2 (DPO) or T'·ln 2 (ADPO) per pair: expected,
     not a bug.
@@ -305,7 +307,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
         "logps/chosen": torch.where(chosen_mask, _float(policy_chosen_logps), 0.0).sum(-1).mean(),
         "logps/rejected":
             torch.where(rejected_mask, _float(policy_rejected_logps), 0.0).sum(-1).mean(),
-        "segments/win_rate": ((S_w > S_l) & valid).sum() / valid.sum().clamp(min=1),
+        "segments/win_rate": (((S_w > S_l) & valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean(),
     }
 
 

@@ -13,14 +13,14 @@ it is only the independent reference the tests compare against.
 import json
 import math
 import os
-import uuid
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from common import atomic_write
 
 # -----------------------------------------------------------------------------
 # config and model
@@ -570,9 +570,8 @@ def _copy_weights(model, state, source):
 
 def save_checkpoint(path, model, optimizer=None, **extra):
     """torch.save {'format': 'nanoadpo', 'config', 'model', 'optimizer'?, **extra} to `path`,
-    atomically: write a temp file in the same folder, fsync it, then os.replace, so an interrupted
-    save leaves the previous checkpoint intact. Keep extras to tensors and plain Python values
-    (load_checkpoint reads weights_only)."""
+    atomically (common.atomic_write: an interrupted save leaves the previous checkpoint intact).
+    Keep extras to tensors and plain Python values (load_checkpoint reads weights_only)."""
     path = os.fspath(path)
     clash = {"format", "config", "model", "optimizer"} & set(extra)
     if clash:
@@ -583,27 +582,7 @@ def save_checkpoint(path, model, optimizer=None, **extra):
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
     ckpt.update(extra)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # same folder: os.replace is then an atomic rename
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them `path`
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX); folders cannot be opened like this on Windows
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -629,7 +608,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# mixed precision and hardware peaks
+# hardware peaks (for MFU)
 
 # dense (no sparsity) bf16 tensor-core peak FLOP/s by GPU name; fp16 for V100, which has no bf16.
 # More specific names first: "H100 PCIe" must win over "H100".
@@ -655,26 +634,3 @@ def peak_flops(device=None):
 
 
 _device_peak_flops = peak_flops  # estimate_mfu's `peak_flops` argument shadows the function's name
-
-
-def autocast_dtype(device_type, dtype=None):
-    """The compute dtype for mixed precision: bf16 on CUDA when the GPU has it, else fp16
-    (which needs a GradScaler); float32 elsewhere.
-    dtype ('bfloat16' | 'float16' | 'float32' or a torch.dtype) forces it."""
-    if isinstance(dtype, str) and dtype != "auto":
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"autocast dtype {dtype!r}: "
-                             f"expected 'auto', 'bfloat16', 'float16' or 'float32'")
-        return getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def autocast_context(device_type, dtype=None):
-    """torch.autocast for the forward pass, or a no-op for float32 (the CPU default)."""
-    dt = autocast_dtype(device_type, dtype)
-    return (nullcontext() if dt == torch.float32
-            else torch.autocast(device_type=device_type, dtype=dt))

@@ -412,8 +412,8 @@ def test_metrics_by_hand():
     expected = {"rewards/chosen": 0.0, "rewards/rejected": -0.0625, "rewards/accuracy": 0.5,
                 "rewards/margin": 0.0625, "logps/chosen": -3.5, "logps/rejected": -2.5,
                 # token level: pair 0 (.5 > 0, .5 > -.5, 0 > 0) -> 2 of 3;
-                #              pair 1 (-1 > .25, 0 > 0) -> 0 of 2
-                "segments/win_rate": 0.4}
+                #              pair 1 (-1 > .25, 0 > 0) -> 0 of 2; mean over the pairs
+                "segments/win_rate": (2 / 3 + 0 / 2) / 2}
     assert set(m) == set(expected)
     for k, v in expected.items():
         assert m[k].dim() == 0 and m[k].is_floating_point()
@@ -422,6 +422,21 @@ def test_metrics_by_hand():
     #                 pair 1 S^w (-1, 0) vs S^l (0, .25) -> 0
     m = preference_metrics(**small_example(), beta=0.5, family="adaptive", size=2)
     assert m["segments/win_rate"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family, size", [("static", 1), ("static", 3), ("adaptive", 4)])
+def test_metrics_of_a_batch_are_the_pair_weighted_means_of_its_parts(family, size):
+    """What lets train.py split a batch over micro-batches and ranks and still log the metrics of
+    the whole: every metric is a mean over pairs."""
+    batch = make_batch(seed=15)
+    whole = preference_metrics(**batch, beta=0.3, family=family, size=size)
+    B = batch["chosen_mask"].size(0)
+    parts = [{k: v[rows] for k, v in batch.items()} for rows in (slice(0, 1), slice(1, B))]
+    sizes = (1, B - 1)
+    for k, v in whole.items():
+        pooled = sum(n * preference_metrics(**p, beta=0.3, family=family, size=size)[k]
+                     for n, p in zip(sizes, parts)) / B
+        assert v.item() == pytest.approx(pooled.item(), abs=1e-6), k
 
 
 def test_metrics_at_step_zero():

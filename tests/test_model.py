@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 
 # before anything imports huggingface_hub: tests never touch the network
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from common import setup
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings(
@@ -407,10 +409,11 @@ def test_cuda_autocast_fused_adamw_and_logps():
     model = tiny_gpt(std=0.05, vocab_size=8192, block_size=256, n_embd=128, n_head=4).cuda().train()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
     assert opt.defaults["fused"]
-    dtype = M.autocast_dtype("cuda")
+    run = setup("cuda")  # the one device/precision setup of train.py, eval.py and bench.py
+    dtype = getattr(torch, run.dtype)
     assert dtype in (torch.bfloat16, torch.float16)
     idx = torch.randint(0, 8192, (4, 256), device="cuda")
-    with M.autocast_context("cuda"):
+    with run.ctx:
         logits, loss = model(idx, idx)
     assert logits.dtype == dtype and loss.dtype == torch.float32
     loss.backward()
@@ -419,7 +422,7 @@ def test_cuda_autocast_fused_adamw_and_logps():
 
     with torch.no_grad():
         exact = model.token_logps(idx, idx)
-        with M.autocast_context("cuda"):
+        with run.ctx:
             mixed = model.token_logps(idx, idx)
     assert mixed.dtype == torch.float32
     assert (mixed - exact).abs().max() < 0.1
@@ -429,7 +432,7 @@ def test_cuda_autocast_fused_adamw_and_logps():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        with M.autocast_context("cuda"):
+        with run.ctx:
             out = fn()
         out.sum().backward()
         torch.cuda.synchronize()
@@ -455,8 +458,8 @@ def test_mfu_helpers_never_invent_a_peak():
     assert M.peak_flops("cpu") is None
     assert (model.estimate_mfu(1000, peak_flops=1e12)
             == pytest.approx(model.flops_per_token() * 1000 / 1e12))
-    assert isinstance(M.autocast_context("cpu"), type(M.nullcontext()))
-    assert M.autocast_dtype("cpu") == torch.float32
+    assert isinstance(setup("cpu").ctx, nullcontext)
+    assert setup("cpu").dtype == "float32"
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """End-to-end tests of train.py / eval.py on the smoke preset: every stage's outputs, resume, the harness."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ import torch
 
 import eval as evaluate
 import train
-from data import is_correct, read_jsonl
+from common import read_jsonl
+from data import is_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,11 +39,12 @@ def test_summary_has_config_and_every_stage(smoke):
 
 
 def test_sft_lowers_the_loss(smoke):
-    _, summary = smoke
-    tr = summary["sft"]["train"]
-    assert tr["final_probe_loss"] < 0.7 * tr["initial_probe_loss"]
-    log = read_jsonl(os.path.join(smoke[0], "sft", "metrics.jsonl"))
-    assert log[-1]["loss"] < log[0]["loss"]
+    out, summary = smoke
+    log = read_jsonl(out / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in log] == list(range(1, summary["config"]["sft_steps"] + 1))  # every step
+    first, last = [sum(r["loss"] for r in part) / 5 for part in (log[:5], log[-5:])]
+    assert last < 0.7 * first
+    assert summary["sft"]["train"]["loss"] == log[-1]["loss"]
 
 
 def test_pairs_are_graded_correct_and_incorrect(smoke):
@@ -62,7 +65,7 @@ def test_pairs_are_graded_correct_and_incorrect(smoke):
 
 def test_adpo_raises_reward_accuracy_on_training_pairs(smoke):
     out, summary = smoke
-    train_pairs = summary["po"]["train"]["train_pairs"]
+    train_pairs = summary["po"]["pairs"]["train"]
     assert train_pairs["rewards/accuracy"] > 0.6  # 0 at step 0: the policy is the reference (ties)
     assert train_pairs["rewards/margin"] > 0
     log = read_jsonl(out / "po" / "metrics.jsonl")
@@ -78,12 +81,30 @@ def test_eval_numbers_match_the_files(smoke):
         for r in records:  # the stored verdicts are the grader's verdicts on the stored completions
             assert r["correct"] == is_correct(r["completion"], r["gold"])
         assert summary[stage]["test"]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
-    # eval.py on the final checkpoint recomputes the same greedy accuracy
-    cfg = summary["config"]
-    res = evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--n", str(cfg["n_test"]),
-                         "--max_new_tokens", str(cfg["max_new_tokens"]), "--arith_steps", str(cfg["arith_steps"]),
-                         "--arith_max_number", str(cfg["arith_max_number"]), "--arith_ops", cfg["arith_ops"]])
-    assert res["accuracy"] == pytest.approx(summary["po"]["test"]["accuracy"])
+
+
+
+def test_eval_py_scores_the_runs_own_test_set(smoke, capsys):
+    """The README's command, no task flags: the smoke run's task (one-step problems, operands up
+    to 5) is not eval.py's default one, and eval.py must still score exactly the run's questions."""
+    out, summary = smoke
+    assert summary["config"]["arith_max_number"] != evaluate.EvalConfig.arith_max_number
+    for stage in ("sft", "po"):
+        res = evaluate.main(["--ckpt", str(out / stage / "ckpt.pt")])
+        saved = json.load(open(out / stage / "eval.json"))
+        assert res["records"] == saved["records"]
+        assert res["accuracy"] == summary[stage]["test"]["accuracy"]
+    assert "NOT the run's test set" not in capsys.readouterr().out
+    res = evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--n_test", "7"])  # asked for
+    assert res["n"] == 7 and "NOT the run's test set: --n_test 7 (the run's: 40)" in capsys.readouterr().out
+
+
+def test_eval_defaults_are_train_defaults():
+    """Outside a run folder eval.py falls back to its own defaults: they must be train.py's."""
+    shared = {f.name for f in dataclasses.fields(evaluate.EvalConfig)} & {f.name for f in dataclasses.fields(train.Config)}
+    assert {"task", "arith_max_number", "n_test", "max_new_tokens", "beta", "family", "size"} <= shared
+    for name in shared:
+        assert getattr(evaluate.EvalConfig, name) == getattr(train.Config, name), name
 
 
 def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):
@@ -116,6 +137,7 @@ def test_comparison_harness_writes_a_table(smoke, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert "DPO" in table and "ADPO adaptive m=4" in table and "±" in table
     assert set(res["compare"]) == {"DPO", "ADPO adaptive m=4"}
+    assert (tmp_path / "compare" / "dpo_s1" / "eval.json").exists()
     assert all(len(v) == 2 for v in res["compare"].values())
 
 

@@ -1,0 +1,323 @@
+"""
+Plumbing shared by train.py, eval.py and bench.py, so that each of them does these things one way:
+
+    parse(Config, argv)      presets/NAME.json, then --key value flags, into a dataclass; bad input: one line
+    setup(device, dtype)     device, mixed precision, the DDP process group            -> Run
+    seed_for(...)            every random draw is a function of (seed, stage, step, rank): resume needs no RNG state
+    atomic_write(path, ...)  every file a run writes appears whole or not at all
+    cli(main)                the command-line entry point: a bad input is one line on stderr, never a traceback
+
+It imports nothing of the project.
+"""
+import json
+import math
+import os
+import re
+import sys
+import uuid
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(ValueError):
+    """A bad flag, preset or run folder: the message names it and says what was expected."""
+
+
+# -----------------------------------------------------------------------------
+# flags: dataclass defaults < preset (or a run's config.json) < --key value
+
+
+def convert(name, typ, value):
+    """A flag's text (or a preset's JSON value) as the field's type, or a ConfigError naming the flag."""
+    try:
+        if typ is bool:
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int and isinstance(value, float) and not value.is_integer():  # 2.5 is no int
+            raise ValueError
+        converted = typ(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"--{name} expects {typ.__name__}, got {value!r}") from None
+    if isinstance(converted, float) and not math.isfinite(converted):
+        raise ConfigError(f"--{name} must be a finite number, got {value}")
+    return converted
+
+
+def _read_preset(name):
+    path = name if name.endswith(".json") else os.path.join(ROOT, "presets", f"{name}.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--preset {name}: no such preset file {path}")
+    try:
+        preset = read_json(path)
+    except ValueError as e:
+        raise ConfigError(f"preset {path}: not valid JSON ({e})") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"preset {path}: expected a JSON object of Config fields, "
+                          f"got {type(preset).__name__}")
+    return {k: v for k, v in preset.items() if not k.startswith("_")}  # "_comment" keys
+
+
+def _split_flags(argv, types):
+    """['--a', '1', '--b=2', '--flag'] -> {'a': '1', 'b': '2', 'flag': True}. A bool field may
+    stand alone (`--compile` is `--compile true`); every other flag takes a value."""
+    flags, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags are --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
+            if bare and types.get(key) is not bool:
+                raise ConfigError(f"--{key} needs a value")
+            value = True if bare else argv[i + 1]
+            i += 0 if bare else 1
+        flags[key] = value
+        i += 1
+    return flags
+
+
+def parse(cls, argv, base=None, presets=False):
+    """An instance of the dataclass `cls` from its defaults, then `base` (e.g. a run's saved config;
+    keys `cls` lacks are ignored), then --preset NAME (when `presets`), then the flags in argv."""
+    types = {f.name: f.type for f in fields(cls)}
+    flags = _split_flags(list(argv), types)
+    values = {k: v for k, v in (base or {}).items() if k in types}
+    if presets and "preset" in flags:
+        name = str(flags.pop("preset"))
+        preset = _read_preset(name)
+        for k in preset:
+            if k not in types:
+                raise ConfigError(f"preset {name}: unknown key {k!r} (expected a field of "
+                                  f"{cls.__name__})")
+        values.update(preset)
+    for k, v in flags.items():
+        if k not in types:
+            raise ConfigError(f"unknown flag --{k} (expected one of the fields of {cls.__name__})")
+        values[k] = v
+    return cls(**{k: convert(k, types[k], v) for k, v in values.items()})
+
+
+def need(ok, message):
+    """A one-line ConfigError unless ok: the validation idiom of every script."""
+    if not ok:
+        raise ConfigError(message)
+
+
+# -----------------------------------------------------------------------------
+# device, precision and data parallelism
+
+
+@dataclass
+class Run:
+    device: str        # where the model lives: cpu, cuda:N, mps
+    device_type: str   # cpu | cuda | mps (what torch.autocast wants)
+    dtype: str         # the compute dtype: float32 | bfloat16 | float16 (fp16 needs a GradScaler)
+    ctx: object        # torch.autocast(...) for the forward passes, or a no-op for float32
+    rank: int = 0      # this process's rank under torchrun, and the number of processes
+    world: int = 1
+
+    @property
+    def master(self):  # rank 0 prints and writes the files; every rank computes
+        return self.rank == 0
+
+
+def setup(device="auto", dtype="auto"):
+    """Pick the device and precision, and join the process group under torchrun."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
+         f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    need(dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    need(not device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {device}: this machine has no CUDA GPU that torch can use "
+         f"(expected --device auto or cpu)")
+    need(device != "mps" or torch.backends.mps.is_available(),
+         "--device mps: MPS is not available here (expected --device auto or cpu)")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; float32 elsewhere
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float16" if device_type == "cuda" else "float32"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext()
+    if dtype != "float32":
+        ctx = torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return Run(device, device_type, dtype, ctx, rank, world)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (the others compute the same story)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values):
+    """A list of floats summed over all ranks (float64; every rank passes the same length)."""
+    if not dist.is_initialized():
+        return list(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj):
+    """[rank 0's obj, rank 1's obj, ...] (just [obj] in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def seed_for(*parts):
+    """A 31-bit seed that is a pure function of its parts, e.g. seed_for(1337, "po", step, rank):
+    the same in every process and every Python run (str hashes are salted; crc32 is not)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+# -----------------------------------------------------------------------------
+# files: written atomically, read with errors that name the file
+
+
+def atomic_write(path, write):
+    """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`: a
+    kill or a full disk leaves the previous file (or none), never half of one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: same folder, same file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX; folders cannot be opened like this on Windows)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def read_json(path):
+    """The JSON in `path`; a broken file is a ValueError naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_jsonl(records, path):
+    """Dicts one per line, atomically."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
+
+
+def append_jsonl(path, record):
+    """One more line of a log (a kill mid-append tears the last line: see read_jsonl)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path, torn_tail=False):
+    """A list of dicts; a bad line is a ValueError naming the file and the (1-based) line. With
+    torn_tail, reading stops at the first bad line instead: what a kill mid-append leaves."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace" if torn_tail else "strict") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if torn_tail:
+                    break
+                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def markdown_table(header, rows):
+    """A GitHub-markdown table from a header list and row lists (cells formatted by str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def claim_run_folder(out_dir, config, free=()):
+    """A run folder belongs to one config: a new folder gets config.json, an existing one must hold
+    the same config (then the run resumes). Keys in `free` may differ between the runs of a folder
+    (they change nothing a run computes: where it prints, when it checkpoints...)."""
+    need(not os.path.isfile(out_dir),
+         f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
+    path = os.path.join(out_dir, "config.json")
+    if os.path.exists(path):
+        try:
+            saved = read_json(path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{path}: not a readable run config ({e}); use another --out_dir")
+        need(isinstance(saved, dict),
+             f"{path}: not a run config (expected a JSON object); use another --out_dir")
+        diff = {k: (saved.get(k), v) for k, v in config.items()
+                if k not in free and saved.get(k) != v}
+        need(not diff, f"{out_dir} holds a run with a different config ("
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                       + "); use another --out_dir, or the same flags to resume it")
+        print0(f"resuming the run in {out_dir}")
+    elif int(os.environ.get("RANK", 0)) == 0:
+        write_json(path, config)
+    barrier()
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def cli(main):
+    """Run main() as a script: bad input (files, flags, numerics) is one `error:` line and exit 1."""
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
