@@ -1,11 +1,11 @@
 """
 Plumbing shared by train.py, eval.py and bench.py, so that each of them does these things one way:
 
-    parse(Config, argv)      presets/NAME.json, then --key value flags, into a dataclass; bad input: one line
-    setup(device, dtype)     device, mixed precision, the DDP process group            -> Run
-    seed_for(...)            every random draw is a function of (seed, stage, step, rank): resume needs no RNG state
+    parse(Config, argv)      presets/NAME.json, then --key value flags, into a dataclass
+    setup(device, dtype)     device, mixed precision, the DDP process group -> Run
+    seed_for(...)            random draws as functions of (seed, stage, step, rank): no RNG state
     atomic_write(path, ...)  every file a run writes appears whole or not at all
-    cli(main)                the command-line entry point: a bad input is one line on stderr, never a traceback
+    cli(main)                the command-line entry point: bad input is one line, no traceback
 
 It imports nothing of the project.
 """
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 
 def convert(name, typ, value):
-    """A flag's text (or a preset's JSON value) as the field's type, or a ConfigError naming the flag."""
+    """A flag's text (or a preset's JSON value) as the field's type, or a ConfigError naming it."""
     try:
         if typ is bool:
             text = str(value).lower()
@@ -312,7 +312,7 @@ def claim_run_folder(out_dir, config, free=()):
 
 
 def cli(main):
-    """Run main() as a script: bad input (files, flags, numerics) is one `error:` line and exit 1."""
+    """Run main() as a script: bad input (files, flags, numerics) is one `error:` line, exit 1."""
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:

@@ -1,12 +1,12 @@
 """
 Evaluate a checkpoint: greedy accuracy, maj@k, and preference metrics on pairs; and a run's report.
 
-    python eval.py --ckpt out/default/po/ckpt.pt              # the run's own test set (its config.json)
-    python eval.py --ckpt out/default/po/ckpt.pt --maj_k 8    # + maj@8 (8 samples at temperature 0.7)
-    python eval.py --ckpt out/default/po/ckpt.pt --n_test 2000   # more questions than the run used
-    python eval.py --ckpt gpt2 --task gsm8k --n_test 200      # a hub model (or an HF folder) on GSM8K
+    python eval.py --ckpt out/default/po/ckpt.pt            # the run's own test set (config.json)
+    python eval.py --ckpt out/default/po/ckpt.pt --maj_k 8  # + maj@8 (8 samples at temperature 0.7)
+    python eval.py --ckpt out/default/po/ckpt.pt --n_test 2000  # more questions than the run used
+    python eval.py --ckpt gpt2 --task gsm8k --n_test 200    # a hub model (or an HF folder), GSM8K
     python eval.py --ckpt out/default/po/ckpt.pt --pairs out/default/pairs/val.jsonl
-                                                              # reward accuracy against the run's SFT model
+                                                            # reward accuracy vs the run's SFT model
 
 A checkpoint inside a run folder (DIR/sft/ckpt.pt, DIR/po/ckpt.pt, DIR/compare/<variant>/ckpt.pt) is
 scored with the run's settings, read from DIR/config.json: the same test questions, the same
@@ -165,7 +165,7 @@ def stack_responses(values):
 def preference_eval(policy_logps, reference_logps, *, beta=0.1, family="static", size=1):
     """Reward accuracy, margin, segment win rate... from per-pair response log-probs
     (see pair_logps), as floats averaged over the pairs."""
-    n = len(policy_logps)  # chosen and rejected padded to ONE width: the losses need a shared (B, T)
+    n = len(policy_logps)  # chosen and rejected padded to ONE width: losses need a shared (B, T)
     p, mask = stack_responses([c for c, _ in policy_logps] + [r for _, r in policy_logps])
     ref, _ = stack_responses([c for c, _ in reference_logps] + [r for _, r in reference_logps])
     (pc, pr), (rc, rr), (cm, rm) = p.split(n), ref.split(n), mask.split(n)
@@ -399,8 +399,8 @@ def main(argv=None):
         cfg = parse(EvalConfig, argv, base=saved)
         changed = [f"--{k} {getattr(cfg, k)} (the run's: {saved[k]})" for k in TEST_SET
                    if k in saved and getattr(cfg, k) != saved[k]]
-        print0(f"settings of the run in {folder}" + (f"; NOT the run's test set: {', '.join(changed)}"
-                                                     if changed else ""))
+        note = f"; NOT the run's test set: {', '.join(changed)}" if changed else ""
+        print0(f"settings of the run in {folder}{note}")
     validate(cfg)
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
@@ -411,8 +411,9 @@ def main(argv=None):
          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
     if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
-        need(cfg.max_len <= model.config.block_size, f"--max_len {cfg.max_len} exceeds the "
-                                                     f"model's context of {model.config.block_size}")
+        context = model.config.block_size
+        need(cfg.max_len <= context,
+             f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
@@ -424,8 +425,8 @@ def main(argv=None):
         metrics, records = evaluate_test(model, tok, cfg, run)
         result.update(metrics, records=records)
         shown = {k: f"{100 * v:.1f}%" for k, v in metrics.items() if k != "correct" and k != "n"}
-        print0(markdown_table(["checkpoint", "task", "n", *shown], [[cfg.ckpt, cfg.task,
-                                                                      metrics["n"], *shown.values()]]))
+        row = [cfg.ckpt, cfg.task, metrics["n"], *shown.values()]
+        print0(markdown_table(["checkpoint", "task", "n", *shown], [row]))
     if pairs:
         kw = dict(device=run.device, ctx=run.ctx, eos_pad=uses_eos_pad(cfg), progress=False)
         pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw),

@@ -9,7 +9,7 @@ The main job: SFT, then on-policy preference pairs, then preference optimisation
     python train.py --preset gpt2_gsm8k              # GPT-2 124M on GSM8K, one GPU
     python train.py --stop_after sft                 # the stages up to SFT; re-run to continue
     python train.py --compare dpo,adpo,adpo:static:4,adpo:adaptive:16,ipo,simpo --seeds 0,1,2
-                                                     # paper Table 3 in miniature: same SFT, same pairs
+                                                     # Table 3 in miniature: same SFT, same pairs
     torchrun --nproc_per_node=2 train.py ...         # data parallel over 2 GPUs (or CPU processes)
 
 Every flag is a field of `Config` below (`--key value`); `--preset NAME` loads presets/NAME.json
@@ -38,9 +38,9 @@ from functools import partial
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder, cli, convert,
-                    need, parse, print0, read_json, read_jsonl, seed_for, setup, write_json,
-                    write_jsonl)
+from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder,
+                    cli, convert, need, parse, print0, read_json, read_jsonl, seed_for, setup,
+                    write_json, write_jsonl)
 from data import (encode_pairs, encode_sft, length_grouped_batches, load_pairs, load_split,
                   make_arith_pairs, pairs_from_samples, preference_batch, row_lengths, sft_batch)
 from eval import complete, evaluate_stage, pair_logps, report_run, tokenizer_for, uses_eos_pad
@@ -54,11 +54,11 @@ class Config:
     out_dir: str = "out/default"
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"         # auto (bf16 on CUDA, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
     compile: bool = False       # torch.compile the training forward
-    stop_after: str = "po"      # sft | pairs | po: run the stages up to this one (re-run to continue)
+    stop_after: str = "po"      # sft | pairs | po: the stages up to this one (re-run to continue)
     # model
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF folder | ckpt.pt
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
     tokenizer: str = "auto"     # auto (byte for scratch, gpt2 otherwise) | byte | gpt2
     n_layer: int = 4            # scratch only
     n_head: int = 4
@@ -79,7 +79,7 @@ class Config:
     sft_batch_size: int = 32
     sft_lr: float = 1e-2
     # pairs
-    pairs_source: str = "sample"  # sample (on-policy, the SFT model) | offline (arith) | pair dataset
+    pairs_source: str = "sample"  # sample (on-policy: the SFT model) | offline (arith) | a dataset
     n_pair_questions: int = 1000  # training questions to sample on (0 = all)
     n_samples: int = 4            # samples per question
     temperature: float = 1.0
@@ -191,7 +191,7 @@ def preference_loss(model, batch, cfg):
     """The paper's step: score chosen and rejected responses in one forward and compare them with
     the frozen reference through cfg.loss (ADPO by default). Summed over the B pairs."""
     logps = model(batch["input_ids"], batch["targets"])  # (2B, T) float32: log πθ(y_t | x, y_<t)
-    ref = batch["reference_logps"]                       # (2B, T) log πref, computed before training
+    ref = batch["reference_logps"]                       # (2B, T) log πref, precomputed
     mask = batch["loss_mask"]                            # (2B, T) True on response tokens + EOS
     B = mask.size(0) // 2                                # rows [0, B): chosen, [B, 2B): rejected
     six = (logps[:B], logps[B:], ref[:B], ref[B:], mask[:B], mask[B:])
@@ -424,7 +424,8 @@ def sample_pairs(cfg, run, out):
     model = GPT.from_pretrained(ckpt).to(run.device).eval()
     tok = tokenizer_for(ckpt)
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
-    files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in range(0, len(questions), chunk)}
+    starts = range(0, len(questions), chunk)
+    files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in starts}
     for c in list(files)[run.rank::run.world]:
         if os.path.exists(files[c]):
             continue
@@ -474,7 +475,8 @@ def pair_batch(rows, reference, cfg, eot):
     batch = preference_batch(rows, eot, eos_pad=uses_eos_pad(cfg), **bucket(cfg))
     mask = batch["loss_mask"]
     batch["reference_logps"] = torch.zeros(mask.shape)  # (2B, T) float32, 0 off the mask
-    batch["reference_logps"][mask] = torch.cat([c for c, _ in reference] + [r for _, r in reference])
+    values = [c for c, _ in reference] + [r for _, r in reference]  # chosen rows, then rejected
+    batch["reference_logps"][mask] = torch.cat(values)
     return {**batch, "n": len(rows)}
 
 
@@ -560,7 +562,7 @@ def parse_variant(spec, cfg):
 
 def variants(cfg):
     """The preference runs: [(label, its Config, its folder)]. Without --compare, the one in po/;
-    with it, every variant x seed, each in compare/<variant>_s<seed>/ (same SFT model, same pairs)."""
+    with it, every variant x seed, each in compare/<variant>_s<seed>/ (same SFT, same pairs)."""
     if not cfg.compare:
         return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))]
     specs = [s for s in cfg.compare.split(",") if s.strip()]
@@ -571,8 +573,8 @@ def variants(cfg):
             tag = f"{v.loss}_{v.family}_{v.size}" if v.loss == "adpo" else v.loss
             folder = os.path.join(cfg.out_dir, "compare", f"{tag}_s{seed}")
             plan.append((variant_label(v), dataclasses.replace(v, seed=seed), folder))
-    need(plan, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated variants "
-               f"(e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
+    need(plan, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated "
+               f"variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
     return plan
 
 

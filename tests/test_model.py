@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from contextlib import nullcontext
 
 # before anything imports huggingface_hub: tests never touch the network
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -458,8 +457,6 @@ def test_mfu_helpers_never_invent_a_peak():
     assert M.peak_flops("cpu") is None
     assert (model.estimate_mfu(1000, peak_flops=1e12)
             == pytest.approx(model.flops_per_token() * 1000 / 1e12))
-    assert isinstance(setup("cpu").ctx, nullcontext)
-    assert setup("cpu").dtype == "float32"
 
 
 # -----------------------------------------------------------------------------
