@@ -1,11 +1,12 @@
 """
-Reliability of train.py / eval.py: exact resume after a kill anywhere, determinism, numerics (non-finite losses and
-gradients, fp16 loss scaling, float32 sums), a catalogue of bad inputs that must fail fast with one-line errors,
-and data-parallel training (2 CPU processes over gloo) against one process.
+Reliability of train.py / eval.py: exact resume after a kill anywhere, determinism, numerics
+(non-finite losses and gradients, fp16 loss scaling, float32 sums), a catalogue of bad inputs that
+must fail fast with one-line errors, and data-parallel training (2 CPU processes over gloo)
+against one process.
 
-Every run here is tiny (a 1-layer GPT, 12 SFT steps, a few pairs) and uses one thread per process: on a small shared
-CPU, tiny ops are much faster that way, and a run in this process and a run in a subprocess then compute bit for bit
-the same numbers, so they can be compared with ==.
+Every run here is tiny (a 1-layer GPT, 12 SFT steps, a few pairs) and uses one thread per process:
+on a small shared CPU, tiny ops are much faster that way, and a run in this process and a run in a
+subprocess then compute bit for bit the same numbers, so they can be compared with ==.
 """
 import json
 import math
@@ -29,15 +30,19 @@ from common import read_jsonl
 from model import GPT, GPTConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-UNTIMED = ("tokens_per_s", "mfu")  # wall-clock fields of metrics.jsonl: the only numbers allowed to differ
+# wall-clock fields of metrics.jsonl: the only numbers allowed to differ
+UNTIMED = ("tokens_per_s", "mfu")
 
 
 def tiny(out_dir, **over):
-    """Flags of a whole pipeline in a few seconds. log_every (3) and ckpt_every (2) differ on purpose, so that
-    logging windows straddle checkpoints; PO batches hold 3 pairs, so an epoch usually ends on a short one."""
-    flags = dict(out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=128, max_len=128, max_new_tokens=32,
-                 arith_steps=1, arith_max_number=5, n_train=96, n_test=8, sft_steps=12, sft_batch_size=8, sft_lr=1e-2,
-                 n_pair_questions=16, n_samples=4, eval_batch_size=16, po_batch_size=3, po_epochs=3, po_lr=1e-3,
+    """Flags of a whole pipeline in a few seconds. log_every (3) and ckpt_every (2) differ on
+    purpose, so that logging windows straddle checkpoints; PO batches hold 3 pairs, so an epoch
+    usually ends on a short one."""
+    flags = dict(out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=128, max_len=128,
+                 max_new_tokens=32, arith_steps=1, arith_max_number=5, n_train=96, n_test=8,
+                 sft_steps=12, sft_batch_size=8, sft_lr=1e-2,
+                 n_pair_questions=16, n_samples=4, eval_batch_size=16,
+                 po_batch_size=3, po_epochs=3, po_lr=1e-3,
                  log_every=3, ckpt_every=2, dropout=0.1, val_frac=0.25)
     flags.update(over)
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
@@ -45,20 +50,21 @@ def tiny(out_dir, **over):
 
 def cli_env(**extra):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
     env.update(extra)
     return env
 
 
 def run_cli(args, timeout=180, **env):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          env=cli_env(**env), timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=cli_env(**env), timeout=timeout)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One thread (see the module docstring), and no training-curve plot (matplotlib is slow and plots nothing
-    these tests check) for the runs made in this process."""
+    """One thread (see the module docstring), and no training-curve plot (matplotlib is slow and
+    plots nothing these tests check) for the runs made in this process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
@@ -68,7 +74,8 @@ def one_thread():
 
 
 def snapshot(out):
-    """Everything a run's results consist of, as JSON text (exact floats; NaN == NaN), wall-clock fields left out."""
+    """Everything a run's results consist of, as JSON text (exact floats; NaN == NaN),
+    wall-clock fields left out."""
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())
     snap = {"summary": {k: summary[k] for k in ("sft", "pairs", "po")},
@@ -85,13 +92,15 @@ def snapshot(out):
 
 
 def assert_same_run(a, b):
-    """Run folders a and b hold bit-identical results: files, metrics, weights, cached reference log-probs."""
+    """Run folders a and b hold bit-identical results:
+    files, metrics, weights, cached reference log-probs."""
     sa, sb = snapshot(a), snapshot(b)
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k] == sb[k], f"{k} differs"
     for stage in ("sft", "po"):
-        wa, wb = (torch.load(Path(d) / stage / "ckpt.pt", weights_only=True)["model"] for d in (a, b))
+        wa, wb = (torch.load(Path(d) / stage / "ckpt.pt", weights_only=True)["model"]
+                  for d in (a, b))
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{stage} weights differ"
         assert not (Path(b) / stage / "state.pt").exists(), f"{stage}/state.pt left behind"
@@ -106,7 +115,8 @@ def reference(tmp_path_factory):
     """One uninterrupted run (in this process), the yardstick of the resume tests."""
     out = tmp_path_factory.mktemp("reference")
     train.main(tiny(out))
-    assert po_steps(out) >= 3, "the tiny run should sample a few pairs"  # else the PO kill points are moot
+    # with fewer PO steps, the PO kill points would be moot
+    assert po_steps(out) >= 3, "the tiny run should sample a few pairs"
     return out
 
 
@@ -144,12 +154,14 @@ def die_at(monkeypatch, point):
             return result
         return wrapped
 
-    if where.isdigit() and stage != "pairs":  # log_step(step, total, logged, lr, tok_s, model, name)
+    # log_step(step, total, logged, lr, tok_s, model, name)
+    if where.isdigit() and stage != "pairs":
         monkeypatch.setattr(train, "log_step", after(train.log_step, lambda step, *a: (
             step == int(where) and a[5] == stage)))
     elif where == "done":
-        monkeypatch.setattr(train, "save_checkpoint", after(train.save_checkpoint, lambda path, *a: (
-            str(path).endswith(os.path.join(stage, "ckpt.pt")))))
+        monkeypatch.setattr(train, "save_checkpoint",
+                            after(train.save_checkpoint, lambda path, *a: (
+                                str(path).endswith(os.path.join(stage, "ckpt.pt")))))
     elif where == "ref":
         monkeypatch.setattr(train, "atomic_write", after(train.atomic_write, lambda path, *a: (
             str(path).endswith("reference_logps.pt"))))
@@ -217,26 +229,29 @@ def test_sigkill_mid_po_then_the_same_command_resumes_exactly(reference, tmp_pat
 
 
 def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path):
-    """A real SIGKILL at a random moment of training (logged, so a failure can be replayed by hand)."""
+    """A real SIGKILL at a random moment of training
+    (logged, so a failure can be replayed by hand)."""
     delay = random.Random().uniform(0.0, 2.5)
     proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path)], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "sft" / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        while (not (tmp_path / "sft" / "metrics.jsonl").exists() and proc.poll() is None
+               and time.time() < deadline):
             time.sleep(0.02)  # wait for training to start (imports take most of the first seconds)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
     finally:
         code = proc.wait(timeout=60)
-    print(f"SIGKILL {delay:.2f} s after SFT started; exit status {code}; "
-          f"left: {sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*') if p.is_file())}")
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*') if p.is_file())
+    print(f"SIGKILL {delay:.2f} s after SFT started; exit status {code}; left: {left}")
     train.main(tiny(tmp_path))  # the same command (in this process: the CLI resume is tested above)
     assert_same_run(reference, tmp_path)
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(reference, tmp_path):
-    """A kill while appending to metrics.jsonl leaves half a line; the resumed run must not choke."""
+    """A kill while appending to metrics.jsonl leaves half a line;
+    the resumed run must not choke."""
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
         die_at(mp, "sft:7")
         train.main(tiny(tmp_path))
@@ -259,7 +274,8 @@ mode, at = sys.argv[1], int(sys.argv[2])
 token_logps, calls = model.GPT.token_logps, [0]
 
 
-class NanGrad(torch.autograd.Function):  # identity forward, NaN backward: a finite loss with a broken gradient
+# identity forward, NaN backward: a finite loss with a broken gradient
+class NanGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         return x.clone()
@@ -284,21 +300,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[")  # tqdm's "sft:  25%|██▌   | 3/12 [00:00<..."
+# tqdm's "sft:  25%|██▌   | 3/12 [00:00<..."
+PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[")
 
 
 def visible_lines(stderr):
-    """stderr's lines that say something: not blank, not a progress bar (tqdm draws them on stderr)."""
+    """stderr's lines that say something: not blank,
+    not a progress bar (tqdm draws them on stderr)."""
     lines = [line.strip() for line in re.split(r"[\r\n]", stderr)]
     return [line for line in lines if line and not PROGRESS_BAR.match(line)]
 
 
 @pytest.mark.parametrize("mode, at, message, kept", [
-    ("loss", 5, "non-finite loss (nan) at step 5/12", "the last good training state (step 4) is kept in {state}"),
+    ("loss", 5, "non-finite loss (nan) at step 5/12",
+     "the last good training state (step 4) is kept in {state}"),
     ("grad", 1, "non-finite gradient norm (nan) with a finite loss at step 1/12",
      "no training state was saved yet (one is saved every --ckpt_every 2 steps)"),
 ], ids=["loss", "grad"])
-def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_state(tmp_path, mode, at, message, kept):
+def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_state(
+        tmp_path, mode, at, message, kept):
     script = tmp_path / "inject.py"
     script.write_text(NAN_INJECTOR.format(root=str(ROOT)))
     out, state = tmp_path / "run", tmp_path / "run" / "sft" / "state.pt"
@@ -306,10 +326,13 @@ def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_st
     assert p.returncode == 1
     lines = visible_lines(p.stderr)
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert lines[0].startswith(f"error: [sft] {message}: the learning rate is probably too high (lower --sft_lr"), lines
+    assert lines[0].startswith(f"error: [sft] {message}: the learning rate is probably too high "
+                               "(lower --sft_lr"), lines
     assert kept.format(state=state) in lines[0], lines
     assert not (out / "sft" / "ckpt.pt").exists()
-    if at > 2:  # the last good state is intact: it resumes (the NaN came from the injector, not from the weights)
+    # the last good state is intact: it resumes
+    # (the NaN came from the injector, not from the weights)
+    if at > 2:
         saved = torch.load(state, weights_only=True)
         assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
     else:
@@ -317,7 +340,8 @@ def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_st
 
 
 def test_fp16_scales_the_loss_and_losses_are_float32_sums(tmp_path, monkeypatch):
-    """fp16 autocast trains through a GradScaler; bf16 and fp16 alike hand it a float32 loss (log-probs are float32)."""
+    """fp16 autocast trains through a GradScaler; bf16 and fp16 alike hand it a float32 loss
+    (log-probs are float32)."""
     seen = []
 
     class Recording(torch.amp.GradScaler):
@@ -328,14 +352,16 @@ def test_fp16_scales_the_loss_and_losses_are_float32_sums(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.amp, "GradScaler", Recording)
     for dtype, scaled in (("float16", True), ("bfloat16", False)):
         seen.clear()
-        summary = train.main(tiny(tmp_path / dtype, dtype=dtype, sft_steps=4, n_test=2, stop_after="sft"))
+        summary = train.main(tiny(tmp_path / dtype, dtype=dtype, sft_steps=4, n_test=2,
+                                  stop_after="sft"))
         assert len(seen) == 4 and all(s == (scaled, torch.float32, True) for s in seen), seen
         assert summary["dtype"] == dtype and math.isfinite(summary["sft"]["train"]["loss"])
 
 
 def test_fp16_overflow_at_every_loss_scale_stops_the_run(tmp_path, monkeypatch):
-    """Under fp16 an inf gradient only makes GradScaler skip the step and halve its scale; when even a scale below 1
-    overflows, the gradients are broken, not the scale: the run stops (here from a scale of 4: after 3 skips)."""
+    """Under fp16 an inf gradient only makes GradScaler skip the step and halve its scale; when
+    even a scale below 1 overflows, the gradients are broken, not the scale: the run stops (here
+    from a scale of 4: after 3 skips)."""
     class InfGrad(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -357,13 +383,16 @@ def test_fp16_overflow_at_every_loss_scale_stops_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.amp, "GradScaler", SmallScale)
     monkeypatch.setattr(GPT, "token_logps", overflowing)
-    with pytest.raises(FloatingPointError, match=r"^\[sft\] fp16 gradients overflow at every loss scale .* at step 3/12: "
-                                                 r"use --dtype bfloat16 or float32, or lower --sft_lr; the last good"):
+    with pytest.raises(FloatingPointError,
+                       match=r"^\[sft\] fp16 gradients overflow at every loss scale .* "
+                             r"at step 3/12: use --dtype bfloat16 or float32, or lower --sft_lr; "
+                             r"the last good"):
         train.main(tiny(tmp_path, dtype="float16", dropout=0.0))
 
 
 # -----------------------------------------------------------------------------
-# bad inputs: each fails fast (before any training) with one line on stderr naming the problem and the fix
+# bad inputs: each fails fast (before any training)
+# with one line on stderr naming the problem and the fix
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +401,8 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
 
     def jsonl(name, rows):
-        (d / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        (d / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                                      for r in rows))
 
     jsonl("no_answer_column.jsonl", [{"question": "1+1?"}])
     jsonl("no_final_answer.jsonl", [{"question": "1+1?", "answer": "It is 2."}])
@@ -380,7 +410,8 @@ def files(tmp_path_factory):
     (d / "empty.jsonl").write_text("")
     (d / "task.txt").write_text("question,answer\n")
     jsonl("pairs_int_field.jsonl", [{"prompt": "Q", "chosen": 5, "rejected": "b"}])
-    jsonl("pairs_corrupt_line.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}, '{"prompt": "Q", "chosen": oops',
+    jsonl("pairs_corrupt_line.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                       '{"prompt": "Q", "chosen": oops',
                                        {"prompt": "Q", "chosen": "a", "rejected": "c"}])
     jsonl("pairs_no_rejected.jsonl", [{"prompt": "Q", "chosen": "a"}])
     (d / "preset_bad.json").write_text('{"beta": 0.1,}')
@@ -389,13 +420,14 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     ok = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint(d / "ok.pt", ok, tokenizer="byte")
-    save_checkpoint(d / "vocab100.pt", GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=1, n_head=2, n_embd=16)))
+    save_checkpoint(d / "vocab100.pt",
+                    GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=1, n_head=2, n_embd=16)))
     blob = (d / "ok.pt").read_bytes()
     (d / "truncated.pt").write_bytes(blob[:len(blob) // 2])
     torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
     (d / "hf_no_weights").mkdir()
-    (d / "hf_no_weights" / "config.json").write_text(json.dumps(dict(vocab_size=257, n_positions=64, n_layer=1,
-                                                                     n_head=2, n_embd=16)))
+    (d / "hf_no_weights" / "config.json").write_text(
+        json.dumps(dict(vocab_size=257, n_positions=64, n_layer=1, n_head=2, n_embd=16)))
     (d / "empty_folder").mkdir()
     (d / "a_file").write_text("not a folder")
     (d / "bad_run").mkdir()
@@ -404,7 +436,8 @@ def files(tmp_path_factory):
 
 
 T, E = "train.py", "eval.py"
-# (id, script, arguments ({d}: the folder of bad files; train.py also gets a fresh --out_dir), what stderr must say)
+# (id, script, arguments ({d}: the folder of bad files; train.py also gets a fresh --out_dir),
+#  what stderr must say)
 CATALOGUE = [
     # the command line
     ("wrong-type", T, ["--n_layer", "2.5"], "--n_layer expects int, got '2.5'"),
@@ -412,7 +445,8 @@ CATALOGUE = [
     ("empty-string", T, ["--task", ""], "--task is empty (expected e.g. 'arith')"),
     ("negative-beta", T, ["--beta", "-0.5"], "--beta must be > 0, got -0.5"),
     ("infinite-lr", T, ["--po_lr", "inf"], "--po_lr must be a finite number, got inf"),
-    ("m-below-1", T, ["--family", "adaptive", "--size", "0"], "--size (k or m) must be >= 1, got 0"),
+    ("m-below-1", T, ["--family", "adaptive", "--size", "0"],
+     "--size (k or m) must be >= 1, got 0"),
     ("negative-seed", T, ["--seed", "-1"], "--seed must be >= 0, got -1"),
     ("positional", T, ["oops"], "unexpected argument 'oops': flags are --key value"),
     ("grad-accum", T, ["--grad_accum", "3", "--sft_batch_size", "8", "--po_batch_size", "4"],
@@ -420,66 +454,91 @@ CATALOGUE = [
     ("max-len-over-context", T, ["--max_len", "512", "--block_size", "128"],
      "--max_len 512 exceeds the model's context (--block_size 128)"),
     ("prompt-cannot-fit", T, ["--max_new_tokens", "128", "--block_size", "128", "--max_len", "128"],
-     "--max_new_tokens 128 leaves no room for a prompt in the model's context (expected < --block_size 128)"),
-    ("bad-device", T, ["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda, cuda:N or mps"),
+     "--max_new_tokens 128 leaves no room for a prompt in the model's context "
+     "(expected < --block_size 128)"),
+    ("bad-device", T, ["--device", "tpu"],
+     "--device 'tpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("compare-bad-variant", T, ["--compare", "dpo,adpo:diagonal:4"],
-     "--compare: bad variant 'adpo:diagonal:4': --family must be static or adaptive, got 'diagonal'"),
-    ("compare-unknown-loss", T, ["--compare", "dpo,kto"], "--compare: bad variant 'kto': expected a loss name"),
-    ("compare-bad-seed", T, ["--compare", "dpo", "--seeds", "0,one"], "--seeds expects int, got 'one'"),
-    ("offline-pairs-need-arith", T, ["--pairs_source", "offline", "--task", "{d}/no_final_answer.jsonl"],
+     "--compare: bad variant 'adpo:diagonal:4': "
+     "--family must be static or adaptive, got 'diagonal'"),
+    ("compare-unknown-loss", T, ["--compare", "dpo,kto"],
+     "--compare: bad variant 'kto': expected a loss name"),
+    ("compare-bad-seed", T, ["--compare", "dpo", "--seeds", "0,one"],
+     "--seeds expects int, got 'one'"),
+    ("offline-pairs-need-arith", T,
+     ["--pairs_source", "offline", "--task", "{d}/no_final_answer.jsonl"],
      "--pairs_source offline needs --task arith"),
-    ("preset-invalid-json", T, ["--preset", "{d}/preset_bad.json"], "preset_bad.json: not valid JSON"),
-    ("preset-not-an-object", T, ["--preset", "{d}/preset_list.json"], "expected a JSON object of Config fields, got list"),
+    ("preset-invalid-json", T, ["--preset", "{d}/preset_bad.json"],
+     "preset_bad.json: not valid JSON"),
+    ("preset-not-an-object", T, ["--preset", "{d}/preset_list.json"],
+     "expected a JSON object of Config fields, got list"),
     ("preset-unknown-key", T, ["--preset", "{d}/preset_unknown_key.json"], "unknown key 'betta'"),
-    ("out-dir-is-a-file", T, ["--out_dir", "{d}/a_file"], "a_file is a file (expected a run folder"),
-    ("corrupt-run-config", T, ["--out_dir", "{d}/bad_run"], "bad_run/config.json: not a readable run config"),
+    ("out-dir-is-a-file", T, ["--out_dir", "{d}/a_file"],
+     "a_file is a file (expected a run folder"),
+    ("corrupt-run-config", T, ["--out_dir", "{d}/bad_run"],
+     "bad_run/config.json: not a readable run config"),
     # data files
     ("task-file-missing", T, ["--task", "{d}/nope.jsonl"], "nope.jsonl: no such file"),
     ("task-missing-column", T, ["--task", "{d}/no_answer_column.jsonl"],
      "missing column(s) 'answer' (found: 'question')"),
     ("task-no-final-answer", T, ["--task", "{d}/no_final_answer.jsonl"],
      "row 0: field 'answer' has no '#### <number>' final answer line"),
-    ("task-not-utf8", T, ["--task", "{d}/latin1.jsonl"], "latin1.jsonl: not valid UTF-8 (bad byte near offset 17)"),
+    ("task-not-utf8", T, ["--task", "{d}/latin1.jsonl"],
+     "latin1.jsonl: not valid UTF-8 (bad byte near offset 17)"),
     ("task-empty-file", T, ["--task", "{d}/empty.jsonl"], "empty.jsonl: file is empty"),
     ("task-unknown-type", T, ["--task", "{d}/task.txt"], "unsupported file type '.txt'"),
     ("pairs-non-string", T, ["--pairs_source", "{d}/pairs_int_field.jsonl"],
      "pairs_int_field.jsonl row 0: field 'chosen' is an int (expected a non-empty string)"),
     ("pairs-corrupt-line", T, ["--pairs_source", "{d}/pairs_corrupt_line.jsonl"],
-     "pairs_corrupt_line.jsonl: could not read it as jsonl (line 2: invalid JSON, Expecting value;"),
-    ("pairs-missing-column", T, ["--pairs_source", "{d}/pairs_no_rejected.jsonl"], "missing column(s) 'rejected'"),
+     "pairs_corrupt_line.jsonl: could not read it as jsonl "
+     "(line 2: invalid JSON, Expecting value;"),
+    ("pairs-missing-column", T, ["--pairs_source", "{d}/pairs_no_rejected.jsonl"],
+     "missing column(s) 'rejected'"),
     # checkpoints and model names
-    ("truncated-checkpoint", T, ["--init_from", "{d}/truncated.pt"], "truncated.pt: not a readable checkpoint"),
-    ("foreign-checkpoint", T, ["--init_from", "{d}/foreign.pt"], "foreign.pt: not a nanoADPO checkpoint"),
+    ("truncated-checkpoint", T, ["--init_from", "{d}/truncated.pt"],
+     "truncated.pt: not a readable checkpoint"),
+    ("foreign-checkpoint", T, ["--init_from", "{d}/foreign.pt"],
+     "foreign.pt: not a nanoADPO checkpoint"),
     ("folder-without-weights", T, ["--init_from", "{d}/hf_no_weights", "--tokenizer", "byte"],
      "hf_no_weights: no model weights found"),
     ("empty-folder", T, ["--init_from", "{d}/empty_folder", "--tokenizer", "byte"],
-     "empty_folder: no model weights found; expected model.safetensors or pytorch_model.bin (or our ckpt.pt)"),
-    ("unknown-model-name", T, ["--init_from", "gpt5", "--tokenizer", "byte"], "unknown model 'gpt5': expected one of gpt2"),
+     "empty_folder: no model weights found; "
+     "expected model.safetensors or pytorch_model.bin (or our ckpt.pt)"),
+    ("unknown-model-name", T, ["--init_from", "gpt5", "--tokenizer", "byte"],
+     "unknown model 'gpt5': expected one of gpt2"),
     ("vocab-mismatch", T, ["--init_from", "{d}/vocab100.pt", "--tokenizer", "byte"],
      "tokenizer 'byte' has 257 tokens but the model from --init_from"),
     ("loaded-context-too-short", T, ["--init_from", "{d}/ok.pt", "--max_len", "128"],
      "--max_len 128 exceeds the model's context of 64 tokens"),
     # eval.py
-    ("eval-no-ckpt", E, [], "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)"),
-    ("eval-wrong-type", E, ["--ckpt", "{d}/ok.pt", "--n_test", "many"], "--n_test expects int, got 'many'"),
-    ("eval-truncated-checkpoint", E, ["--ckpt", "{d}/truncated.pt"], "truncated.pt: not a readable checkpoint"),
+    ("eval-no-ckpt", E, [],
+     "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)"),
+    ("eval-wrong-type", E, ["--ckpt", "{d}/ok.pt", "--n_test", "many"],
+     "--n_test expects int, got 'many'"),
+    ("eval-truncated-checkpoint", E, ["--ckpt", "{d}/truncated.pt"],
+     "truncated.pt: not a readable checkpoint"),
     ("eval-beta", E, ["--ckpt", "{d}/ok.pt", "--beta", "0"], "--beta must be > 0, got 0.0"),
     ("eval-corrupt-pairs", E, ["--ckpt", "{d}/ok.pt", "--pairs", "{d}/pairs_corrupt_line.jsonl"],
-     "pairs_corrupt_line.jsonl: could not read it as jsonl (line 2: invalid JSON, Expecting value;"),
-    ("eval-pairs-non-string", E, ["--ckpt", "{d}/ok.pt", "--task", "none", "--pairs", "{d}/pairs_int_field.jsonl"],
+     "pairs_corrupt_line.jsonl: could not read it as jsonl "
+     "(line 2: invalid JSON, Expecting value;"),
+    ("eval-pairs-non-string", E,
+     ["--ckpt", "{d}/ok.pt", "--task", "none", "--pairs", "{d}/pairs_int_field.jsonl"],
      "pairs_int_field.jsonl row 0: field 'chosen' is an int (expected a non-empty string)"),
     ("eval-vocab-mismatch", E, ["--ckpt", "{d}/vocab100.pt", "--tokenizer", "byte"],
      "tokenizer 'byte' has 257 tokens but"),
-    ("eval-prompt-cannot-fit", E, ["--ckpt", "{d}/ok.pt", "--max_new_tokens", "64", "--n_test", "2"],
+    ("eval-prompt-cannot-fit", E,
+     ["--ckpt", "{d}/ok.pt", "--max_new_tokens", "64", "--n_test", "2"],
      "max_new_tokens=64 leaves no room for a prompt in the model's context of 64 tokens"),
 ]
 if not torch.cuda.is_available():
-    CATALOGUE.append(("no-cuda", T, ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"))
+    CATALOGUE.append(("no-cuda", T, ["--device", "cuda"],
+                      "--device cuda: this machine has no CUDA GPU"))
 
 
-# The catalogue runs through the command-line entry points (the `if __name__ == "__main__"` block, real argv) in ONE
-# fresh interpreter that captures file descriptor 2 per case: as many separate processes would spend minutes on
-# `import torch` alone. A few rows also run as processes of their own (test_bad_input_in_a_process_of_its_own).
+# The catalogue runs through the command-line entry points (the `if __name__ == "__main__"` block,
+# real argv) in ONE fresh interpreter that captures file descriptor 2 per case: as many separate
+# processes would spend minutes on `import torch` alone. A few rows also run as processes of their
+# own (test_bad_input_in_a_process_of_its_own).
 CLI_DRIVER = """
 import json, os, runpy, sys, tempfile, time, traceback
 cases, results, results_path = json.load(open(sys.argv[1])), [], sys.argv[2]
@@ -490,7 +549,8 @@ for script, argv in cases:
         saved = os.dup(2)
         os.dup2(err.fileno(), 2)
         try:
-            sys.argv, sys.path[0] = [script, *argv], os.path.dirname(os.path.abspath(script))  # as `python script`
+            # as `python script`
+            sys.argv, sys.path[0] = [script, *argv], os.path.dirname(os.path.abspath(script))
             runpy.run_path(script, run_name="__main__")
         except SystemExit as e:  # what the interpreter does with an uncaught SystemExit
             if isinstance(e.code, str):
@@ -504,7 +564,8 @@ for script, argv in cases:
             os.dup2(saved, 2)
             os.close(saved)
         err.seek(0)
-        results.append(dict(code=code, stderr=err.read().decode(errors="replace"), seconds=time.time() - t0))
+        results.append(dict(code=code, stderr=err.read().decode(errors="replace"),
+                            seconds=time.time() - t0))
 json.dump(results, open(results_path, "w"))
 """
 
@@ -523,7 +584,8 @@ def catalogue_results(files, tmp_path_factory):
     d = tmp_path_factory.mktemp("catalogue")
     (d / "driver.py").write_text(CLI_DRIVER)
     argvs = [catalogue_argv(case, files, d / "runs") for case in CATALOGUE]
-    (d / "cases.json").write_text(json.dumps([[case[1], argv] for case, (argv, _) in zip(CATALOGUE, argvs)]))
+    (d / "cases.json").write_text(json.dumps([[case[1], argv]
+                                              for case, (argv, _) in zip(CATALOGUE, argvs)]))
     p = run_cli([d / "driver.py", d / "cases.json", d / "results.json"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((d / "results.json").read_text())
@@ -558,18 +620,19 @@ def test_the_catalogue_is_long_enough():
 
 
 def test_a_prompt_longer_than_the_context_is_cut_and_counted_not_lost(tmp_path, capsys):
-    """A prompt longer than max_len is cut keeping its end (and longer than the context, at generation), and the
-    run says so: no row disappears without being counted."""
+    """A prompt longer than max_len is cut keeping its end (and longer than the context, at
+    generation), and the run says so: no row disappears without being counted."""
     task = tmp_path / "long.jsonl"
     long_q = "Tom has 3 pens. " * 40 + "How many does he have?"
     task.write_text("".join(json.dumps({"question": q, "answer": "He has 3.\n#### 3"}) + "\n"
                             for q in (long_q, "Ann has 2 pens. How many does she have?")))
-    summary = train.main(tiny(tmp_path / "run", task=task, n_train=0, n_test=0, sft_steps=1, sft_batch_size=2,
-                              stop_after="sft"))
-    assert summary["sft"]["test"]["n"] == 2  # both evaluated, the long one from the end of its prompt
+    summary = train.main(tiny(tmp_path / "run", task=task, n_train=0, n_test=0, sft_steps=1,
+                              sft_batch_size=2, stop_after="sft"))
+    # both evaluated, the long one from the end of its prompt
+    assert summary["sft"]["test"]["n"] == 2
     out = capsys.readouterr().out
-    assert ("[sft] 2 examples ({'rows': 2, 'kept': 2, 'truncated': 1, 'prompt_truncated': 1, 'response_truncated': 0, "
-            "'dropped': 0})") in out
+    assert ("[sft] 2 examples ({'rows': 2, 'kept': 2, 'truncated': 1, 'prompt_truncated': 1, "
+            "'response_truncated': 0, 'dropped': 0})") in out
     assert "warning: sft data: 1 of 2 rows truncated to max_len=128" in out
 
 
@@ -583,7 +646,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed/gloo unavailable")
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed/gloo unavailable")
 def test_two_processes_train_like_one(tmp_path):
     """Same global batches, split over 2 ranks and 2 micro-batches each (grad_accum 2), with short
     last batches (a rank then computes a stand-in row of weight 0). The loss is a sum over the

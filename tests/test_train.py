@@ -1,4 +1,5 @@
-"""End-to-end tests of train.py / eval.py on the smoke preset: every stage's outputs, resume, the harness."""
+"""End-to-end tests of train.py / eval.py on the smoke preset:
+every stage's outputs, resume, the harness."""
 import dataclasses
 import json
 import os
@@ -32,7 +33,8 @@ def test_summary_has_config_and_every_stage(smoke):
     out, summary = smoke
     on_disk = json.load(open(out / "summary.json"))
     assert on_disk["config"] == json.load(open(out / "config.json"))
-    assert on_disk["config"]["loss"] == "adpo" and on_disk["config"]["size"] == 1  # Table-1 ADPO by default
+    # Table-1 ADPO by default
+    assert on_disk["config"]["loss"] == "adpo" and on_disk["config"]["size"] == 1
     for stage in ("sft", "pairs", "po"):
         assert stage in on_disk, stage
     assert on_disk["po"]["test"]["accuracy"] == summary["po"]["test"]["accuracy"]
@@ -41,7 +43,8 @@ def test_summary_has_config_and_every_stage(smoke):
 def test_sft_lowers_the_loss(smoke):
     out, summary = smoke
     log = read_jsonl(out / "sft" / "metrics.jsonl")
-    assert [r["step"] for r in log] == list(range(1, summary["config"]["sft_steps"] + 1))  # every step
+    # every step
+    assert [r["step"] for r in log] == list(range(1, summary["config"]["sft_steps"] + 1))
     first, last = [sum(r["loss"] for r in part) / 5 for part in (log[:5], log[-5:])]
     assert last < 0.7 * first
     assert summary["sft"]["train"]["loss"] == log[-1]["loss"]
@@ -52,12 +55,14 @@ def test_pairs_are_graded_correct_and_incorrect(smoke):
     pairs = read_jsonl(out / "pairs" / "train.jsonl") + read_jsonl(out / "pairs" / "val.jsonl")
     stats = summary["pairs"]
     assert len(pairs) == stats["pairs"] > 0
-    assert stats["pairs"] == stats["questions"] - stats["skipped_no_correct"] - stats["skipped_no_wrong"]
+    assert stats["pairs"] == (stats["questions"] - stats["skipped_no_correct"]
+                              - stats["skipped_no_wrong"])
     for p in pairs:
         assert is_correct(p["chosen"], p["answer"]), p
         assert not is_correct(p["rejected"], p["answer"]), p
     # every pair comes from the recorded samples of its question
-    samples = {r["prompt"]: r["samples"] for f in sorted(os.listdir(out / "pairs")) if f.startswith("samples_")
+    samples = {r["prompt"]: r["samples"]
+               for f in sorted(os.listdir(out / "pairs")) if f.startswith("samples_")
                for r in read_jsonl(out / "pairs" / f)}
     for p in pairs:
         assert p["chosen"] in samples[p["prompt"]] and p["rejected"] in samples[p["prompt"]]
@@ -80,7 +85,8 @@ def test_eval_numbers_match_the_files(smoke):
         assert len(records) == summary[stage]["test"]["n"] == saved["metrics"]["n"]
         for r in records:  # the stored verdicts are the grader's verdicts on the stored completions
             assert r["correct"] == is_correct(r["completion"], r["gold"])
-        assert summary[stage]["test"]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
+        assert summary[stage]["test"]["accuracy"] == pytest.approx(
+            sum(r["correct"] for r in records) / len(records))
 
 
 
@@ -96,13 +102,16 @@ def test_eval_py_scores_the_runs_own_test_set(smoke, capsys):
         assert res["accuracy"] == summary[stage]["test"]["accuracy"]
     assert "NOT the run's test set" not in capsys.readouterr().out
     res = evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--n_test", "7"])  # asked for
-    assert res["n"] == 7 and "NOT the run's test set: --n_test 7 (the run's: 40)" in capsys.readouterr().out
+    assert (res["n"] == 7
+            and "NOT the run's test set: --n_test 7 (the run's: 40)" in capsys.readouterr().out)
 
 
 def test_eval_defaults_are_train_defaults():
     """Outside a run folder eval.py falls back to its own defaults: they must be train.py's."""
-    shared = {f.name for f in dataclasses.fields(evaluate.EvalConfig)} & {f.name for f in dataclasses.fields(train.Config)}
-    assert {"task", "arith_max_number", "n_test", "max_new_tokens", "beta", "family", "size"} <= shared
+    shared = ({f.name for f in dataclasses.fields(evaluate.EvalConfig)}
+              & {f.name for f in dataclasses.fields(train.Config)})
+    assert ({"task", "arith_max_number", "n_test", "max_new_tokens", "beta", "family", "size"}
+            <= shared)
     for name in shared:
         assert getattr(evaluate.EvalConfig, name) == getattr(train.Config, name), name
 
@@ -117,7 +126,8 @@ def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):
     a = torch.load(out / "po" / "ckpt.pt")["model"]
     b = torch.load(tmp_path / "po" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_jsonl(out / "pairs" / "train.jsonl") == read_jsonl(tmp_path / "pairs" / "train.jsonl")
+    assert read_jsonl(out / "pairs" / "train.jsonl") == \
+        read_jsonl(tmp_path / "pairs" / "train.jsonl")
 
 
 def test_resume_refuses_a_different_config(smoke):
@@ -153,7 +163,8 @@ def test_comparison_harness_writes_a_table(smoke, tmp_path):
     (["--beta"], "--beta needs a value"),
 ])
 def test_bad_flags_give_one_line_errors(tmp_path, flags, message):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "x"), *flags],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                        "--out_dir", str(tmp_path / "x"), *flags],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode != 0
     assert message in p.stderr
