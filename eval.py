@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
@@ -207,32 +208,58 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     return result
 
 # -----------------------------------------------------------------------------
+# paired statistics: two models scored on the same questions
+
+
+def bootstrap(correct, baseline=None, n_boot=2000, seed=0):
+    """Mean accuracy of `correct` (0/1 per question, (N,) or (seeds, N)) with a 95 % percentile
+    bootstrap CI, or, given `baseline` (same shape: the same questions, runs with the same seeds),
+    the mean and CI of the paired difference correct − baseline. Every bootstrap sample redraws
+    the questions, the same ones for both models (that is the pairing: the question-to-question
+    spread cancels), and, with several seeds, the seeds too. -> (mean, [lo, hi]) as fractions."""
+    x = np.atleast_2d(np.asarray(correct, dtype=np.float64))                  # (S, N)
+    if baseline is not None:
+        x = x - np.atleast_2d(np.asarray(baseline, dtype=np.float64))
+    S, N = x.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.multinomial(S, np.full(S, 1 / S), size=n_boot) / S            # (n_boot, S) weights
+    questions = rng.multinomial(N, np.full(N, 1 / N), size=n_boot) / N        # (n_boot, N) weights
+    means = ((seeds @ x) * questions).sum(-1)                                 # (n_boot,)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(x.mean()), [float(lo), float(hi)]
+
+
+def correctness_of(folders):
+    """(questions, (len(folders), N) 0/1 array) from the eval.json of stage folders that must have
+    scored the same questions in the same order (else the pairing would be meaningless)."""
+    records = [read_json(os.path.join(f, "eval.json"))["records"] for f in folders]
+    questions = [r["question"] for r in records[0]]
+    for f, rs in zip(folders, records):
+        need([r["question"] for r in rs] == questions,
+             f"{f}/eval.json scored other test questions than {folders[0]}/eval.json")
+    return questions, np.array([[float(r["correct"]) for r in rs] for rs in records])
+
+
+def percent(mean, ci, sign=""):
+    """0.4235, [0.41, 0.44] -> '42.4 [41.0, 44.0]' (percentage points)."""
+    return f"{100 * mean:{sign}.1f} [{100 * ci[0]:{sign}.1f}, {100 * ci[1]:{sign}.1f}]"
+
+# -----------------------------------------------------------------------------
 # a run's report, read back from its folders
 
 
-def mean_std(xs):
-    """'mean ± std' in percent (sample std; '± 0.0' for a single run)."""
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
-
-
 def pyplot():
-    """matplotlib.pyplot drawing to files only, or None: plots are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    """matplotlib.pyplot drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     return plt
 
 
 def save_figure(fig, path):
-    """A figure as a PNG, written atomically."""
-    plt = pyplot()
+    """A figure as a PNG, written atomically: a kill never leaves an empty or half a PNG."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def stage_report(folder):
@@ -241,35 +268,39 @@ def stage_report(folder):
         return None
     saved = read_json(os.path.join(folder, "eval.json"))
     log = os.path.join(folder, "metrics.jsonl")
-    last = read_jsonl(log)[-1] if os.path.exists(log) and os.path.getsize(log) else {}
-    untimed = {k: v for k, v in last.items() if k not in ("tokens_per_s", "mfu")}
-    return {"train": untimed, "test": saved["metrics"], **({"pairs": saved["pairs"]}
-                                                          if "pairs" in saved else {})}
+    last = read_jsonl(log, torn_tail=True)[-1:] if os.path.exists(log) else []
+    untimed = {k: v for k, v in (last or [{}])[0].items() if k not in ("tokens_per_s", "mfu")}
+    report = {"train": untimed, "test": saved["metrics"]}
+    if "pairs" in saved:
+        report["pairs"] = saved["pairs"]
+    return report
 
 
 def summary_table(summary, label):
-    rows = [["SFT (reference)", f"{100 * summary['sft']['test']['accuracy']:.1f}%", "-", "-"]]
-    if "po" in summary:
+    """SFT and the preference-optimised model on the same test questions, with the paired gain."""
+    sft, po = summary["sft"]["test"], summary.get("po", {}).get("test")
+    rows = [["SFT (reference)", percent(sft["accuracy"], sft["ci95"]), "-", "-", "-"]]
+    if po:
         pairs = summary["po"].get("pairs", {})
-        train, val = pairs.get("train", {}), pairs.get("val", {})
-        nan = float("nan")
-        rows.append([label, f"{100 * summary['po']['test']['accuracy']:.1f}%",
-                     f"{train.get('rewards/accuracy', nan):.2f} / "
-                     f"{val.get('rewards/accuracy', nan):.2f}",
-                     f"{val.get('rewards/margin', nan):.3f}"])
-    return markdown_table(["model", "test accuracy (greedy)", "reward acc. train / held-out pairs",
-                           "held-out margin"], rows)
+        acc = [pairs.get(split, {}).get("rewards/accuracy", math.nan) for split in ("train", "val")]
+        rows.append([label, percent(po["accuracy"], po["ci95"]),
+                     percent(po["vs_sft"]["mean"], po["vs_sft"]["ci95"], "+"),
+                     f"{acc[0]:.2f} / {acc[1]:.2f}",
+                     f"{pairs.get('val', {}).get('rewards/margin', math.nan):.3f}"])
+    header = ["model", "test accuracy % [95% CI]", "gain over SFT, points [paired 95% CI]",
+              "reward acc. train / held-out pairs", "held-out margin"]
+    return markdown_table(header, rows) + f"\n\nn = {sft['n']} test questions (greedy)"
 
 
 def plot_curves(out_dir):
-    """Training curves of the run -> DIR/curves.png (when matplotlib is installed)."""
-    plt = pyplot()
-    logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl")) for n in ("sft", "po")
-            if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
+    """Training curves of the run -> DIR/curves.png."""
+    logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl"), torn_tail=True)
+            for n in ("sft", "po") if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
     keys = [("sft", "loss"), ("po", "loss"), ("po", "rewards/accuracy"), ("po", "rewards/margin")]
     keys = [(n, k) for n, k in keys if logs.get(n) and k in logs[n][0]]
-    if plt is None or not keys:
+    if not keys:
         return
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, (n, k) in zip(axes[0], keys):
         ax.plot([m["step"] for m in logs[n]], [m[k] for m in logs[n]])
@@ -279,54 +310,99 @@ def plot_curves(out_dir):
     save_figure(fig, os.path.join(out_dir, "curves.png"))
 
 
-def report_comparison(out_dir, results, sft):
-    """compare.md / compare.json / compare.png: test accuracy (mean ± std over seeds) and held-out
-    reward accuracy of every variant, all from the same SFT model and pairs."""
-    rows = [["SFT (reference)", f"{100 * sft['test']['accuracy']:.1f}", "-", sft["test"]["n"]]]
-    for label, runs in results.items():
-        val = [r.get("pairs", {}).get("val", {}).get("rewards/accuracy", math.nan) for r in runs]
-        rows.append([label, mean_std([r["test"]["accuracy"] for r in runs]), mean_std(val),
-                     runs[0]["test"]["n"]])
-    table = markdown_table(["method", "test accuracy % (mean ± std over seeds)",
-                            "held-out reward acc. %", "n test"], rows)
+def compare_stats(runs, baseline, sft_folder):
+    """runs: {label: [stage folder per seed]} -> compare.json's numbers: per variant its accuracy
+    per seed, the CI of its mean, and its paired difference with the baseline."""
+    _, sft = correctness_of([sft_folder])
+    _, base = correctness_of(runs[baseline])
+    variants = {}
+    for label, folders in runs.items():
+        _, correct = correctness_of([sft_folder, *folders])
+        correct = correct[1:]                                       # (seeds, N)
+        need(correct.shape == base.shape, f"--compare: {label} has {len(folders)} runs, the "
+                                          f"baseline {baseline} {len(base)} (expected the same seeds)")
+        mean_diff, ci_diff = bootstrap(correct, base)
+        val = [(stage_report(f).get("pairs") or {}).get("val", {}) for f in folders]
+        variants[label] = {"accuracy": correct.mean(1).tolist(), "ci95": bootstrap(correct)[1],
+                           "diff_vs_baseline": {"mean": mean_diff, "ci95": ci_diff},
+                           "val_reward_accuracy": [v.get("rewards/accuracy") for v in val]}
+    return {"baseline": baseline, "n_test": int(base.shape[1]),
+            "sft": dict(zip(("accuracy", "ci95"), bootstrap(sft))), "variants": variants}
+
+
+def report_comparison(out_dir, stats):
+    """compare.json (what scripts read), compare.md and compare.png: the same numbers."""
+    base = stats["baseline"]
+    rows = [["SFT (reference)", "-", percent(stats["sft"]["accuracy"], stats["sft"]["ci95"]), "-",
+             "-"]]
+    for label, v in stats["variants"].items():
+        mean = sum(v["accuracy"]) / len(v["accuracy"])
+        diff = v["diff_vs_baseline"]
+        val = [a for a in v["val_reward_accuracy"] if a is not None]
+        rows.append([label, " / ".join(f"{100 * a:.1f}" for a in v["accuracy"]),
+                     percent(mean, v["ci95"]),
+                     "(baseline)" if label == base else percent(diff["mean"], diff["ci95"], "+"),
+                     f"{100 * sum(val) / len(val):.1f}" if val else "-"])
+    header = ["method", "accuracy % per seed", "mean accuracy % [95% CI]",
+              f"vs {base}, points [paired 95% CI]", "held-out reward acc. %"]
+    table = markdown_table(header, rows) + (
+        f"\n\nn = {stats['n_test']} test questions, the same for every run (greedy); CIs: "
+        f"bootstrap over questions and seeds, paired for the differences")
+    write_json(os.path.join(out_dir, "compare.json"), stats)
     atomic_write(os.path.join(out_dir, "compare.md"), lambda f: f.write((table + "\n").encode()))
-    write_json(os.path.join(out_dir, "compare.json"),
-               {label: [r["test"]["accuracy"] for r in runs] for label, runs in results.items()})
-    plt = pyplot()
-    if plt is not None:
-        accs = [[100 * r["test"]["accuracy"] for r in runs] for runs in results.values()]
-        fig, ax = plt.subplots(figsize=(1.2 * len(accs) + 2, 3.5))
-        ax.bar(list(results), [sum(a) / len(a) for a in accs],
-               yerr=[torch.tensor(a).std().item() if len(a) > 1 else 0.0 for a in accs], capsize=4)
-        ax.axhline(100 * sft["test"]["accuracy"], color="gray", ls="--", label="SFT")
-        ax.set_ylabel("test accuracy %")
-        ax.legend()
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-        fig.tight_layout()
-        save_figure(fig, os.path.join(out_dir, "compare.png"))
+    plot_comparison(stats, os.path.join(out_dir, "compare.png"))
     return table
 
 
-def report_run(out_dir, plan, run, wall_time_s):
-    """4. DIR/summary.json (config, device, and every stage's numbers, read from its folder), the
-    summary table, curves.png; with --compare also the comparison table and plot."""
+def plot_comparison(stats, path):
+    """Accuracy with its 95 % CI per variant, in the order of compare.json (Table 3's: static k,
+    then adaptive m), with the SFT model's and the baseline's accuracy as lines."""
+    plt = pyplot()
+    labels = list(stats["variants"])
+    means = [100 * sum(v["accuracy"]) / len(v["accuracy"]) for v in stats["variants"].values()]
+    cis = [[100 * c for c in v["ci95"]] for v in stats["variants"].values()]
+    err = [[m - lo for m, (lo, _) in zip(means, cis)], [hi - m for m, (_, hi) in zip(means, cis)]]
+    fig, ax = plt.subplots(figsize=(0.9 * len(labels) + 2.5, 3.8))
+    ax.errorbar(range(len(labels)), means, yerr=err, fmt="o", capsize=4, label="95% CI")
+    ax.axhline(100 * stats["sft"]["accuracy"], color="gray", ls="--", label="SFT")
+    base = stats["baseline"]
+    ax.axhline(means[labels.index(base)], color="tab:red", ls=":", label=base)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"n = {stats['n_test']} test questions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def report_run(out_dir, plan, baseline, run, wall_time_s):
+    """4. DIR/summary.json (config, device, every stage's numbers read from its folder) and the
+    tables and plots: the default run's (PO vs SFT), or the comparison's (--compare)."""
     summary = {"config": read_json(os.path.join(out_dir, "config.json")), "device": run.device,
                "dtype": run.dtype, "torch": torch.__version__, "wall_time_s": wall_time_s}
-    summary["sft"] = stage_report(os.path.join(out_dir, "sft"))
+    sft_folder = os.path.join(out_dir, "sft")
+    summary["sft"] = stage_report(sft_folder)
+    if summary["sft"]:
+        summary["sft"]["test"]["ci95"] = bootstrap(correctness_of([sft_folder])[1])[1]
     if os.path.exists(os.path.join(out_dir, "pairs", "stats.json")):
         summary["pairs"] = read_json(os.path.join(out_dir, "pairs", "stats.json"))
-    results = {}
+    done = all(os.path.exists(os.path.join(folder, "eval.json")) for _, _, folder in plan)
+    runs = {}  # label -> the folders of its runs (one per seed), in the plan's order
     for label, _, folder in plan:
-        done = stage_report(folder)
-        if done is not None:
-            results.setdefault(label, []).append(done)
-    if results and os.path.basename(folder) == "po":
-        summary["po"] = results[label][0]
-        print0("\n" + summary_table(summary, label))
+        runs.setdefault(label, []).append(folder)
+    label, _, folder = plan[0]
+    if os.path.basename(folder) == "po" and done:
+        summary["po"] = stage_report(folder)
+        _, (sft, po) = correctness_of([sft_folder, folder])
+        summary["po"]["test"]["ci95"] = bootstrap(po)[1]
+        summary["po"]["test"]["vs_sft"] = dict(zip(("mean", "ci95"), bootstrap(po, sft)))
         plot_curves(out_dir)
-    elif results:
-        summary["compare"] = {k: [r["test"]["accuracy"] for r in v] for k, v in results.items()}
-        print0("\n" + report_comparison(out_dir, results, summary["sft"]))
+        print0("\n" + summary_table(summary, label))
+    elif done:
+        summary["compare"] = compare_stats(runs, baseline, sft_folder)
+        print0("\n" + report_comparison(out_dir, summary["compare"]))
+    elif summary["sft"]:
+        print0("\n" + summary_table(summary, label))
     write_json(os.path.join(out_dir, "summary.json"), {k: v for k, v in summary.items() if v})
 
 # -----------------------------------------------------------------------------

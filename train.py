@@ -108,12 +108,14 @@ class Config:
     log_every: int = 10         # print a step's metrics every log_every steps (metrics.jsonl: all)
     ckpt_every: int = 100       # training-state checkpoint interval (steps), to resume mid-stage
     # comparison harness (see the module docstring)
-    compare: str = ""
-    seeds: str = "0"
+    compare: str = ""           # variants, e.g. dpo,adpo:static:4,adpo:adaptive:256,ipo,simpo
+    seeds: str = "0"            # every variant runs once per seed
+    baseline: str = "dpo"       # the variant the others are compared with (paired, per question)
 
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
-RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "device", "log_every", "ckpt_every")
+RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
+            "ckpt_every")
 STAGES = ("sft", "pairs", "po")
 
 
@@ -560,22 +562,36 @@ def parse_variant(spec, cfg):
     return variant
 
 
+def table3_order(variant):
+    """Static windows by k, then DPO (= adaptive m=1) and adaptive m by m, then other losses."""
+    if variant.loss == "dpo":
+        return (1, 1, "")
+    if variant.loss == "adpo":
+        return (0 if variant.family == "static" else 1, variant.size, "")
+    return (2, 0, variant.loss)
+
+
 def variants(cfg):
-    """The preference runs: [(label, its Config, its folder)]. Without --compare, the one in po/;
-    with it, every variant x seed, each in compare/<variant>_s<seed>/ (same SFT, same pairs)."""
+    """The preference runs: [(label, its Config, its folder)] and the baseline's label. Without
+    --compare, the one run in po/; with it, every variant x seed, in Table 3's order, each in
+    compare/<variant>_s<seed>/ (all from the same SFT model and the same pairs)."""
     if not cfg.compare:
-        return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))]
+        return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))], None
     specs = [s for s in cfg.compare.split(",") if s.strip()]
     seeds = [convert("seeds", int, s) for s in cfg.seeds.split(",") if s.strip()]
+    need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
+                          f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
+    chosen = sorted(map(partial(parse_variant, cfg=cfg), specs), key=table3_order)
+    baseline = variant_label(parse_variant(cfg.baseline, cfg))
+    need(baseline in map(variant_label, chosen),
+         f"--baseline {cfg.baseline}: not among the --compare variants ({cfg.compare})")
     plan = []  # (label, config, folder)
-    for v in map(partial(parse_variant, cfg=cfg), specs):
+    for v in chosen:
         for seed in seeds:
             tag = f"{v.loss}_{v.family}_{v.size}" if v.loss == "adpo" else v.loss
             folder = os.path.join(cfg.out_dir, "compare", f"{tag}_s{seed}")
             plan.append((variant_label(v), dataclasses.replace(v, seed=seed), folder))
-    need(plan, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected comma-separated "
-               f"variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1,2)")
-    return plan
+    return plan, baseline
 
 
 def check_inputs(cfg):
@@ -592,7 +608,7 @@ def check_inputs(cfg):
 def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
-    plan = variants(cfg)                  # (label, config, folder) of every preference run
+    plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
     claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY)  # new, or a resume
     n_test = check_inputs(cfg)
@@ -606,7 +622,7 @@ def main(argv=None):
         for _, variant, folder in plan:
             stage_po(variant, run, folder)  # 3. preference stage     -> po/ or compare/<variant>/
     if run.master:                        # 4. summary.json, tables, plots: read from the folders
-        report_run(cfg.out_dir, plan, run, wall_time_s=time.time() - t0)
+        report_run(cfg.out_dir, plan, baseline, run, wall_time_s=time.time() - t0)
     barrier()
     return read_json(os.path.join(cfg.out_dir, "summary.json"))
 

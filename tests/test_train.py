@@ -38,6 +38,12 @@ def test_summary_has_config_and_every_stage(smoke):
     for stage in ("sft", "pairs", "po"):
         assert stage in on_disk, stage
     assert on_disk["po"]["test"]["accuracy"] == summary["po"]["test"]["accuracy"]
+    # the default run's gain: paired over the same test questions, with its CI
+    gain = summary["po"]["test"]["vs_sft"]
+    po, sft = summary["po"]["test"], summary["sft"]["test"]
+    assert gain["mean"] == pytest.approx(po["accuracy"] - sft["accuracy"])
+    assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
+    assert po["ci95"][0] <= po["accuracy"] <= po["ci95"][1]
 
 
 def test_sft_lowers_the_loss(smoke):
@@ -136,19 +142,37 @@ def test_resume_refuses_a_different_config(smoke):
         run_main(out, "--beta", "0.3")
 
 
-def test_comparison_harness_writes_a_table(smoke, tmp_path):
+def test_comparison_harness_reports_paired_differences(smoke, tmp_path):
+    """The README's harness command on the smoke run: compare.json has the documented shape and
+    its numbers are consistent (each mean inside its CI, each difference = variant − baseline)."""
     out, summary = smoke
     # reuse the smoke run's SFT model and pairs: the harness must not redo them
     for stage in ("sft", "pairs"):
         os.symlink(out / stage, tmp_path / stage)
-    for f in ("config.json", "summary.json"):
-        (tmp_path / f).write_text((out / f).read_text())
-    res = run_main(tmp_path, "--compare", "dpo,adpo:adaptive:4", "--seeds", "0,1")
+    (tmp_path / "config.json").write_text((out / "config.json").read_text())
+    res = run_main(tmp_path, "--compare", "dpo,adpo,adpo:adaptive:4", "--seeds", "0,1")
+    stats = json.loads((tmp_path / "compare.json").read_text())
+    assert res["compare"] == stats
+    labels = ["ADPO static k=1", "DPO", "ADPO adaptive m=4"]  # Table 3's order
+    assert list(stats["variants"]) == labels
+    assert stats["baseline"] == "DPO" and stats["n_test"] == summary["config"]["n_test"]
+    base = sum(stats["variants"]["DPO"]["accuracy"]) / 2
+    for label, v in stats["variants"].items():
+        assert len(v["accuracy"]) == 2
+        seeds = [json.loads((tmp_path / "compare" / f"{tag}_s{s}" / "eval.json").read_text())
+                 for tag in [{"DPO": "dpo", "ADPO static k=1": "adpo_static_1",
+                              "ADPO adaptive m=4": "adpo_adaptive_4"}[label]] for s in (0, 1)]
+        assert v["accuracy"] == [e["metrics"]["accuracy"] for e in seeds]
+        mean = sum(v["accuracy"]) / 2
+        assert v["ci95"][0] <= mean <= v["ci95"][1]
+        assert v["diff_vs_baseline"]["mean"] == pytest.approx(mean - base)
+        lo, hi = v["diff_vs_baseline"]["ci95"]
+        assert lo <= v["diff_vs_baseline"]["mean"] <= hi
     table = (tmp_path / "compare.md").read_text()
-    assert "DPO" in table and "ADPO adaptive m=4" in table and "±" in table
-    assert set(res["compare"]) == {"DPO", "ADPO adaptive m=4"}
-    assert (tmp_path / "compare" / "dpo_s1" / "eval.json").exists()
-    assert all(len(v) == 2 for v in res["compare"].values())
+    assert all(label in table for label in labels) and "paired 95% CI" in table
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    with pytest.raises(train.ConfigError, match="--baseline ipo: not among the --compare"):
+        run_main(tmp_path, "--compare", "dpo,adpo", "--baseline", "ipo")
 
 
 @pytest.mark.parametrize("flags, message", [
