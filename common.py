@@ -9,6 +9,8 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
 
 It imports nothing of the project.
 """
+import glob
+import hashlib
 import json
 import math
 import os
@@ -207,20 +209,27 @@ def seed_for(*parts):
 
 def atomic_write(path, write):
     """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`: a
-    kill or a full disk leaves the previous file (or none), never half of one."""
+    kill or a full disk leaves the previous file (or none), never half of one. The temp file of a
+    write that was killed is removed by the next write of the same file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    name = os.path.basename(path)
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        os.remove(stale)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: same folder, same file system
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # e.g. a full disk: say what is safe, in one line
+            raise OSError(f"{path}: could not write it ({e.strerror or e}); nothing was "
+                          f"changed: the previous version, if any, is intact") from None
         raise
     try:  # make the rename itself durable (POSIX; folders cannot be opened like this on Windows)
         fd = os.open(folder, os.O_RDONLY)
@@ -275,6 +284,14 @@ def read_jsonl(path, torn_tail=False):
     return out
 
 
+def file_digest(path):
+    """The sha256 of a file's bytes (hex), or None if there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def markdown_table(header, rows):
     """A GitHub-markdown table from a header list and row lists (cells formatted by str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -282,29 +299,63 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
+_LOCKS = {}  # run folder -> the open lock file this process holds (released when it exits)
+
+
+def lock_run_folder(out_dir):
+    """One process (one torchrun job) per run folder: a second is refused. flock locks die with
+    their process, so a killed run never leaves the folder locked."""
+    if int(os.environ.get("RANK", 0)) != 0 or os.path.realpath(out_dir) in _LOCKS:
+        return
+    import fcntl  # POSIX
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{out_dir} is in use by another run (pid {owner}): wait for it to "
+                          f"end, or use another --out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[os.path.realpath(out_dir)] = f
+
+
 def claim_run_folder(out_dir, config, free=()):
     """A run folder belongs to one config: a new folder gets config.json, an existing one must hold
     the same config (then the run resumes). Keys in `free` may differ between the runs of a folder
-    (they change nothing a run computes: where it prints, when it checkpoints...)."""
-    need(not os.path.isfile(out_dir),
-         f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
-    path = os.path.join(out_dir, "config.json")
-    if os.path.exists(path):
-        try:
-            saved = read_json(path)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{path}: not a readable run config ({e}); use another --out_dir")
-        need(isinstance(saved, dict),
-             f"{path}: not a run config (expected a JSON object); use another --out_dir")
-        diff = {k: (saved.get(k), v) for k, v in config.items()
-                if k not in free and saved.get(k) != v}
-        need(not diff, f"{out_dir} holds a run with a different config ("
-                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                       + "); use another --out_dir, or the same flags to resume it")
-        print0(f"resuming the run in {out_dir}")
-    elif int(os.environ.get("RANK", 0)) == 0:
-        write_json(path, config)
+    (they change nothing a run computes: where it prints, when it checkpoints...). Rank 0 checks
+    and writes; the other ranks of a torchrun job wait for it."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        need(not os.path.isfile(out_dir),
+             f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
+        lock_run_folder(out_dir)
+        path = os.path.join(out_dir, "config.json")
+        if os.path.exists(path):
+            check_same_config(path, config, free)
+            print(f"resuming the run in {out_dir}", flush=True)
+        else:
+            others = sorted(set(os.listdir(out_dir)) - {".lock"})
+            need(not others, f"{out_dir} holds files but no config.json ({', '.join(others[:4])}): "
+                             f"nothing says which config made them; use another --out_dir")
+            write_json(path, config)
     barrier()
+
+
+def check_same_config(path, config, free):
+    try:
+        saved = read_json(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable run config ({e}); use another --out_dir")
+    need(isinstance(saved, dict),
+         f"{path}: not a run config (expected a JSON object); use another --out_dir")
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
+    need(not diff, f"{os.path.dirname(path)} holds a run with a different config ("
+                   + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                   + "); use another --out_dir, or the same flags to resume it")
 
 
 # -----------------------------------------------------------------------------
@@ -318,6 +369,10 @@ def cli(main):
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was saved is intact; the same command resumes the run",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -369,7 +369,14 @@ def _load_table(source, split="train", config=None):
         where = f"{source}[{split}]"
     return ds.to_list(), list(ds.column_names), where
 
-def _require_columns(columns, needed, where):
+def _require_columns(columns, needed, where, optional=()):
+    """Columns are matched exactly: a near miss ('Prompt', 'chosen ') is an error naming it, never
+    silently a missing column (a pair file without `prompt` is read another way: HH-RLHF)."""
+    for name in (*needed, *optional):
+        near = [c for c in columns if c != name and re.sub(r"[\s_-]", "", c).lower() == name]
+        if name not in columns and near:
+            raise ValueError(f"{where}: column {near[0]!r} is not {name!r} (columns are matched "
+                             f"exactly: rename it to {name!r})")
     missing = [c for c in needed if c not in columns]
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
@@ -397,8 +404,12 @@ def _text(row, field, where, i):
 def load_task(name, split="train", n=None, seed=0, **knobs):
     """Examples of a task: "arith" (knobs: see generate_arith), "gsm8k" (openai/gsm8k, config main),
     or a local file / folder / hub id with question and answer columns (knobs: strip_calc=True,
-    config=None). For tables, n takes the first n rows and seed is unused;
-    a local file is one split."""
+    config=None). For tables, n takes the first n rows of the split and seed is unused.
+
+    A single local file holds both splits: a question is a test question when a hash of its text
+    says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
+    the row order; a repeated question is kept once. For a split of your own, pass a folder with
+    train.jsonl and test.jsonl (or .json / .parquet / .csv)."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
     strip_calc, config = knobs.pop("strip_calc", True), knobs.pop("config", None)
@@ -409,17 +420,21 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
         name, config = "openai/gsm8k", config or "main"
     rows, columns, where = _load_table(name, split, config)
     _require_columns(columns, ["question", "answer"], where)
-    out = []
-    for i, row in enumerate(rows[:n]):
+    single_file = os.path.isfile(os.path.expanduser(str(name)))
+    out, seen = [], set()
+    for i, row in enumerate(rows):
         question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
         gold, fallback = extract_answer_ex(answer)
         if gold is None or fallback:
             raise ValueError(f"{where} row {i}: "
                              f"field 'answer' has no '#### <number>' final answer line")
+        if single_file and ((split == "test") != _is_test_question(question) or question in seen):
+            continue
+        seen.add(question)
         # the calculator annotations are tool calls, not text a model should learn to write
         solution = CALC_RE.sub("", answer) if strip_calc else answer
         out.append(_example(question, solution.strip(), gold))
-    return out
+    return out[:n]
 
 def load_split(cfg, split):
     """The questions of a run's split, from its task settings (a train.py Config, an eval.py
@@ -501,7 +516,7 @@ def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="e
     if source == "arith":
         return make_arith_pairs(generate_arith(split, n, seed), seed=seed)
     rows, columns, where = _load_table(source, split, config)
-    _require_columns(columns, ["chosen", "rejected"], where)
+    _require_columns(columns, ["chosen", "rejected"], where, optional=["prompt"])
     pairs, skipped = [], []
     for i, row in enumerate(rows[:n]):
         try:
@@ -524,22 +539,45 @@ def pairs_from_samples(records):
     """On-policy pairs, cDPO's recipe: records of dict(prompt, answer, samples) -> (pairs, stats).
     Per question, chosen = a sample with the most frequent correct answer, rejected = one with the
     most frequent wrong answer; a question without a correct or without a wrong sample (or whose
-    samples are empty: nothing to score) gives no pair, and stats count why."""
+    samples are empty: nothing to score) gives no pair, and stats count why, and the prompts that
+    were cut to fit the context (records' `prompt_cut`)."""
     pairs, counts = [], Counter()
     for r in records:
         usable = [s for s in r["samples"] if s.strip()]
         right = [s for s in usable if is_correct(s, r["answer"])]
         wrong = [s for s in usable if not is_correct(s, r["answer"])]
         counts.update(samples=len(r["samples"]), empty=len(r["samples"]) - len(usable),
-                      right=len(right), no_right=not right, no_wrong=bool(right) and not wrong)
+                      right=len(right), no_right=not right, no_wrong=bool(right) and not wrong,
+                      prompts_cut=r.get("prompt_cut", False))
         if right and wrong:
             pairs.append(dict(prompt=r["prompt"], chosen=_most_frequent(right),
                               rejected=_most_frequent(wrong), answer=r["answer"]))
     stats = dict(questions=len(records), samples=counts["samples"],
                  sample_accuracy=counts["right"] / max(1, counts["samples"]),
                  skipped_no_correct=counts["no_right"], skipped_no_wrong=counts["no_wrong"],
-                 empty_samples=counts["empty"])
+                 empty_samples=counts["empty"], prompts_cut=counts["prompts_cut"])
     return pairs, stats
+
+def split_pairs(pairs, val_frac, seed=0):
+    """-> (train, held out, stats). Exact duplicates are kept once (and counted); then pairs are
+    held out by prompt, so that no held-out prompt (and no held-out pair) is also trained on: the
+    prompts are shuffled with `seed` and taken until val_frac of the pairs are held out."""
+    unique = list({(p["prompt"], p["chosen"], p["rejected"]): p for p in pairs}.values())
+    prompts = list(dict.fromkeys(p["prompt"] for p in unique))
+    random.Random(seed).shuffle(prompts)
+    count = Counter(p["prompt"] for p in unique)
+    held, n_held = set(), 0
+    for prompt in prompts:
+        if n_held >= round(val_frac * len(unique)):
+            break
+        held.add(prompt)
+        n_held += count[prompt]
+    train = [p for p in unique if p["prompt"] not in held]
+    val = [p for p in unique if p["prompt"] in held]
+    random.Random(seed).shuffle(train)
+    stats = dict(pairs=len(pairs), duplicates_removed=len(pairs) - len(unique),
+                 train_pairs=len(train), val_pairs=len(val))
+    return train, val, stats
 
 def pairs_to_jsonl(pairs, path):
     """Check and write pairs as jsonl (prompt, chosen, rejected only), readable by load_pairs."""

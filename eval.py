@@ -61,15 +61,18 @@ def uses_eos_pad(cfg):
 @torch.no_grad()
 def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, top_k=None, seed=0,
              batch_size=64, ctx=nullcontext(), desc="generating", progress=True):
-    """n completions (strings, EOS removed) for every prompt string -> list (len(prompts)) of
-    lists (n). Work is cut into fixed batches of (prompt, sample) jobs and batch j is sampled with
-    seed `seed + j`, so the result does not depend on how many batches ran before it."""
+    """n completions (strings, EOS removed) for every prompt string -> (list (len(prompts)) of
+    lists (n), list of bools: the prompt was longer than the context leaves room for and was cut,
+    keeping its end). Work is cut into fixed batches of (prompt, sample) jobs and batch j is
+    sampled with seed `seed + j`, so the result does not depend on how many batches ran before."""
     eot = tok.eot_token
     room = model.config.block_size - max_new_tokens  # a prompt longer than this keeps its end
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {model.config.block_size} tokens")
-    encoded = [tok.encode_ordinary(p)[-room:] for p in prompts]
+    encoded = [tok.encode_ordinary(p) for p in prompts]
+    cut = [len(ids) > room for ids in encoded]
+    encoded = [ids[-room:] for ids in encoded]
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     out = [[] for _ in prompts]
     batches = range(0, len(jobs), batch_size)
@@ -81,7 +84,7 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
                                  seed=seed + j)
         for i, ids in zip(chunk, new):
             out[i].append(tok.decode(ids[:-1] if ids and ids[-1] == eot else ids))
-    return out
+    return out, cut
 
 
 def majority_answer(completions):
@@ -93,15 +96,16 @@ def majority_answer(completions):
 def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, temperature=0.7,
           seed=0, ctx=nullcontext(), progress=True):
     """One record per example (dicts with 'prompt' and gold 'answer'): question, greedy
-    completion, its extracted answer `pred`, `gold`, `correct`; and `maj` when maj_k > 1."""
+    completion, its extracted answer `pred`, `gold`, `correct`, `prompt_cut` (the prompt did not
+    fit the context and kept its end); and `maj` when maj_k > 1."""
     prompts = [ex["prompt"] for ex in examples]
-    greedy = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                      batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
+    greedy, cut = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                           batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
     records = [dict(question=ex.get("question", ex["prompt"]), completion=c,
-                    pred=extract_answer(c), gold=ex["answer"], correct=is_correct(c, ex["answer"]))
-               for ex, (c,) in zip(examples, greedy)]
+                    pred=extract_answer(c), gold=ex["answer"], correct=is_correct(c, ex["answer"]),
+                    prompt_cut=k) for ex, (c,), k in zip(examples, greedy, cut)]
     if maj_k > 1:
-        samples = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
+        samples, _ = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, batch_size=batch_size, ctx=ctx,
                            desc=f"eval maj@{maj_k}", progress=progress)
         for r, s in zip(records, samples):
@@ -113,7 +117,8 @@ def accuracy_of(records, maj_k=1):
     """{accuracy, correct, n} (+ maj@k) counted from graded records."""
     n = len(records)
     correct = sum(r["correct"] for r in records)
-    metrics = {"accuracy": correct / max(n, 1), "correct": correct, "n": n}
+    metrics = {"accuracy": correct / max(n, 1), "correct": correct, "n": n,
+               "prompts_cut": sum(r["prompt_cut"] for r in records)}
     if maj_k > 1:
         right = sum(r["maj"] is not None and is_correct(r["maj"], r["gold"]) for r in records)
         metrics[f"maj@{maj_k}"] = right / max(n, 1)
@@ -130,7 +135,12 @@ def evaluate_test(model, tok, cfg, run):
     records = [None] * len(test)
     for rank, part in enumerate(all_gather(mine)):  # rank r graded test[r::world]
         records[rank::run.world] = part
-    return accuracy_of(records, cfg.maj_k), records
+    metrics = accuracy_of(records, cfg.maj_k)
+    if metrics["prompts_cut"]:
+        print0(f"warning: {metrics['prompts_cut']} of {len(test)} test prompts do not fit the "
+               f"model's context with --max_new_tokens {cfg.max_new_tokens}: they were cut, "
+               f"keeping their end (see prompt_cut in eval.json)")
+    return metrics, records
 
 # -----------------------------------------------------------------------------
 # log-probs of pairs, and preference metrics

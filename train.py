@@ -27,7 +27,6 @@ import dataclasses
 import inspect
 import math
 import os
-import random
 import sys
 import time
 from collections import Counter
@@ -39,10 +38,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder,
-                    cli, convert, need, parse, print0, read_json, read_jsonl, seed_for, setup,
+                    cli, convert, file_digest, need, parse, print0, read_json, read_jsonl, seed_for, setup,
                     write_json, write_jsonl)
 from data import (encode_pairs, encode_sft, length_grouped_batches, load_pairs, load_split,
-                  make_arith_pairs, pairs_from_samples, preference_batch, row_lengths, sft_batch)
+                  make_arith_pairs, pairs_from_samples, preference_batch, row_lengths, sft_batch,
+                  split_pairs)
 from eval import complete, evaluate_stage, pair_logps, report_run, tokenizer_for, uses_eos_pad
 from loss import LOSSES, chosen_nll, preference_metrics
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
@@ -432,12 +432,13 @@ def sample_pairs(cfg, run, out):
         if os.path.exists(files[c]):
             continue
         part = questions[c:c + chunk]
-        samples = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
+        samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_k=cfg.top_k or None, seed=seed_for(cfg.seed, "pairs", c),
                            batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
         write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
-                          samples=s) for q, s in zip(part, samples)], files[c])
+                          samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
+                    files[c])
         print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
     barrier()
     records = [r for path in files.values() for r in read_jsonl(path)]
@@ -459,16 +460,34 @@ def stage_pairs(cfg, run):
         pairs = make_arith_pairs(questions, seed=cfg.seed)
     else:
         pairs = load_pairs(cfg.pairs_source, split="train")
-    random.Random(cfg.seed).shuffle(pairs)
-    n_val = round(cfg.val_frac * len(pairs))
-    stats.update(pairs=len(pairs), train_pairs=len(pairs) - n_val, val_pairs=n_val)
+    train_pairs, val_pairs, split = split_pairs(pairs, cfg.val_frac, seed=cfg.seed)
+    stats.update(split)
+    need(train_pairs or not pairs, f"--val_frac {cfg.val_frac} holds out all {len(val_pairs)} "
+                                   f"pairs: none is left to train on (lower --val_frac)")
     barrier()  # every rank has seen stats.json missing before rank 0 writes it
     if run.master:
-        write_jsonl(pairs[n_val:], os.path.join(out, "train.jsonl"))
-        write_jsonl(pairs[:n_val], os.path.join(out, "val.jsonl"))
+        for name, part in (("train.jsonl", train_pairs), ("val.jsonl", val_pairs)):
+            write_jsonl(part, os.path.join(out, name))
+            stats[f"sha256/{name}"] = file_digest(os.path.join(out, name))
         write_json(os.path.join(out, "stats.json"), stats)  # last: it marks the stage done
     barrier()
-    print0(f"[pairs] {stats}")
+    print0(f"[pairs] { {k: v for k, v in stats.items() if not k.startswith('sha256')} }")
+
+
+def read_pairs(cfg):
+    """The pairs stage's train and held-out pairs, as it wrote them (checked against stats.json:
+    pairs edited or cut since then would be trained on under the old numbers)."""
+    folder = os.path.join(cfg.out_dir, "pairs")
+    stats = read_json(os.path.join(folder, "stats.json"))
+    parts = []
+    for name in ("train.jsonl", "val.jsonl"):
+        path = os.path.join(folder, name)
+        need(file_digest(path) == stats.get(f"sha256/{name}"),
+             f"{path} is not the file the pairs stage wrote (its stats.json says "
+             f"{stats.get(name.replace('.jsonl', '_pairs'))} pairs): delete {folder} to rebuild the "
+             f"pairs, or restore the file")
+        parts.append(read_jsonl(path))
+    return parts
 
 
 def pair_batch(rows, reference, cfg, eot):
@@ -507,10 +526,9 @@ def stage_po(cfg, run, out):
         return
     tok = tokenizer_for(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
     pairs_dir = os.path.join(cfg.out_dir, "pairs")
-    rows, stats = encode_pairs(read_jsonl(os.path.join(pairs_dir, "train.jsonl")), tok,
-                               max_len=cfg.max_len, verbose=run.master)
-    val_rows, _ = encode_pairs(read_jsonl(os.path.join(pairs_dir, "val.jsonl")), tok,
-                               max_len=cfg.max_len, verbose=False)
+    train_pairs, val_pairs = read_pairs(cfg)
+    rows, stats = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=run.master)
+    val_rows, _ = encode_pairs(val_pairs, tok, max_len=cfg.max_len, verbose=False)
     need(stats["rows"], f"no preference pairs to train on: the SFT model's samples were all "
                         f"right or all wrong (see {pairs_dir}/stats.json); sample more "
                         f"(--n_samples, --n_pair_questions) or use --pairs_source offline")
@@ -595,10 +613,15 @@ def variants(cfg):
 
 
 def check_inputs(cfg):
-    """Read the test split, and a pair file if one is given, before any training: a bad file
-    fails now, not after SFT."""
+    """Read the task's splits, and a pair file if one is given, before any work: a bad file fails
+    now, not after SFT, and a test question that is also a training question is never silent."""
     test = load_split(cfg, "test")
-    need(test, f"--task {cfg.task}: no test questions")
+    need(test, f"--task {cfg.task}: no test questions (a single file keeps about 1 question in 10 "
+               f"for testing; or pass a folder with train.jsonl and test.jsonl)")
+    seen = {ex["question"] for ex in load_split(cfg, "train")}
+    leaked = [ex["question"] for ex in test if ex["question"] in seen]
+    need(not leaked, f"--task {cfg.task}: {len(leaked)} of the {len(test)} test questions are also "
+                     f"training questions, e.g. {leaked[0][:60]!r}" if leaked else "")
     pairs_done = os.path.exists(os.path.join(cfg.out_dir, "pairs", "stats.json"))
     if cfg.pairs_source not in ("sample", "offline") and cfg.stop_after != "sft" and not pairs_done:
         load_pairs(cfg.pairs_source, split="train")

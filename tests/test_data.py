@@ -355,8 +355,10 @@ GSM = [{"question": "Natalia sold clips to 48 of her friends in April, "
         "answer": "1,000+234=<<1000+234=1234>>1,234\n#### 1,234"}]
 
 def test_local_gsm8k_jsonl(tmp_path):
-    path = write_jsonl(tmp_path / "gsm.jsonl", GSM)
-    exs = data.load_task(path, "test")
+    os.makedirs(tmp_path / "gsm")  # a folder holding {split}.jsonl: the file is that split
+    write_jsonl(tmp_path / "gsm" / "test.jsonl", GSM)
+    folder = str(tmp_path / "gsm")
+    exs = data.load_task(folder, "test")
     assert [e["answer"] for e in exs] == ["72", "1234"]
     assert exs[0]["prompt"] == "Question: " + GSM[0]["question"] + "\nAnswer:"
     assert exs[0]["response"] == " Natalia sold 48/2 = 24 clips in May.\n" \
@@ -364,14 +366,29 @@ def test_local_gsm8k_jsonl(tmp_path):
                                  "#### 72"
     assert exs[1]["question"] == "What is 1,000 + 234?"
     assert all(data.is_correct(e["response"], e["answer"]) for e in exs)
-    raw = data.load_task(path, "test", n=1, strip_calc=False)
+    raw = data.load_task(folder, "test", n=1, strip_calc=False)
     assert len(raw) == 1 and "<<48/2=24>>" in raw[0]["response"]
-    # a folder holding {split}.jsonl works too
-    os.makedirs(tmp_path / "gsm")
-    write_jsonl(tmp_path / "gsm" / "test.jsonl", GSM)
-    assert data.load_task(str(tmp_path / "gsm"), "test") == exs
     with pytest.raises(ValueError, match="unknown option"):
-        data.load_task(path, "test", steps=3)
+        data.load_task(folder, "test", steps=3)
+
+
+def test_a_single_file_is_split_into_disjoint_train_and_test(tmp_path):
+    """The README's local-data example: one file for both splits. The test questions are the ones
+    a hash of the text picks (as for arith), never training questions, whatever the row order;
+    a repeated question is kept once."""
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}
+            for i in range(200)]
+    path = write_jsonl(tmp_path / "all.jsonl", rows + rows[:30] + rows[::-1])
+    train = data.load_task(path, "train")
+    test = data.load_task(path, "test")
+    questions = [e["question"] for e in train + test]
+    assert len(questions) == len(set(questions)) == 200  # disjoint, duplicates once, none lost
+    assert 5 <= len(test) <= 40  # about 1 in 10
+    assert all(data._is_test_question(e["question"]) for e in test)
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    assert {e["question"] for e in data.load_task(shuffled, "test")} == {e["question"] for e in test}
+    assert data.load_task(path, "test", n=3) == test[:3]
+
 
 def test_local_gsm8k_bad_answer(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [GSM[0], {"question": "q", "answer": "it is 5"}])

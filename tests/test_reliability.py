@@ -621,19 +621,25 @@ def test_the_catalogue_is_long_enough():
 
 def test_a_prompt_longer_than_the_context_is_cut_and_counted_not_lost(tmp_path, capsys):
     """A prompt longer than max_len is cut keeping its end (and longer than the context, at
-    generation), and the run says so: no row disappears without being counted."""
-    task = tmp_path / "long.jsonl"
+    generation), and the run says so: no row disappears or is cut without being counted."""
+    task = tmp_path / "long"
+    task.mkdir()
     long_q = "Tom has 3 pens. " * 40 + "How many does he have?"
-    task.write_text("".join(json.dumps({"question": q, "answer": "He has 3.\n#### 3"}) + "\n"
-                            for q in (long_q, "Ann has 2 pens. How many does she have?")))
+    for split, names in (("train", ("Tom", "Ann")), ("test", ("Sam", "Mia"))):
+        questions = (long_q.replace("Tom", names[0]), f"{names[1]} has 2 pens. How many?")
+        (task / f"{split}.jsonl").write_text("".join(
+            json.dumps({"question": q, "answer": "He has 3.\n#### 3"}) + "\n" for q in questions))
     summary = train.main(tiny(tmp_path / "run", task=task, n_train=0, n_test=0, sft_steps=1,
                               sft_batch_size=2, stop_after="sft"))
-    # both evaluated, the long one from the end of its prompt
-    assert summary["sft"]["test"]["n"] == 2
+    # both evaluated, the long one from the end of its prompt, and counted
+    assert summary["sft"]["test"]["n"] == 2 and summary["sft"]["test"]["prompts_cut"] == 1
+    records = json.loads((tmp_path / "run" / "sft" / "eval.json").read_text())["records"]
+    assert [r["prompt_cut"] for r in records] == [True, False]
     out = capsys.readouterr().out
     assert ("[sft] 2 examples ({'rows': 2, 'kept': 2, 'truncated': 1, 'prompt_truncated': 1, "
             "'response_truncated': 0, 'dropped': 0})") in out
     assert "warning: sft data: 1 of 2 rows truncated to max_len=128" in out
+    assert "warning: 1 of 2 test prompts do not fit the model's context" in out
 
 
 # -----------------------------------------------------------------------------
