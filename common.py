@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import uuid
@@ -253,6 +254,21 @@ def read_json(path):
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_run_file(path):
+    """A file a run wrote itself (JSON, or torch tensors for .pt). One that was damaged outside the
+    run (truncated, emptied) is an error naming it and the way out: the run recomputes it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        if path.endswith(".pt"):
+            return torch.load(path, weights_only=True)
+        return read_json(path)
+    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).removeprefix(f"{path}: ").splitlines()[0][:120] if str(e) else "empty"
+        raise ValueError(f"{path}: damaged ({reason}); delete it and re-run the same command to "
+                         f"recompute it") from None
 
 
 def write_jsonl(records, path):

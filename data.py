@@ -292,6 +292,30 @@ def _check_utf8(path):
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
 
+def _check_json(path, ext):
+    """Name the first broken line of a JSON Lines file, or where a .json file breaks. (A .json
+    file may hold one JSON value or JSON Lines: datasets reads both.)"""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as e:
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            try:
+                json.loads(first)  # the first line stands alone: JSON Lines in a .json file
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
+                                 f"{e.colno}: {e.msg})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
+                             f"JSON, {e.msg}; expected one JSON object per line)") from None
+
 def _mixed_column_error(path, column):
     with open(path, encoding="utf-8") as f:
         rows = (json.load(f) if path.lower().endswith(".json")
@@ -325,17 +349,8 @@ def _load_table(source, split="train", config=None):
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
-        # name the first broken line (datasets would say "Trailing data at position 42")
-        if ext == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        if line.strip():
-                            json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: could not read it as jsonl "
-                                         f"(line {lineno}: invalid JSON, {e.msg}; "
-                                         f"expected one JSON object per line)") from None
+        if ext in (".jsonl", ".json"):  # datasets would say "Trailing data at position 42"
+            _check_json(path, ext)
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
             with open(path, newline="", encoding="utf-8") as f:

@@ -3,7 +3,7 @@ Evaluate a checkpoint: greedy accuracy, maj@k, and preference metrics on pairs; 
 
     python eval.py --ckpt out/default/po/ckpt.pt            # the run's own test set (config.json)
     python eval.py --ckpt out/default/po/ckpt.pt --maj_k 8  # + maj@8 (8 samples at temperature 0.7)
-    python eval.py --ckpt out/default/po/ckpt.pt --n_test 2000  # more questions than the run used
+    python eval.py --ckpt out/default/po/ckpt.pt --n_test 5000  # more questions than the run used
     python eval.py --ckpt gpt2 --task gsm8k --n_test 200    # a hub model (or an HF folder), GSM8K
     python eval.py --ckpt out/default/po/ckpt.pt --pairs out/default/pairs/val.jsonl
                                                             # reward accuracy vs the run's SFT model
@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
-                    read_json, read_jsonl, setup, write_json)
+                    read_json, read_jsonl, read_run_file, setup, write_json)
 from data import (encode_pairs, extract_answer, get_tokenizer, is_correct, load_pairs, load_split,
                   preference_batch)
 from loss import LOSSES, preference_metrics
@@ -191,7 +191,7 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     (pairs = encoded train rows, val rows, the reference's log-probs) -> stage_dir/eval.json"""
     path = os.path.join(stage_dir, "eval.json")
     if os.path.exists(path):
-        return read_json(path)
+        return read_run_file(path)
     ckpt = os.path.join(stage_dir, "ckpt.pt")
     model = GPT.from_pretrained(ckpt).to(run.device).eval()
     tok = tokenizer_for(ckpt)
@@ -242,7 +242,7 @@ def bootstrap(correct, baseline=None, n_boot=2000, seed=0):
 def correctness_of(folders):
     """(questions, (len(folders), N) 0/1 array) from the eval.json of stage folders that must have
     scored the same questions in the same order (else the pairing would be meaningless)."""
-    records = [read_json(os.path.join(f, "eval.json"))["records"] for f in folders]
+    records = [read_run_file(os.path.join(f, "eval.json"))["records"] for f in folders]
     questions = [r["question"] for r in records[0]]
     for f, rs in zip(folders, records):
         need([r["question"] for r in rs] == questions,
@@ -276,7 +276,7 @@ def stage_report(folder):
     """What a stage folder holds: its last training step's metrics and its eval.json's numbers."""
     if not os.path.exists(os.path.join(folder, "eval.json")):
         return None
-    saved = read_json(os.path.join(folder, "eval.json"))
+    saved = read_run_file(os.path.join(folder, "eval.json"))
     log = os.path.join(folder, "metrics.jsonl")
     last = read_jsonl(log, torn_tail=True)[-1:] if os.path.exists(log) else []
     untimed = {k: v for k, v in (last or [{}])[0].items() if k not in ("tokens_per_s", "mfu")}
@@ -330,7 +330,7 @@ def compare_stats(runs, baseline, sft_folder):
         _, correct = correctness_of([sft_folder, *folders])
         correct = correct[1:]                                       # (seeds, N)
         need(correct.shape == base.shape, f"--compare: {label} has {len(folders)} runs, the "
-                                          f"baseline {baseline} {len(base)} (expected the same seeds)")
+                                          f"baseline {baseline} {len(base)} (expected one a seed)")
         mean_diff, ci_diff = bootstrap(correct, base)
         val = [(stage_report(f).get("pairs") or {}).get("val", {}) for f in folders]
         variants[label] = {"accuracy": correct.mean(1).tolist(), "ci95": bootstrap(correct)[1],
@@ -395,7 +395,7 @@ def report_run(out_dir, plan, baseline, run, wall_time_s):
     if summary["sft"]:
         summary["sft"]["test"]["ci95"] = bootstrap(correctness_of([sft_folder])[1])[1]
     if os.path.exists(os.path.join(out_dir, "pairs", "stats.json")):
-        summary["pairs"] = read_json(os.path.join(out_dir, "pairs", "stats.json"))
+        summary["pairs"] = read_run_file(os.path.join(out_dir, "pairs", "stats.json"))
     done = all(os.path.exists(os.path.join(folder, "eval.json")) for _, _, folder in plan)
     runs = {}  # label -> the folders of its runs (one per seed), in the plan's order
     for label, _, folder in plan:
@@ -434,7 +434,7 @@ class EvalConfig:
     arith_max_number: int = 10
     arith_ops: str = "+-"
     n_train: int = 4000
-    n_test: int = 500           # test questions (0 = all)
+    n_test: int = 3000          # test questions (0 = all)
     tokenizer: str = "auto"     # auto: the one the checkpoint records, else gpt2
     max_new_tokens: int = 96
     eval_batch_size: int = 128

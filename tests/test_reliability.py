@@ -432,6 +432,14 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("not a folder")
     (d / "bad_run").mkdir()
     (d / "bad_run" / "config.json").write_text("{not json")
+    # issue 12's cases
+    jsonl("pairs_Prompt.jsonl", [{"Prompt": "Q", "chosen": "a", "rejected": "b"}])
+    jsonl("task_Question.jsonl", [{"Question": "1+1?", "answer": "#### 2"}])
+    jsonl("pairs_identical.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "a"}])
+    jsonl("pairs_trailing.json", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                  '{"prompt": "Q", "chosen": "a", "rejected": "c"} x'])
+    (d / "orphan_run").mkdir()  # stage folders whose config.json was deleted
+    (d / "orphan_run" / "sft").mkdir()
     return d
 
 
@@ -529,6 +537,21 @@ CATALOGUE = [
     ("eval-prompt-cannot-fit", E,
      ["--ckpt", "{d}/ok.pt", "--max_new_tokens", "64", "--n_test", "2"],
      "max_new_tokens=64 leaves no room for a prompt in the model's context of 64 tokens"),
+    # issue 12: columns are matched exactly; eval.py reads and checks data as train.py does;
+    # files are named with their line; a run folder without its config is not reused
+    ("pairs-near-miss-column", T, ["--pairs_source", "{d}/pairs_Prompt.jsonl"],
+     "pairs_Prompt.jsonl: column 'Prompt' is not 'prompt' (columns are matched exactly"),
+    ("task-near-miss-column", T, ["--task", "{d}/task_Question.jsonl"],
+     "task_Question.jsonl: column 'Question' is not 'question'"),
+    ("eval-identical-pair", E,
+     ["--ckpt", "{d}/ok.pt", "--task", "none", "--pairs", "{d}/pairs_identical.jsonl"],
+     "pairs_identical.jsonl row 0: chosen and rejected are identical"),
+    ("eval-non-finite", E, ["--ckpt", "{d}/ok.pt", "--beta", "nan"],
+     "--beta must be a finite number, got nan"),
+    ("pairs-trailing-data", T, ["--pairs_source", "{d}/pairs_trailing.json"],
+     "pairs_trailing.json: could not read it as json (line 2: invalid JSON, Extra data"),
+    ("config-deleted", T, ["--out_dir", "{d}/orphan_run", "--loss", "dpo"],
+     "orphan_run holds files but no config.json (sft): nothing says which config made them"),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("no-cuda", T, ["--device", "cuda"],
