@@ -385,10 +385,10 @@ def cli(main):
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # exit at once: torch's threads may not survive the usual teardown
         print("\ninterrupted: what was saved is intact; the same command resumes the run",
-              file=sys.stderr)
-        sys.exit(130)
+              file=sys.stderr, flush=True)
+        os._exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """
-Preference losses: DPO and Autoregressive DPO (ADPO), with IPO and SimPO beside them for comparison.
+Preference losses: DPO and Autoregressive DPO (ADPO), their token-weighted forms cDPO and cADPO,
+with IPO and SimPO beside them for comparison.
 
 Read this file next to "Autoregressive Direct Preference Optimization" (Oi, Ukai, Kaneko, Okazaki,
 Inoue, ICML 2026, arXiv 2602.09533). The whole paper, as code, is one move: DPO sums the log-ratios
@@ -173,7 +174,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
 
 def adpo_loss(policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
-              chosen_mask, rejected_mask, beta=0.1, family="static", size=1,
+              chosen_mask, rejected_mask, beta=0.1, family="static", size=1, segment_mean=False,
               chosen_weights=None, rejected_weights=None):
     """ADPO (Table 1 row 2; the granularity families of Figure 1):
     one Bradley–Terry comparison per segment, the sum moved outside the log-sigmoid:
@@ -191,10 +192,10 @@ def adpo_loss(policy_chosen_logps, policy_rejected_logps,
         possible, the extra tokens in the last segments (boundaries ⌊i·T/m⌋, Figure 1);
         segment i of y^w is compared with segment i of y^l; T' = m. size=1 is DPO exactly;
         the headline ADPO of Table 2 is m=256 (Table 3).
+    segment_mean: the mean over the T' segments instead of the sum (decision: the paper shows the
+        sum, the default). cDPO's public code computes its loss this way at the token level.
     chosen_weights, rejected_weights: optional (B, T) per-token weights w_t inside the segment sums,
-        for cADPO (decision: the paper does not print its formula). cDPO (Lin et al.,
-        arXiv 2411.19943) is family="adaptive", size=1 with rejected_weights = 1 − p_t.
-        Rewards stay unweighted (β Σ_t ρ_t).
+        for cADPO (see cadpo_loss). Rewards stay unweighted (β Σ_t ρ_t).
 
     Inputs (B, T), returns (losses, chosen_rewards, rejected_rewards), each (B,).
     Policy == reference: T'·ln 2.
@@ -209,11 +210,73 @@ def adpo_loss(policy_chosen_logps, policy_rejected_logps,
     S_w, S_l, valid = _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask,
                                     family, size)                                     # (B, n_seg)
     losses = -(F.logsigmoid(beta * (S_w - S_l)) * valid).sum(-1)                      # (B,)
+    if segment_mean:
+        losses = losses / valid.sum(-1).clamp(min=1)                                  # / T'
     chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
                                 chosen_mask).sum(-1)
     rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
                                   rejected_mask).sum(-1)
     return losses, chosen.detach(), rejected.detach()
+
+
+def cdpo_loss(policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps,
+              chosen_mask, rejected_mask, beta=0.1, rejected_weights=None):
+    """cDPO ("Critical Tokens Matter", Lin et al., arXiv 2411.19943; the ADPO paper's Table 2):
+    DPO whose rejected log-ratios are weighted by how "critical" each token is,
+
+        L = − log σ( β Σ_t ρ_t(y^w) − β Σ_t w_t ρ_t(y^l) ),   w_t = 1 − p_t
+
+    with p_t = softmax(2·z⁺_t − z⁻_t)[y_t] from two fine-tuned copies of the model, on correct
+    (z⁺) and on incorrect (z⁻) samples: contrastive_weights below. A token the "negative" model
+    prefers much more than the "positive" one has p_t ≈ 0, so w_t ≈ 1: pushed down at full weight.
+
+    decision: this is ADPO with adaptive m = 1 and the weights (the form of the paper's
+    equations; cadpo_loss with m = 1 computes the same up to float rounding). cDPO's public code
+    instead applies the log-sigmoid at every token position and averages: adpo_loss(family=
+    "static", size=1, segment_mean=True) with zero padding and the weights; train.py reaches it
+    with --loss cadpo --family static --size 1 --segment_mean true --eos_pad false.
+    With all weights 1 this is DPO exactly. Rewards stay unweighted (β Σ_t ρ_t).
+    """
+    _validate(beta, policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps,
+              chosen_mask, rejected_mask, None, rejected_weights)
+    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
+                                chosen_mask).sum(-1)                                  # (B,)
+    weighted = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
+                                  rejected_mask, rejected_weights).sum(-1)            # (B,)
+    losses = -F.logsigmoid(chosen - weighted)
+    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
+                                  rejected_mask).sum(-1)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def cadpo_loss(policy_chosen_logps, policy_rejected_logps,
+               reference_chosen_logps, reference_rejected_logps,
+               chosen_mask, rejected_mask, beta=0.1, family="adaptive", size=256,
+               segment_mean=False, rejected_weights=None):
+    """cADPO (Table 2): ADPO with cDPO's token weights inside each segment sum,
+
+        L = − Σ_{i=1}^{T'} log σ( β S^w(i) − β S^l(i) ),   S^l(i) = Σ_{t ∈ z_i} w_t ρ_t(y^l)
+
+    decision: the paper does not print its formula; the weights multiply the log-ratios inside
+    the segment sums, with the granularity machinery of adpo_loss (the paper's headline row is
+    adaptive m = 256, the defaults here). cDPO is this with adaptive m = 1. With all weights 1
+    this is ADPO exactly.
+    """
+    return adpo_loss(policy_chosen_logps, policy_rejected_logps,
+                     reference_chosen_logps, reference_rejected_logps,
+                     chosen_mask, rejected_mask, beta=beta, family=family, size=size,
+                     segment_mean=segment_mean, rejected_weights=rejected_weights)
+
+
+def contrastive_weights(positive_logits, negative_logits, targets):
+    """cDPO's token weights by contrastive estimation: w_t = 1 − softmax(2·z⁺ − z⁻)[y_t], where
+    z⁺, z⁻ are the logits of the positive and the negative model at the position that predicts
+    token y_t. Logits (B, T, V), targets (B, T) -> weights (B, T) in [0, 1] (float32)."""
+    scores = torch.log_softmax(2 * positive_logits.float() - negative_logits.float(), dim=-1)
+    p = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()  # (B, T)
+    return 1 - p
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -312,4 +375,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
 
 
 # train.py --loss NAME looks the loss up here; add your own variant with one line.
-LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_loss}
+LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_loss,
+          "cdpo": cdpo_loss, "cadpo": cadpo_loss}
+# the losses that take cDPO's contrastive token weights (train.py computes them first)
+WEIGHTED = ("cdpo", "cadpo")

@@ -40,11 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder,
                     cli, convert, file_digest, need, parse, print0, read_json, read_jsonl,
                     read_run_file, seed_for, setup, write_json, write_jsonl)
-from data import (encode_pairs, encode_sft, length_grouped_batches, load_pairs, load_split,
-                  make_arith_pairs, pairs_from_samples, preference_batch, row_lengths, sft_batch,
-                  split_pairs)
+from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, load_pairs,
+                  load_split, make_arith_pairs, pairs_from_samples, preference_batch, row_lengths,
+                  sft_batch, split_pairs)
 from eval import complete, evaluate_stage, pair_logps, report_run, tokenizer_for, uses_eos_pad
-from loss import LOSSES, chosen_nll, preference_metrics
+from loss import LOSSES, WEIGHTED, chosen_nll, contrastive_weights, preference_metrics
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
@@ -95,10 +95,15 @@ class Config:
     gamma: float = 0.5          # SimPO margin
     eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
     nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
+    segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum
     po_epochs: float = 2.0
     po_batch_size: int = 16     # pairs per optimizer step
     po_lr: float = 1e-4
-    # optimisation (both stages)
+    # cDPO / cADPO: the positive and negative models of the contrastive token weights
+    cdpo_steps: int = 100
+    cdpo_batch_size: int = 32
+    cdpo_lr: float = 1e-3
+    # optimisation (every stage)
     grad_accum: int = 1
     weight_decay: float = 0.1
     warmup_frac: float = 0.1
@@ -131,23 +136,25 @@ def validate(cfg):
     need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
     need(cfg.tokenizer in ("auto", "byte", "gpt2"),
          f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
-    for k in ("sft_batch_size", "po_batch_size", "grad_accum", "eval_batch_size", "n_samples",
+    for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
+              "eval_batch_size", "n_samples",
               "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
               "n_embd", "block_size"):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
     for k in ("sft_steps", "n_train", "n_test", "n_pair_questions", "top_k", "seed", "task_seed",
               "weight_decay", "grad_clip", "nll_weight"):
         need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
-    for k in ("sft_lr", "po_lr", "temperature", "po_epochs"):
+    for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
     need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
     need(cfg.n_embd % cfg.n_head == 0,
          f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    need(cfg.po_batch_size % cfg.grad_accum == 0 and cfg.sft_batch_size % cfg.grad_accum == 0,
-         f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}) "
-         f"and --po_batch_size ({cfg.po_batch_size})")
+    need(all(b % cfg.grad_accum == 0
+             for b in (cfg.sft_batch_size, cfg.po_batch_size, cfg.cdpo_batch_size)),
+         f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}), "
+         f"--po_batch_size ({cfg.po_batch_size}) and --cdpo_batch_size ({cfg.cdpo_batch_size})")
     for k in ("out_dir", "init_from", "task", "pairs_source", "arith_ops"):
         need(getattr(cfg, k).strip() != "",
              f"--{k} is empty (expected e.g. {getattr(Config, k)!r})")
@@ -187,7 +194,8 @@ def sft_loss(model, batch):
 def loss_options(cfg):
     """The loss's keyword parameters (beta, family, size, gamma, ...) from the config's keys."""
     names = list(inspect.signature(LOSSES[cfg.loss]).parameters)[6:]  # after the six tensors
-    return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
+    return {name: getattr(cfg, name) for name in names
+            if hasattr(cfg, name) and not name.endswith("weights")}
 
 
 def preference_loss(model, batch, cfg):
@@ -198,7 +206,10 @@ def preference_loss(model, batch, cfg):
     mask = batch["loss_mask"]                            # (2B, T) True on response tokens + EOS
     B = mask.size(0) // 2                                # rows [0, B): chosen, [B, 2B): rejected
     six = (logps[:B], logps[B:], ref[:B], ref[B:], mask[:B], mask[B:])
-    losses, _, _ = LOSSES[cfg.loss](*six, **loss_options(cfg))  # (B,)
+    weights = {}
+    if cfg.loss in WEIGHTED:  # cDPO / cADPO: contrastive weights on the rejected tokens
+        weights["rejected_weights"] = batch["rejected_weights"]  # (B, T)
+    losses, _, _ = LOSSES[cfg.loss](*six, **loss_options(cfg), **weights)  # (B,)
     loss = losses.sum()
     if cfg.nll_weight:  # + λ · NLL of the chosen response (keeps its probability from sinking)
         loss = loss + cfg.nll_weight * chosen_nll(logps[:B], mask[:B]).sum()
@@ -394,25 +405,33 @@ def drop_training_state(stage_dir, run):
     barrier()
 
 
+def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
+    """Supervised fine-tuning on (prompt, response) examples: the NLL of the response tokens
+    -> out/ckpt.pt (resumable through out/state.pt)."""
+    name = os.path.relpath(out, cfg.out_dir)
+    rows, stats = encode_sft(examples, tok, max_len=cfg.max_len, verbose=run.master)
+    print0(f"[{name}] {len(rows)} examples ({stats}) | {model.num_params() / 1e6:.2f}M parameters")
+    order = batch_order(rows, batch_size, steps, seed_for(cfg.seed, name))
+
+    def make_batch(ix):
+        batch = sft_batch([rows[i] for i in ix], tok.eot_token, **bucket(cfg))
+        return {**batch, "n": batch["loss_mask"].sum().item()}  # the loss is per response token
+
+    train(model, out, order, make_batch, sft_loss, lr, cfg, run)
+    if run.master:
+        save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name)
+    drop_training_state(out, run)
+
+
 def stage_sft(cfg, run):
     """1. SFT: the model learns the worked solutions of the training questions -> DIR/sft/"""
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         tok = tokenizer_for(cfg.init_from, cfg.tokenizer)
-        rows, stats = encode_sft(load_split(cfg, "train"), tok, max_len=cfg.max_len,
-                                 verbose=run.master)
         torch.manual_seed(cfg.seed)  # the initial weights of a model trained from scratch
         model = build_model(cfg, tok).to(run.device)
-        print0(f"[sft] {len(rows)} examples ({stats}) | {model.num_params() / 1e6:.2f}M parameters")
-        order = batch_order(rows, cfg.sft_batch_size, cfg.sft_steps, seed_for(cfg.seed, "sft"))
-
-        def make_batch(ix):
-            batch = sft_batch([rows[i] for i in ix], tok.eot_token, **bucket(cfg))
-            return {**batch, "n": batch["loss_mask"].sum().item()}  # the loss is per response token
-
-        train(model, out, order, make_batch, sft_loss, cfg.sft_lr, cfg, run)
-        if run.master:
-            save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name)
+        finetune(model, load_split(cfg, "train"), tok, out, cfg.sft_steps, cfg.sft_batch_size,
+                 cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
 
@@ -491,14 +510,91 @@ def read_pairs(cfg):
     return parts
 
 
-def pair_batch(rows, reference, cfg, eot):
+def contrastive_examples(cfg, train_pairs):
+    """The data of cDPO's two models: (correct, incorrect) lists of dict(prompt, response). With
+    sampled pairs, every graded sample the pairs stage drew for a training pair's question (never
+    a held-out one); otherwise (decision) the training pairs' chosen and rejected responses."""
+    if cfg.pairs_source != "sample":
+        return ([dict(prompt=p["prompt"], response=p["chosen"]) for p in train_pairs],
+                [dict(prompt=p["prompt"], response=p["rejected"]) for p in train_pairs])
+    prompts = {p["prompt"] for p in train_pairs}
+    folder = os.path.join(cfg.out_dir, "pairs")
+    right, wrong = [], []
+    for name in sorted(f for f in os.listdir(folder) if f.startswith("samples_")):
+        for r in read_jsonl(os.path.join(folder, name)):
+            for sample in (s for s in r["samples"] if s.strip() and r["prompt"] in prompts):
+                group = right if is_correct(sample, r["answer"]) else wrong
+                group.append(dict(prompt=r["prompt"], response=sample))
+    return right, wrong
+
+
+@torch.no_grad()
+def token_weights(positive, negative, rows, cfg, run, eot):
+    """cDPO's weight w_t of every rejected-response token (its EOS included), one 1-D tensor per
+    row: both models score prompt + rejected response, and loss.contrastive_weights combines
+    their logits at the positions that predict those tokens."""
+    out = []
+    for b0 in range(0, len(rows), cfg.po_batch_size):
+        chunk = [dict(prompt_ids=r["prompt_ids"], response_ids=r["rejected_ids"])
+                 for r in rows[b0:b0 + cfg.po_batch_size]]
+        batch = {k: v.to(run.device) for k, v in sft_batch(chunk, eot).items()}
+        with run.ctx:
+            w = contrastive_weights(positive(batch["input_ids"]), negative(batch["input_ids"]),
+                                    batch["targets"])                                 # (B, T)
+        out += [w[i][batch["loss_mask"][i]].float().cpu() for i in range(len(chunk))]
+    return out
+
+
+def stage_contrastive(cfg, run):
+    """2b. cDPO's contrastive estimation, for the cdpo/cadpo losses only: two copies of the SFT
+    model fine-tuned on correct ("positive") and on incorrect ("negative") samples, then the
+    weight of every rejected token of the training pairs -> DIR/cdpo/ (weights.pt: one 1-D tensor
+    per pair of pairs/train.jsonl, in its order: empty for a pair that max_len drops)"""
+    out = os.path.join(cfg.out_dir, "cdpo")
+    if os.path.exists(os.path.join(out, "weights.pt")):
+        return
+    sft = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
+    tok = tokenizer_for(sft)
+    train_pairs, _ = read_pairs(cfg)
+    models = {}
+    for name, examples in zip(("positive", "negative"), contrastive_examples(cfg, train_pairs)):
+        kind = "correct" if name == "positive" else "incorrect"
+        need(examples, f"cDPO's {name} model needs {kind} samples, and the pairs stage drew "
+                       f"none: sample more (--n_samples, --n_pair_questions, --temperature)")
+        folder = os.path.join(out, name)
+        if not os.path.exists(os.path.join(folder, "ckpt.pt")):
+            finetune(GPT.from_pretrained(sft, dropout=cfg.dropout).to(run.device), examples, tok,
+                     folder, cfg.cdpo_steps, cfg.cdpo_batch_size, cfg.cdpo_lr, cfg, run)
+        drop_training_state(folder, run)
+        models[name] = GPT.from_pretrained(os.path.join(folder, "ckpt.pt")).to(run.device).eval()
+    rows, _ = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=False)
+    weights = [torch.zeros(0) for _ in train_pairs]
+    for row, w in zip(rows, token_weights(models["positive"], models["negative"], rows, cfg, run,
+                                          tok.eot_token)):
+        weights[row["idx"]] = w
+    if run.master:
+        atomic_write(os.path.join(out, "weights.pt"), lambda f: torch.save(weights, f))
+    barrier()
+    print0(f"[cdpo] token weights of {len(rows)} rejected responses: mean "
+           f"{torch.cat(weights).mean():.3f}")
+
+
+def pair_batch(rows, reference, cfg, eot, weights=None):
     """Pairs as one (2B, T) batch, chosen rows then rejected rows, with the reference's per-token
-    log-probs dropped into the same (2B, T) layout; n = B (the loss is per pair)."""
+    log-probs dropped into the same (2B, T) layout; n = B (the loss is per pair). With cDPO's
+    token weights (one 1-D tensor per rejected response), also (B, T) rejected_weights: 1 off
+    the response and on the EOS tokens of the paper's static padding."""
     batch = preference_batch(rows, eot, eos_pad=uses_eos_pad(cfg), **bucket(cfg))
     mask = batch["loss_mask"]
     batch["reference_logps"] = torch.zeros(mask.shape)  # (2B, T) float32, 0 off the mask
     values = [c for c, _ in reference] + [r for _, r in reference]  # chosen rows, then rejected
     batch["reference_logps"][mask] = torch.cat(values)
+    if weights is not None:
+        rejected = mask[len(rows):]                                        # (B, T)
+        padded = [torch.cat([w, torch.ones(int(m.sum()) - len(w))])
+                  for w, m in zip(weights, rejected)]
+        batch["rejected_weights"] = torch.ones(rejected.shape)
+        batch["rejected_weights"][rejected] = torch.cat(padded)
     return {**batch, "n": len(rows)}
 
 
@@ -544,8 +640,13 @@ def stage_po(cfg, run, out):
                f"the reference: loss = T'·ln2 per pair, reward accuracy 0 (ties)")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = batch_order(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
-        make_batch = lambda ix: pair_batch([rows[i] for i in ix],  # noqa: E731
-                                           [reference["train"][i] for i in ix], cfg, tok.eot_token)
+        weights = None
+        if cfg.loss in WEIGHTED:  # one per pair of pairs/train.jsonl; rows[i]["idx"] is its pair
+            weights = read_run_file(os.path.join(cfg.out_dir, "cdpo", "weights.pt"))
+            weights = [weights[r["idx"]] for r in rows]
+        make_batch = lambda ix: pair_batch(  # noqa: E731
+            [rows[i] for i in ix], [reference["train"][i] for i in ix], cfg, tok.eot_token,
+            None if weights is None else [weights[i] for i in ix])
         train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
               cfg, run)
         if run.master:
@@ -559,17 +660,20 @@ def stage_po(cfg, run, out):
 
 
 def variant_label(cfg):
-    if cfg.loss != "adpo":
-        return {"simpo": "SimPO"}.get(cfg.loss, cfg.loss.upper())
-    return f"ADPO {cfg.family} {'k' if cfg.family == 'static' else 'm'}={cfg.size}"
+    if cfg.loss not in ("adpo", "cadpo"):
+        return {"simpo": "SimPO", "cdpo": "cDPO"}.get(cfg.loss, cfg.loss.upper())
+    name = {"adpo": "ADPO", "cadpo": "cADPO"}[cfg.loss]
+    return f"{name} {cfg.family} {'k' if cfg.family == 'static' else 'm'}={cfg.size}"
 
 
 def parse_variant(spec, cfg):
-    """'dpo' | 'ipo' | 'simpo' | 'adpo' | 'adpo:static:4' | 'adpo:adaptive:256' -> its Config"""
+    """'dpo' | 'ipo' | 'simpo' | 'cdpo' | 'adpo' | 'adpo:static:4' | 'cadpo:adaptive:256' ->
+    its Config (a loss name alone keeps the config's family and size)"""
     parts = spec.strip().split(":")
-    need(parts[0] in LOSSES and (len(parts) == 1 or (len(parts) == 3 and parts[0] == "adpo")),
+    segmented = parts[0] in ("adpo", "cadpo")
+    need(parts[0] in LOSSES and (len(parts) == 1 or (len(parts) == 3 and segmented)),
          f"--compare: bad variant {spec!r}: expected a loss name ({', '.join(sorted(LOSSES))}) "
-         f"or adpo:<static|adaptive>:<size>")
+         f"or adpo|cadpo:<static|adaptive>:<size>")
     variant = dataclasses.replace(cfg, loss=parts[0])
     if len(parts) == 3:
         variant = parse(Config, ["--family", parts[1], "--size", parts[2]],
@@ -582,7 +686,10 @@ def parse_variant(spec, cfg):
 
 
 def table3_order(variant):
-    """Static windows by k, then DPO (= adaptive m=1) and adaptive m by m, then other losses."""
+    """Static windows by k, then DPO (= adaptive m=1) and adaptive m by m, then other losses, then
+    cDPO and cADPO (Table 2's last rows) in the same order."""
+    if variant.loss in WEIGHTED:
+        return (3, *table3_order(dataclasses.replace(variant, loss=variant.loss[1:])))
     if variant.loss == "dpo":
         return (1, 1, "")
     if variant.loss == "adpo":
@@ -607,7 +714,7 @@ def variants(cfg):
     plan = []  # (label, config, folder)
     for v in chosen:
         for seed in seeds:
-            tag = f"{v.loss}_{v.family}_{v.size}" if v.loss == "adpo" else v.loss
+            tag = f"{v.loss}_{v.family}_{v.size}" if v.loss in ("adpo", "cadpo") else v.loss
             folder = os.path.join(cfg.out_dir, "compare", f"{tag}_s{seed}")
             plan.append((variant_label(v), dataclasses.replace(v, seed=seed), folder))
     return plan, baseline
@@ -642,6 +749,8 @@ def main(argv=None):
     stage_sft(cfg, run)                   # 1. SFT                    -> sft/
     if cfg.stop_after != "sft":
         stage_pairs(cfg, run)             # 2. on-policy pairs        -> pairs/
+    if cfg.stop_after == "po" and any(v.loss in WEIGHTED for _, v, _ in plan):
+        stage_contrastive(cfg, run)       # 2b. cDPO's token weights   -> cdpo/
     if cfg.stop_after == "po":
         for _, variant, folder in plan:
             stage_po(variant, run, folder)  # 3. preference stage     -> po/ or compare/<variant>/

@@ -458,7 +458,8 @@ CATALOGUE = [
     ("negative-seed", T, ["--seed", "-1"], "--seed must be >= 0, got -1"),
     ("positional", T, ["oops"], "unexpected argument 'oops': flags are --key value"),
     ("grad-accum", T, ["--grad_accum", "3", "--sft_batch_size", "8", "--po_batch_size", "4"],
-     "--grad_accum (3) must divide --sft_batch_size (8) and --po_batch_size (4)"),
+     "--grad_accum (3) must divide --sft_batch_size (8), --po_batch_size (4) and "
+     "--cdpo_batch_size (32)"),
     ("max-len-over-context", T, ["--max_len", "512", "--block_size", "128"],
      "--max_len 512 exceeds the model's context (--block_size 128)"),
     ("prompt-cannot-fit", T, ["--max_new_tokens", "128", "--block_size", "128", "--max_len", "128"],

