@@ -193,6 +193,27 @@ def test_table_2_rows_run_in_the_harness(smoke, tmp_path):
                                                                     "weights.pt"]
 
 
+def test_the_gpu_sweep_preset_at_cpu_size(tmp_path):
+    """--preset arith_gpu is paper Table 3's sweep (11 variants x 3 seeds, one SFT model, one set
+    of pairs); here at a CPU's size: the same preset with a tiny model, a few questions and the
+    task's offline pairs (a tiny model solves none of these problems to sample from)."""
+    cfg = train.parse(train.Config, ["--preset", "arith_gpu"], presets=True)
+    plan, baseline = train.variants(cfg)
+    labels = list(dict.fromkeys(label for label, _, _ in plan))
+    assert labels == ["ADPO static k=1", "ADPO static k=2", "ADPO static k=4", "ADPO static k=8",
+                      "DPO", "ADPO adaptive m=2", "ADPO adaptive m=16", "ADPO adaptive m=128",
+                      "ADPO adaptive m=256", "IPO", "SimPO"]
+    assert len(plan) == 33 and baseline == "DPO" and cfg.n_test >= 5000
+    small = dict(n_layer=1, n_head=2, n_embd=32, n_train=300, n_test=30, sft_steps=20,
+                 sft_batch_size=16, n_pair_questions=24, max_new_tokens=48, po_batch_size=8,
+                 eval_batch_size=64, dtype="float32", compile="false", seeds="0,1",
+                 compare="dpo,adpo:static:8,adpo:adaptive:256", pairs_source="offline")
+    res = train.main(["--preset", "arith_gpu", "--out_dir", str(tmp_path / "run"),
+                      *[x for k, v in small.items() for x in (f"--{k}", str(v))]])
+    assert list(res["compare"]["variants"]) == ["ADPO static k=8", "DPO", "ADPO adaptive m=256"]
+    assert res["compare"]["n_test"] == 30
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--bogus", "1"], "unknown flag --bogus"),
     (["--beta", "abc"], "--beta expects float, got 'abc'"),
