@@ -4,13 +4,15 @@ reference: tiny random-init LlamaForCausalLM (llama3 rope scaling, untied), Qwen
 q/k/v biases) and Qwen3ForCausalLM (q/k norm, head_dim, sharded) saved with save_pretrained, in
 both config.json layouts. Logits, token log-probs, ragged greedy generation, save_pretrained back
 to transformers (GPT-2 included), checkpoints, activation checkpointing, torch.compile, bf16
-autocast, the hub, refused configs; and (CUDA only) the preference step at Qwen2.5-0.5B's exact
-shape.
+autocast, the hub, refused configs; the whole pipeline on a tiny Qwen2 with a chat template; and
+(CUDA only) the preference step at Qwen2.5-0.5B's exact shape.
 """
 
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 # before anything imports huggingface_hub: tests never touch the network
@@ -20,14 +22,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 from common import read_json
 from model import GPT, GPTConfig, is_hub_id, load_checkpoint, save_checkpoint
-from tiny_hf import MODELS, hf_model, randomize_, to_hub_layout
+from tiny_hf import MODELS, hf_model, randomize_, to_hub_layout, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97  # vocabulary of the tiny models
 
 
@@ -259,6 +263,67 @@ def test_unreachable_hub_says_how_to_load_a_local_folder(monkeypatch, tmp_path):
     with pytest.raises(ConnectionError,
                        match="'Qwen/Qwen3-0.6B' is no local folder.*pass its local folder"):
         GPT.from_pretrained("Qwen/Qwen3-0.6B")
+
+
+# -----------------------------------------------------------------------------
+# the pipeline on a tiny Qwen2 with a chat template, and the export of its result
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A tiny Qwen2.5-style checkpoint: random weights, a trained tokenizer, a chat template."""
+    folder = tmp_path_factory.mktemp("tiny_qwen")
+    tok = train_tokenizer("qwen2.5", folder, vocab_size=400)
+    randomize_(hf_model("qwen2", len(tok)), seed=2, std=0.05).save_pretrained(folder)
+    return folder
+
+
+def run_train(*flags, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
+    """sft_steps 0: the checkpoint is the SFT model and the reference; pairs, ADPO and eval run
+    on chat prompts; the result exports as a Hugging Face folder that transformers loads."""
+    out = tmp_path / "run"
+    flags = ["--init_from", str(qwen_folder), "--out_dir", str(out), "--sft_steps", "0",
+             "--arith_steps", "1", "--arith_max_number", "5", "--n_train", "40", "--n_test", "8",
+             "--pairs_source", "offline", "--n_pair_questions", "16", "--max_len", "160",
+             "--max_new_tokens", "8", "--po_epochs", "1", "--po_batch_size", "4",
+             "--grad_accum", "2", "--activation_checkpointing", "true", "--eval_batch_size", "8",
+             "--ckpt_every", "2", "--log_every", "1"]
+    run_train(*flags)
+    tok = data.get_tokenizer(str(qwen_folder))
+    sft = load_checkpoint(out / "sft" / "ckpt.pt")
+    assert sft["tokenizer"] == str(qwen_folder) and sft["chat_template"] == "auto"
+    source = GPT.from_pretrained(qwen_folder)
+    for k, v in source.state_dict().items():  # sft_steps 0: the loaded checkpoint, unchanged
+        assert torch.equal(sft["model"][k], v), k
+    record = read_json(out / "po" / "eval.json")["records"][0]
+    assert "<|im_start|>user" not in record["question"]
+    pair = json.loads((out / "pairs" / "train.jsonl").read_text().splitlines()[0])
+    assert pair["prompt"].startswith("<|im_start|>system") and "\\boxed{}" in pair["prompt"]
+    first = json.loads((out / "po" / "metrics.jsonl").read_text().splitlines()[0])
+    # step 0: the policy is the reference (the same chat prompts scored the same way): all ties
+    assert first["rewards/accuracy"] == 0 and abs(first["rewards/margin"]) < 1e-4
+    # export the final model: the one-liner of the README
+    export = tmp_path / "hf"
+    code = (f"from model import GPT; GPT.from_pretrained({str(out / 'po' / 'ckpt.pt')!r})"
+            f".save_pretrained({str(export)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    auto = transformers.AutoTokenizer.from_pretrained(export)
+    ours = GPT.from_pretrained(out / "po" / "ckpt.pt").eval()
+    prompt = auto.apply_chat_template([{"role": "user", "content": "Ann has 3 pens."}],
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt == tok.encode_prompt(tok.render_chat([{"role": "user",
+                                                         "content": "Ann has 3 pens."}]))
+    with torch.no_grad():
+        assert (hf(torch.tensor([prompt])).logits - ours(torch.tensor([prompt]))).abs().max() < 1e-4
 
 
 # -----------------------------------------------------------------------------
