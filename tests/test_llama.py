@@ -11,6 +11,7 @@ autocast, the hub, refused configs; the whole pipeline on a tiny Qwen2 with a ch
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -278,25 +279,40 @@ def qwen_folder(tmp_path_factory):
     return folder
 
 
-def run_train(*flags, timeout=300):
+def run_train(*flags, launch=(), timeout=300):
+    """train.py in a fresh process (or under torchrun, `launch`) -> its stdout."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, *launch, "train.py", *flags], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return proc.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
     """sft_steps 0: the checkpoint is the SFT model and the reference; pairs, ADPO and eval run
-    on chat prompts; the result exports as a Hugging Face folder that transformers loads."""
+    on chat prompts, in one process and in two (DDP over gloo) alike; the result exports as a
+    Hugging Face folder that transformers loads."""
     out = tmp_path / "run"
-    flags = ["--init_from", str(qwen_folder), "--out_dir", str(out), "--sft_steps", "0",
+    flags = ["--init_from", str(qwen_folder), "--sft_steps", "0",
              "--arith_steps", "1", "--arith_max_number", "5", "--n_train", "40", "--n_test", "8",
              "--pairs_source", "offline", "--n_pair_questions", "16", "--max_len", "160",
              "--max_new_tokens", "8", "--po_epochs", "1", "--po_batch_size", "4",
              "--grad_accum", "2", "--activation_checkpointing", "true", "--eval_batch_size", "8",
-             "--ckpt_every", "2", "--log_every", "1"]
-    run_train(*flags)
+             "--ckpt_every", "2", "--log_every", "1", "--po_lr", "1e-2"]
+    run_train(*flags, "--out_dir", str(out))
+    ddp = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           f"--master_port={free_port()}"]
+    assert "world size 2" in run_train(*flags, "--out_dir", str(tmp_path / "ddp"), launch=ddp)
+    one, two = (load_checkpoint(d / "po" / "ckpt.pt")["model"] for d in (out, tmp_path / "ddp"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 5e-4
+    assert max((one[k] - sft_weights).abs().max().item() for k, sft_weights in
+               load_checkpoint(out / "sft" / "ckpt.pt")["model"].items()) > 1e-3  # it trained
     tok = data.get_tokenizer(str(qwen_folder))
     sft = load_checkpoint(out / "sft" / "ckpt.pt")
     assert sft["tokenizer"] == str(qwen_folder) and sft["chat_template"] == "auto"
@@ -326,6 +342,17 @@ def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
         assert (hf(torch.tensor([prompt])).logits - ours(torch.tensor([prompt]))).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("preset", ["qwen25_05b_gsm8k", "qwen3_06b_gsm8k", "llama32_1b_gsm8k"])
+def test_presets_are_valid_runs(preset):
+    import train
+    from common import parse
+    cfg = parse(train.Config, ["--preset", preset], presets=True)
+    train.validate(cfg)
+    plan, baseline = train.variants(cfg)
+    assert cfg.sft_steps == 0 and cfg.task == "gsm8k" and is_hub_id(cfg.init_from)
+    assert {label for label, _, _ in plan} == {"DPO", "ADPO adaptive m=256", "ADPO static k=4"}
+
+
 # -----------------------------------------------------------------------------
 # CUDA only: the preference step at Qwen2.5-0.5B's exact shape
 
@@ -335,41 +362,58 @@ QWEN25_05B = dict(model_type="qwen2", block_size=32768, vocab_size=151936, n_lay
                   bias=False, tie_embeddings=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_qwen25_05b_shape_preference_step_in_bf16():
-    """One GPU, bf16 autocast, activation checkpointing: 8 pairs x 512 tokens per step (as the
-    preset's micro-batches). Prints tokens/s, MFU and peak memory (pytest -s to see them)."""
-    from train import Scorer, preference_loss
+def preference_steps(config, device, B, T, steps=4):
+    """The preference step train.py runs (one forward of chosen + rejected, ADPO adaptive m=256,
+    AdamW) on random tokens, bf16 autocast, activation checkpointing, as many times as `steps`
+    -> (last loss, tokens/s of the fastest step after the first, peak memory in GiB or None)."""
     from types import SimpleNamespace
+
+    from train import Scorer, preference_loss
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**QWEN25_05B)).cuda().train()
+    model = GPT(GPTConfig(**config)).to(device).train()
     model.activation_checkpointing = True
-    optimizer = model.configure_optimizers(0.1, 1e-6, (0.9, 0.95), "cuda")
+    optimizer = model.configure_optimizers(0.1, 1e-6, (0.9, 0.95), device)
     cfg = SimpleNamespace(loss="adpo", beta=0.1, family="adaptive", size=256, gamma=0.5,
                           nll_weight=0.0)
-    B, T = 8, 512
-    idx = torch.randint(0, 151936, (2 * B, T), device="cuda")
-    mask = torch.zeros(2 * B, T, dtype=torch.bool, device="cuda")
-    mask[:, 128:] = True
+    idx = torch.randint(0, config["vocab_size"], (2 * B, T), device=device)  # chosen, rejected
+    mask = torch.zeros(2 * B, T, dtype=torch.bool, device=device)
+    mask[:, T // 4:] = True  # a prompt of T/4 tokens, then the response
     batch = dict(input_ids=idx, targets=idx.roll(-1, 1), loss_mask=mask,
-                 reference_logps=torch.full((2 * B, T), -2.0, device="cuda"))
-    score = Scorer(model)
-    torch.cuda.reset_peak_memory_stats()
+                 reference_logps=torch.full((2 * B, T), -2.0, device=device))
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(4):
-        torch.cuda.synchronize()
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.time()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = preference_loss(score, batch, cfg)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss, _ = preference_loss(Scorer(model), batch, cfg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.time() - t0)
-    assert math.isfinite(loss.item())
-    tokens_per_s = 2 * B * T / min(times[1:])
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    mfu = model.estimate_mfu(tokens_per_s, seq_len=T)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    return loss.item(), 2 * B * T / min(times[1:]), peak, model
+
+
+def test_preference_step_runs_in_bf16_with_activation_checkpointing():
+    """What the CUDA test below runs at Qwen2.5-0.5B's shape, at a tiny one on the CPU."""
+    tiny = dict(QWEN25_05B, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=48)
+    loss, tokens_per_s, _, _ = preference_steps(tiny, "cpu", B=2, T=32, steps=2)
+    assert math.isfinite(loss) and tokens_per_s > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qwen25_05b_shape_preference_step_in_bf16():
+    """One GPU: 8 pairs x 512 tokens per step (the micro-batch of the qwen25_05b_gsm8k preset).
+    Prints tokens/s, MFU and peak memory (pytest -s to see them)."""
+    loss, tokens_per_s, peak, model = preference_steps(QWEN25_05B, "cuda", B=8, T=512)
+    mfu = model.estimate_mfu(tokens_per_s, seq_len=512)
     print(f"\nQwen2.5-0.5B shape, {torch.cuda.get_device_name()}: {tokens_per_s:,.0f} tokens/s, "
-          f"MFU {mfu if mfu is None else f'{100 * mfu:.1f}%'}, peak memory {peak:.1f} GiB")
+          f"MFU {'unknown' if mfu is None else f'{100 * mfu:.1f}%'}, peak memory {peak:.1f} GiB")
+    assert math.isfinite(loss)
     assert peak < 24  # the preference stage of a 0.5B model fits one 24 GB GPU
