@@ -11,6 +11,9 @@ Prompt format (the same for every task):
     prompt   = "Question: {question}\nAnswer:"
     response = " " + worked solution, ending with a "#### <answer>" line
 The model is trained on prompt + response + EOS; only the response and its EOS are scored.
+A chat model (a Hugging Face tokenizer with a chat template, see HFTokenizer) gets the question
+as the user's turn rendered by its template instead (chat_example), and its end-of-turn token
+as the EOS.
 
 Preference pairs (lists of dicts: prompt, chosen, rejected)
   - any table with prompt / chosen / rejected string columns (TRL's convention), local or hub;

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import atomic_write
+from common import atomic_write, read_json
 
 # -----------------------------------------------------------------------------
 # config and model
@@ -613,7 +613,12 @@ class GPT(nn.Module):
                 content = f.read()
             atomic_write(os.path.join(folder, name), lambda f: f.write(content))
         dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        config = json.dumps(hf_config(self.config, dtype_name), indent=2).encode()
+        # the special token ids, as the source's generation config has them (transformers'
+        # defaults, e.g. Llama's eos 2, would be wrong)
+        generation = extra.get("generation_config.json")
+        generation = read_json(generation) if generation else {}
+        ids = {k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        config = json.dumps(dict(hf_config(self.config, dtype_name), **ids), indent=2).encode()
         atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
         return folder
 

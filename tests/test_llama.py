@@ -96,16 +96,18 @@ def test_ragged_greedy_generation_equals_transformers(loaded):
     """Prompts of different lengths decoded in one left-padded batch (per-row rotary positions,
     the GQA cache) give, token for token, what transformers' generate gives each prompt alone."""
     _, hf, _, model = loaded
-    got = model.generate(PROMPTS, 12, temperature=0)
+    hf_eos = hf.generation_config.eos_token_id  # transformers stops there: so do we
+    got = model.generate(PROMPTS, 12, temperature=0, eos_token_id=hf_eos)
     for prompt, row in zip(PROMPTS, got):
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                            pad_token_id=0)[0, len(prompt):].tolist()
         assert row == want
     assert len({tuple(r) for r in got}) > 1
-    eos = got[2][3]  # a token one row emits early: that row stops there, the others go on
+    free = model.generate(PROMPTS, 12, temperature=0)
+    eos = free[2][3]  # a token one row emits early: that row stops there, the others go on
     stopped = model.generate(PROMPTS, 12, temperature=0, eos_token_id=eos)
-    assert stopped == [r[:r.index(eos) + 1] if eos in r else r for r in got]
+    assert stopped == [r[:r.index(eos) + 1] if eos in r else r for r in free]
 
 
 def test_save_pretrained_loads_in_transformers(loaded, tmp_path):
@@ -116,7 +118,9 @@ def test_save_pretrained_loads_in_transformers(loaded, tmp_path):
     idx = ids((2, 40), 3)
     with torch.no_grad():
         assert (reloaded(idx).logits - hf(idx).logits).abs().max() < 1e-4
-    assert (tmp_path / "export" / "generation_config.json").exists()  # copied from the source
+    source = read_json(folder / "generation_config.json")  # copied, its ids in config.json too
+    assert read_json(tmp_path / "export" / "generation_config.json") == source
+    assert reloaded.config.eos_token_id == source.get("eos_token_id")
     again = GPT.from_pretrained(out).eval()  # our own export reads back
     with torch.no_grad():
         assert torch.equal(again(idx), model(idx))
@@ -416,4 +420,4 @@ def test_qwen25_05b_shape_preference_step_in_bf16():
     print(f"\nQwen2.5-0.5B shape, {torch.cuda.get_device_name()}: {tokens_per_s:,.0f} tokens/s, "
           f"MFU {'unknown' if mfu is None else f'{100 * mfu:.1f}%'}, peak memory {peak:.1f} GiB")
     assert math.isfinite(loss)
-    assert peak < 24  # the preference stage of a 0.5B model fits one 24 GB GPU
+    assert peak < 20  # the preference stage of a 0.5B model fits one 24 GB GPU, with room

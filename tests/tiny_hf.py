@@ -164,7 +164,8 @@ def hf_model(kind, vocab_size, seed=1):
                    qwen2=(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                    qwen3=(transformers.Qwen3Config, transformers.Qwen3ForCausalLM))
     config_class, model_class = classes[kind]
-    config = config_class(vocab_size=vocab_size, **SHAPE, **MODELS[kind])
+    config = config_class(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **SHAPE,
+                          **MODELS[kind])
     torch.manual_seed(0)
     return randomize_(model_class(config), seed)
 
