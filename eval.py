@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
                     read_json, read_jsonl, read_run_file, setup, write_json)
-from data import (encode_pairs, extract_answer, get_tokenizer, is_correct, load_pairs, load_split,
-                  preference_batch)
+from data import (encode_pairs, encode_prompt, extract_answer, get_tokenizer, has_hf_tokenizer,
+                  is_correct, load_pairs, load_split, preference_batch)
 from loss import LOSSES, preference_metrics
 from model import GPT, load_checkpoint
 
@@ -38,16 +38,20 @@ from model import GPT, load_checkpoint
 # models and their tokenizers
 
 
-def tokenizer_for(source, name="auto"):
-    """--tokenizer auto: byte for a model trained from scratch, the one our checkpoint records,
-    else GPT-2's."""
+def tokenizer_for(source, name="auto", chat_template="auto"):
+    """--tokenizer auto: byte for a model trained from scratch, the one our checkpoint records
+    (with its --chat_template), a Hugging Face folder's or hub repo's own, else GPT-2's."""
     if name != "auto":
-        return get_tokenizer(name)
+        return get_tokenizer(name, chat_template)
     if source == "scratch":
         return get_tokenizer("byte")
     path = source if os.path.isfile(source) else os.path.join(source, "ckpt.pt")
-    recorded = load_checkpoint(path).get("tokenizer") if os.path.isfile(path) else None
-    return get_tokenizer(recorded or "gpt2")
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        return get_tokenizer(ckpt.get("tokenizer") or "gpt2", ckpt.get("chat_template", "auto"))
+    if has_hf_tokenizer(source):
+        return get_tokenizer(source, chat_template)
+    return get_tokenizer("gpt2")
 
 
 def uses_eos_pad(cfg):
@@ -70,7 +74,7 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {model.config.block_size} tokens")
-    encoded = [tok.encode_ordinary(p) for p in prompts]
+    encoded = [encode_prompt(tok, p) for p in prompts]
     cut = [len(ids) > room for ids in encoded]
     encoded = [ids[-room:] for ids in encoded]
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
@@ -128,7 +132,7 @@ def accuracy_of(records, maj_k=1):
 def evaluate_test(model, tok, cfg, run):
     """Greedy accuracy (and maj@k) on the test split cfg describes, the questions split over the
     ranks -> (metrics, records in test order). cfg: a train.py Config or an EvalConfig."""
-    test = load_split(cfg, getattr(cfg, "split", "test"))
+    test = load_split(cfg, getattr(cfg, "split", "test"), tok)
     mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
                  batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
                  progress=run.master)
@@ -435,7 +439,8 @@ class EvalConfig:
     arith_ops: str = "+-"
     n_train: int = 4000
     n_test: int = 3000          # test questions (0 = all)
-    tokenizer: str = "auto"     # auto: the one the checkpoint records, else gpt2
+    tokenizer: str = "auto"     # auto: the one the checkpoint records, an HF model's own, else gpt2
+    chat_template: str = "auto"  # an HF model's prompts through its chat template (auto) or not
     max_new_tokens: int = 96
     eval_batch_size: int = 128
     maj_k: int = 1              # maj@k (samples at temperature 0.7) as well as greedy accuracy
@@ -491,7 +496,7 @@ def main(argv=None):
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
     model = GPT.from_pretrained(cfg.ckpt).to(run.device).eval()
-    tok = tokenizer_for(cfg.ckpt, cfg.tokenizer)
+    tok = tokenizer_for(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
     need(tok.n_vocab <= model.config.vocab_size,
          f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but {cfg.ckpt} has a vocabulary of "
          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")

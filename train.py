@@ -59,7 +59,10 @@ class Config:
     stop_after: str = "po"      # sft | pairs | po: the stages up to this one (re-run to continue)
     # model
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
-    tokenizer: str = "auto"     # auto (byte for scratch, gpt2 otherwise) | byte | gpt2
+                                # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
+    tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
+    chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory
     n_layer: int = 4            # scratch only
     n_head: int = 4
     n_embd: int = 96
@@ -121,7 +124,7 @@ class Config:
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
 RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
-            "ckpt_every")
+            "ckpt_every", "activation_checkpointing")
 STAGES = ("sft", "pairs", "po")
 
 
@@ -136,6 +139,8 @@ def validate(cfg):
     need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
     need(cfg.tokenizer in ("auto", "byte", "gpt2"),
          f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
+    need(cfg.chat_template in ("auto", "none"),
+         f"--chat_template {cfg.chat_template!r}: expected auto or none")
     for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
               "eval_batch_size", "n_samples",
               "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
@@ -314,6 +319,7 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
                           if run.device_type == "cuda" else None)
     if cfg.compile:
         score = torch.compile(score)
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     for step in range(start, len(order)):
         t0 = time.time()
@@ -419,7 +425,8 @@ def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
 
     train(model, out, order, make_batch, sft_loss, lr, cfg, run)
     if run.master:
-        save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name)
+        save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name,
+                        chat_template=cfg.chat_template)
     drop_training_state(out, run)
 
 
@@ -427,11 +434,11 @@ def stage_sft(cfg, run):
     """1. SFT: the model learns the worked solutions of the training questions -> DIR/sft/"""
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        tok = tokenizer_for(cfg.init_from, cfg.tokenizer)
+        tok = tokenizer_for(cfg.init_from, cfg.tokenizer, cfg.chat_template)
         torch.manual_seed(cfg.seed)  # the initial weights of a model trained from scratch
         model = build_model(cfg, tok).to(run.device)
-        finetune(model, load_split(cfg, "train"), tok, out, cfg.sft_steps, cfg.sft_batch_size,
-                 cfg.sft_lr, cfg, run)
+        finetune(model, load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
+                 cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
 
@@ -441,10 +448,10 @@ def sample_pairs(cfg, run, out):
     gold answer, one pair per question (data.pairs_from_samples). Each chunk of questions is a file
     of its own: a killed run keeps what it sampled, and chunk c is sampled with
     seed_for(seed, "pairs", c) whichever rank and run samples it."""
-    questions = load_split(cfg, "train")[:cfg.n_pair_questions or None]
     ckpt = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
     model = GPT.from_pretrained(ckpt).to(run.device).eval()
     tok = tokenizer_for(ckpt)
+    questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
     files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in starts}
@@ -476,7 +483,8 @@ def stage_pairs(cfg, run):
         pairs, sampled = sample_pairs(cfg, run, out)
         stats.update(sampled)
     elif cfg.pairs_source == "offline":
-        questions = load_split(cfg, "train")[:cfg.n_pair_questions or None]
+        tok = tokenizer_for(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
+        questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
         pairs = make_arith_pairs(questions, seed=cfg.seed)
     else:
         pairs = load_pairs(cfg.pairs_source, split="train")
@@ -650,7 +658,8 @@ def stage_po(cfg, run, out):
         train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
               cfg, run)
         if run.master:
-            save_checkpoint(os.path.join(out, "ckpt.pt"), policy, tokenizer=tok.name)
+            save_checkpoint(os.path.join(out, "ckpt.pt"), policy, tokenizer=tok.name,
+                            chat_template=cfg.chat_template)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run, pairs=(rows, val_rows, reference))
 

@@ -1,0 +1,205 @@
+"""
+Tests for data.py's Hugging Face tokenizers: a byte-level BPE tokenizer.json (trained here with the
+`tokenizers` library in the styles of Qwen2.5, Qwen3 and Llama-3) read as a tiktoken Encoding gives
+the ids of Hugging Face's tokenizers and decodes back to the text; chat templates render as
+transformers' apply_chat_template; end-of-text / end-of-turn ids; what is refused; chat prompts in
+the data pipeline; grading of instruct models' answers.
+"""
+
+import json
+import os
+import random
+import shutil
+import unicodedata
+from types import SimpleNamespace
+
+# before anything imports huggingface_hub: tests never touch the network
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+
+import data
+from tiny_hf import STYLES, corpus, train_tokenizer
+
+pytest.importorskip("transformers")
+
+TEXTS = [
+    "Tom has 12 pens. He buys 7, then gives away 5.\n#### 14",
+    "1234567890 3.14159 -42 $1,000,000 2024-07-26",               # digits: 1 (Qwen) or 3 (Llama)
+    "héllo wörld 東京タワー 😀🙂 naïve Ünïcödé",                    # multi-byte, unseen characters
+    "e\u0301 vs \u00e9",                                          # NFC changes the first (Qwen)
+    "  two   spaces\t\ttabs\n\n\nnewlines   \r\n trailing  ",     # whitespace runs
+    "it's they're WE'LL I'M",                                     # contractions, case-insensitive
+    "<|im_start|>user\nhi<|im_end|>\n<think>\nx\n</think> <tool_call>",  # special and added tokens
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+    "",
+    " ",
+    "a" * 300,
+]
+
+
+@pytest.fixture(scope="module", params=sorted(STYLES))
+def tok_folder(request, tmp_path_factory):
+    """(style, folder holding tokenizer.json + tokenizer_config.json + chat_template.jinja)"""
+    folder = tmp_path_factory.mktemp(request.param.replace(".", ""))
+    train_tokenizer(request.param, folder)
+    return request.param, folder
+
+
+def test_ids_match_hugging_face_and_decode_back(tok_folder):
+    from tokenizers import Tokenizer
+    style, folder = tok_folder
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = data.get_tokenizer(str(folder))
+    assert tok.n_vocab == hf.get_vocab_size()
+    for text in TEXTS:
+        ids = tok.encode(text, allowed_special="all")  # Hugging Face matches special tokens too
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == (unicodedata.normalize("NFC", text) if style != "llama3"
+                                   else text)
+    # random pieces of the training text and of text it never saw (this file's source)
+    rng = random.Random(0)
+    source = "".join(corpus()[-5:]) + open(data.__file__, encoding="utf-8").read()
+    for _ in range(300):
+        start = rng.randrange(len(source))
+        text = source[start:start + rng.randint(1, 120)]
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, allowed_special="all") == want, text
+        if "<|" not in text:  # no special token to treat as text: encode_ordinary is the same
+            assert tok.encode_ordinary(text) == want, text
+    assert len(tok.encode_ordinary("<|im_end|>")) > 1  # special tokens: only when allowed
+    if style == "qwen3":  # added tokens that are not special are matched, as Hugging Face does
+        assert tok.encode_ordinary("<think>") == [hf.token_to_id("<think>")]
+
+
+def test_prompt_ids_and_special_ids_match_transformers(tok_folder):
+    from transformers import AutoTokenizer
+    style, folder = tok_folder
+    auto = AutoTokenizer.from_pretrained(folder)
+    tok = data.get_tokenizer(str(folder))
+    for text in TEXTS:  # the BOS Llama-3 puts in front...
+        if not text.startswith("<|begin_of_text|>"):
+            assert tok.encode_prompt(text) == auto(text).input_ids, text
+    if style == "llama3":  # ...once (a rendered chat template starts with it: see below)
+        assert tok.encode_prompt("<|begin_of_text|>hi") == tok.encode_prompt("hi")
+    assert tok.eos_token_id == auto.eos_token_id
+    end_of_turn = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
+    assert tok.eot_token == tok.end_of_turn_id == auto.convert_tokens_to_ids(end_of_turn)
+    plain = data.get_tokenizer(str(folder), chat_template="none")
+    assert plain.chat_template is None and not data.uses_chat(plain)
+    assert plain.eot_token == plain.eos_token_id == auto.eos_token_id
+    with pytest.raises(ValueError, match="chat_template must be 'auto' or 'none'"):
+        data.get_tokenizer(str(folder), chat_template="yes")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+3?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 東京"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}],
+]
+
+
+def test_chat_template_renders_like_apply_chat_template(tok_folder):
+    from transformers import AutoTokenizer
+    style, folder = tok_folder
+    auto = AutoTokenizer.from_pretrained(folder)
+    tok = data.get_tokenizer(str(folder))
+    # transformers passes today's date to Llama-3's template; ours renders its fixed default
+    extra = dict(date_string="26 Jul 2024", enable_thinking=False)
+    for messages in CONVERSATIONS:
+        text = tok.render_chat(messages)
+        assert text == auto.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True, **extra)
+        ids = auto.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                       return_dict=True, **extra)["input_ids"]
+        assert tok.encode_prompt(text) == ids
+    if style == "qwen3":
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # no thinking
+
+
+def test_chat_prompts_and_masks_in_the_pipeline(tok_folder):
+    style, folder = tok_folder
+    tok = data.get_tokenizer(str(folder))
+    cfg = SimpleNamespace(task="arith", arith_steps=2, arith_max_number=10, arith_ops="+-",
+                          n_train=5, n_test=5, task_seed=0)
+    plain = data.load_split(cfg, "train")
+    chat = data.load_split(cfg, "train", tok)
+    for p, c in zip(plain, chat):
+        turn = [{"role": "user", "content": f"{p['question']}\n{data.CHAT_INSTRUCTION}"}]
+        assert c["prompt"] == tok.render_chat(turn) and c["response"] == p["response"].lstrip()
+    assert data.load_split(cfg, "train", data.get_tokenizer(str(folder), "none")) == plain
+    rows, _ = data.encode_sft(chat, tok, max_len=512)
+    batch = data.sft_batch(rows, pad_id=tok.eot_token)
+    for b, (row, ex) in enumerate(zip(rows, chat)):
+        assert row["prompt_ids"] == tok.encode_prompt(ex["prompt"])
+        scored = batch["targets"][b][batch["loss_mask"][b]].tolist()
+        assert scored == row["response_ids"] and scored[-1] == tok.end_of_turn_id
+        assert tok.decode(scored[:-1]) == ex["response"]
+
+
+def edited(folder, tmp_path, edit):
+    """A copy of a tokenizer folder whose tokenizer.json went through edit(spec)."""
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    edit(spec)
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return str(out)
+
+
+REFUSED = {  # tokenizers that are not byte-level BPE, or that tiktoken cannot reproduce
+    "wordpiece": lambda s: s["model"].update(type="WordPiece"),
+    "byte_fallback": lambda s: s["model"].update(byte_fallback=True),
+    "metaspace": lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}),
+    "lowercase": lambda s: s.update(normalizer={"type": "Lowercase"}),
+    "two_splits": lambda s: s["pre_tokenizer"]["pretokenizers"].insert(
+        0, {"type": "Split", "pattern": {"Regex": "\\d"}, "behavior": "Isolated",
+            "invert": False}),
+    "sentencepiece_vocab": lambda s: s["model"]["vocab"].update({"▁the": 10 ** 6}),
+    "lstrip": lambda s: s["added_tokens"][0].update(lstrip=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_refuses_what_is_not_byte_level_bpe(tok_folder, tmp_path, kind):
+    _, folder = tok_folder
+    with pytest.raises(ValueError, match=r"tokenizer\.json: .*only byte-level BPE tokenizers"):
+        data.get_tokenizer(edited(folder, tmp_path, REFUSED[kind]))
+
+
+def test_missing_files_and_offline_hub(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json; only byte-level BPE"):
+        data.get_tokenizer(str(tmp_path))
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # real client, empty cache
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="hub cannot be reached.*pass its local folder"):
+        data.get_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
+    with pytest.raises(ValueError, match="'gpt2', 'byte', or a Hugging Face folder or hub id"):
+        data.get_tokenizer("qwen")
+
+
+def test_has_hf_tokenizer(tok_folder, tmp_path):
+    _, folder = tok_folder
+    assert data.has_hf_tokenizer(str(folder))
+    assert data.has_hf_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
+    assert not data.has_hf_tokenizer("gpt2") and not data.has_hf_tokenizer("openai-community/gpt2")
+    gpt2 = tmp_path / "gpt2"  # a GPT-2 folder keeps tiktoken's gpt2 encoding, as before
+    shutil.copytree(folder, gpt2)
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert not data.has_hf_tokenizer(str(gpt2))
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("so 3+4=7.\nThe final answer is $\\boxed{7}$.", "7"),
+    ("\\[\\boxed{1,080}\\] Note that 3 pens cost 12.", "1080"),       # numbers after the box
+    ("first \\boxed{5}, then corrected: \\boxed{6}", "6"),           # the last box
+    ("\\boxed{\\$18.00}", "18"),
+    ("\\boxed{\\text{42 apples}}", "42"),                            # one level of nesting
+    ("\\boxed{-3}", "-3"),
+    ("#### 8\nso \\boxed{9}", "8"),                                   # GSM8K's #### comes first
+])
+def test_extract_answer_reads_boxed_answers(text, answer):
+    assert data.extract_answer_ex(text) == (answer, False)
+    assert data.is_correct(text, answer)

@@ -1,0 +1,187 @@
+"""
+Tiny Hugging Face checkpoints built on the spot (the hub is never contacted): byte-level BPE
+tokenizers trained with the `tokenizers` library in the styles of Qwen2.5 / Qwen3 and Llama-3
+(their split regexes, special tokens, chat templates), and random-init LlamaForCausalLM,
+Qwen2ForCausalLM and Qwen3ForCausalLM folders written by transformers' save_pretrained, in the
+layout transformers 5 writes or in the hub's. Shared by test_tokenizer.py and test_llama.py.
+"""
+
+import json
+import os
+
+import torch
+
+import data
+
+QWEN2_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+             r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Qwen2.5-Instruct's template, without its tool-calling branches
+QWEN25_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. '
+        + 'You are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first)
+           or (message.role == "assistant") %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Qwen3's way of switching thinking off, on a ChatML template
+QWEN3_TEMPLATE = """{%- for message in messages %}
+    {%- if message.role == "assistant" %}
+        {{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'
+            + message.content.lstrip('\\n') + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+# Llama-3.1/3.2-Instruct's template, without its tool-calling branches
+LLAMA3_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'
+        + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+STYLES = {  # split regex, NFC?, special tokens, non-special added tokens, template, bos, eos, pad
+    "qwen2.5": (QWEN2_PAT, True, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                ["<tool_call>", "</tool_call>"], QWEN25_TEMPLATE, None, "<|im_end|>",
+                "<|endoftext|>"),
+    "qwen3": (QWEN2_PAT, True, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              ["<think>", "</think>"], QWEN3_TEMPLATE, None, "<|im_end|>", "<|endoftext|>"),
+    "llama3": (LLAMA3_PAT, False, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                   "<|end_header_id|>", "<|eot_id|>"],
+               [], LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>", None),
+}
+
+
+def corpus():
+    """Text to train the tiny tokenizers on: arithmetic problems, prose, unicode, code."""
+    problems = [ex["prompt"] + ex["response"] for ex in data.generate_arith("train", n=300)]
+    return problems + [
+        "The quick brown fox jumps over the lazy dog. It's 3.14, isn't it? We'll see; I'm sure.",
+        "héllo wörld Ünïcödé façade naïve 東京タワー ∑∫√ 😀🙂 e\u0301 — «quotes» ‘single’",
+        "def f(x):\n    return x ** 2  # square\n\n\tindented\r\nwindows line\n" * 3,
+        "$1,000,000 and 12.50% of 7/8 equals -0.4375; 2024-07-26 12:30:45",
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+    ] * 5
+
+
+def train_tokenizer(style, folder, vocab_size=700):
+    """A byte-level BPE tokenizer in `style`, saved by transformers (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja); returns the transformers tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
+        processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    pattern, nfc, specials, plain, template, bos, eos, pad = STYLES[style]
+    tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    tok.add_special_tokens(specials)  # after the vocabulary, as in the real checkpoints
+    tok.add_tokens(plain)
+    if bos:  # Llama-3's tokenizer puts <|begin_of_text|> before every text
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                 pad_token=pad)
+    hf.chat_template = template
+    hf.save_pretrained(folder)
+    return hf
+
+
+def randomize_(model, seed, std=0.2):
+    """Every weight random (norm gains around 1), so a weight that is not loaded shows up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + ("norm" in name))
+    return model.eval()
+
+
+SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256)
+MODELS = {  # the three families, each with what makes it differ from the others
+    "llama": dict(num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=500.0, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16)),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=False),
+}
+
+
+def hf_model(kind, vocab_size, seed=1):
+    """A random-init transformers model of one family (float32, eval mode)."""
+    import transformers
+    classes = dict(llama=(transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                   qwen2=(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                   qwen3=(transformers.Qwen3Config, transformers.Qwen3ForCausalLM))
+    config_class, model_class = classes[kind]
+    config = config_class(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **SHAPE,
+                          **MODELS[kind])
+    torch.manual_seed(0)
+    return randomize_(model_class(config), seed)
+
+
+def to_hub_layout(folder):
+    """Rewrite a config.json from transformers 5's layout (rope_parameters) to the hub's
+    (rope_theta and rope_scaling at the top level, torch_dtype), as the Llama/Qwen repos have it."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.pop("rope_type") == "llama3" else None
+    if cfg["rope_scaling"]:
+        cfg["rope_scaling"]["rope_type"] = "llama3"
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    cfg.pop("layer_types", None)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
