@@ -24,6 +24,7 @@ against.
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -694,9 +695,12 @@ def _local_weight_files(folder):
         return [single]
     # save_pretrained shards big models; the index maps each key to a shard
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards]
+        saved = read_json(index)
+        weight_map = saved.get("weight_map") if isinstance(saved, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map (expected the index save_pretrained writes: "
+                             f"{{\"weight_map\": {{key: shard file}}}})")
+        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         return [os.path.join(folder, "pytorch_model.bin")]
     raise FileNotFoundError(f"{folder}: no model weights found; "
@@ -733,8 +737,9 @@ def _download_from_hub(name):
 def _config_from_hf(config_path):
     """GPTConfig from an HF config.json (GPT-2 here, the Llama family in _llama_config);
     refuse anything this model would silently compute differently."""
-    with open(config_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(config_path)  # a broken file names itself
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path}: expected a JSON object (a Hugging Face config)")
     if cfg.get("model_type") in MODEL_TYPES[1:]:
         return _llama_config(cfg, config_path)
 
@@ -848,13 +853,21 @@ def llama_keys(config):
 
 def _read_weights(paths):
     """{key: (tensor, file)} from safetensors or pytorch_model.bin files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     raw = {}
     for path in paths:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            if path.endswith(".safetensors"):
+                part = load_file(path)
+            else:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file (named by the folder's index)") from None
+        except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            raise ValueError(f"{path}: not a readable weight file (truncated or corrupt? "
+                             f"{reason})") from None
         raw.update({k: (v, path) for k, v in part.items()})
     return raw
 

@@ -440,6 +440,16 @@ def files(tmp_path_factory):
                                   '{"prompt": "Q", "chosen": "a", "rejected": "c"} x'])
     (d / "orphan_run").mkdir()  # stage folders whose config.json was deleted
     (d / "orphan_run" / "sft").mkdir()
+    for name in ("hf_truncated", "hf_bin_truncated", "hf_no_weight_map", "hf_bad_config"):
+        ok.save_pretrained(d / name, tokenizer="none")
+    st = (d / "hf_truncated" / "model.safetensors").read_bytes()
+    (d / "hf_truncated" / "model.safetensors").write_bytes(st[:len(st) // 2])
+    os.remove(d / "hf_bin_truncated" / "model.safetensors")
+    torch.save({"transformer.wte.weight": torch.zeros(257, 16)}, d / "pt.bin")
+    (d / "hf_bin_truncated" / "pytorch_model.bin").write_bytes((d / "pt.bin").read_bytes()[:100])
+    os.remove(d / "hf_no_weight_map" / "model.safetensors")
+    (d / "hf_no_weight_map" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    (d / "hf_bad_config" / "config.json").write_text('{"n_layer": 1,')
     return d
 
 
@@ -551,6 +561,17 @@ CATALOGUE = [
      "--beta must be a finite number, got nan"),
     ("pairs-trailing-data", T, ["--pairs_source", "{d}/pairs_trailing.json"],
      "pairs_trailing.json: could not read it as json (line 2: invalid JSON, Extra data"),
+    ("hf-truncated-safetensors", T, ["--init_from", "{d}/hf_truncated", "--tokenizer", "byte"],
+     "hf_truncated/model.safetensors: not a readable weight file (truncated or corrupt?"),
+    ("hf-truncated-bin", T, ["--init_from", "{d}/hf_bin_truncated", "--tokenizer", "byte"],
+     "hf_bin_truncated/pytorch_model.bin: not a readable weight file (truncated or corrupt?"),
+    ("hf-index-without-weight-map", T,
+     ["--init_from", "{d}/hf_no_weight_map", "--tokenizer", "byte"],
+     "hf_no_weight_map/model.safetensors.index.json: no weight_map"),
+    ("hf-config-not-json", T, ["--init_from", "{d}/hf_bad_config", "--tokenizer", "byte"],
+     "hf_bad_config/config.json: not valid JSON"),
+    ("eval-hf-truncated", E, ["--ckpt", "{d}/hf_truncated", "--tokenizer", "byte"],
+     "hf_truncated/model.safetensors: not a readable weight file"),
     ("config-deleted", T, ["--out_dir", "{d}/orphan_run", "--loss", "dpo"],
      "orphan_run holds files but no config.json (sft): nothing says which config made them"),
 ]
