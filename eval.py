@@ -47,7 +47,7 @@ def tokenizer_for(source, name="auto", chat_template="auto"):
         return get_tokenizer("byte")
     path = source if os.path.isfile(source) else os.path.join(source, "ckpt.pt")
     if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, mmap=True)  # the weights stay on disk
         return get_tokenizer(ckpt.get("tokenizer") or "gpt2", ckpt.get("chat_template", "auto"))
     if has_hf_tokenizer(source):
         return get_tokenizer(source, chat_template)
@@ -515,7 +515,8 @@ def main(argv=None):
     if cfg.task != "none":
         metrics, records = evaluate_test(model, tok, cfg, run)
         result.update(metrics, records=records)
-        shown = {k: f"{100 * v:.1f}%" for k, v in metrics.items() if k != "correct" and k != "n"}
+        shown = {k: f"{100 * v:.1f}%" for k, v in metrics.items()
+                 if k == "accuracy" or k.startswith("maj@")}
         row = [cfg.ckpt, cfg.task, metrics["n"], *shown.values()]
         print0(markdown_table(["checkpoint", "task", "n", *shown], [row]))
     if pairs:

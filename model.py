@@ -1026,14 +1026,15 @@ def _config_dict(config):
             if k not in LLAMA_FIELDS or v != defaults[k]}
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """Read a checkpoint written by save_checkpoint ->
-    dict(format, config, model, optimizer?, **extra)."""
+    dict(format, config, model, optimizer?, **extra). mmap=True maps the tensors lazily instead of
+    reading them (cheap when only the extras are wanted)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     try:
-        ckpt = torch.load(path, map_location=map_location,
+        ckpt = torch.load(path, map_location=map_location, mmap=mmap,
                           weights_only=True)  # never runs pickled code
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]

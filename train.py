@@ -3,13 +3,14 @@ The main job: SFT, then on-policy preference pairs, then preference optimisation
 
     python train.py                                  # embedded default: tiny GPT from scratch, CPU
     python train.py --preset smoke --out_dir out/s   # every stage in seconds (what the tests run)
-    python train.py --loss dpo --out_dir out/dpo     # another loss: dpo | adpo | ipo | simpo
+    python train.py --loss dpo --out_dir out/dpo     # dpo | adpo | ipo | simpo | cdpo | cadpo
     python train.py --family adaptive --size 256     # ADPO's headline granularity (paper Table 2)
     python train.py --family static --size 4         # static windows of 4 tokens (paper Table 3)
     python train.py --preset gpt2_gsm8k              # GPT-2 124M on GSM8K, one GPU
     python train.py --stop_after sft                 # the stages up to SFT; re-run to continue
     python train.py --compare dpo,adpo,adpo:static:4,adpo:adaptive:16,ipo,simpo --seeds 0,1,2
                                                      # Table 3 in miniature: same SFT, same pairs
+    python train.py --preset arith_gpu               # Table 3's sweep, sized for one GPU
     torchrun --nproc_per_node=2 train.py ...         # data parallel over 2 GPUs (or CPU processes)
 
 Every flag is a field of `Config` below (`--key value`); `--preset NAME` loads presets/NAME.json
@@ -19,6 +20,7 @@ writes its own; re-running the same command on a run folder resumes it where it 
     DIR/config.json          the resolved config: a run folder belongs to one config
     DIR/sft/                 ckpt.pt (the reference of stage 3), metrics.jsonl, eval.json
     DIR/pairs/               train.jsonl, val.jsonl (held out), stats.json, samples_*.jsonl
+    DIR/cdpo/                positive/, negative/ (cDPO's two models), weights.pt: cdpo/cadpo only
     DIR/po/                  ckpt.pt, reference_logps.pt, metrics.jsonl, eval.json
     DIR/compare/<variant>/   like po/, one folder per variant and seed (--compare)
     DIR/summary.json         read back from the folders at the end (+ curves.png, compare.md)
