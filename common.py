@@ -16,10 +16,12 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
+import threading
 import uuid
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -208,10 +210,36 @@ def seed_for(*parts):
 # files: written atomically, read with errors that name the file
 
 
+@contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C until the block is done. Python raises KeyboardInterrupt wherever it happens to
+    be, even inside torch.save's C++ zip writer, which turns it into a RuntimeError and a traceback;
+    a write finishes first instead. (Signal handlers live in the main thread only.)"""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # None: a handler set outside Python, which cannot be put back
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(*caught[0])  # Python's own handler raises KeyboardInterrupt here, after the write
+    elif caught and previous == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def atomic_write(path, write):
     """Call write(f) on a binary temp file beside `path`, fsync it, then rename it over `path`: a
-    kill or a full disk leaves the previous file (or none), never half of one. The temp file of a
-    write that was killed is removed by the next write of the same file."""
+    kill or a full disk leaves the previous file (or none), never half of one; Ctrl-C waits for the
+    rename. The temp file of a write that was killed is removed by the next write of the file."""
+    with interrupts_deferred():
+        _atomic_write(path, write)
+
+
+def _atomic_write(path, write):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

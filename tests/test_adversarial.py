@@ -154,9 +154,11 @@ def test_a_full_disk_during_a_checkpoint_save_says_the_files_are_intact(tmp_path
 
 def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
+    # a shell's background job (`cmd &`) starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "train.py", *tiny(out, sft_steps=300)], cwd=ROOT,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "sft" / "state.pt").exists() and time.time() < deadline:
         time.sleep(0.05)

@@ -1,12 +1,14 @@
 """The plumbing every script shares (common.py): flags, setup, seeds, files, the error wrapper."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import common
 from common import ConfigError, parse
@@ -90,6 +92,27 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
         common.atomic_write(path, broken)
     assert common.read_json(path) == {"a": 1}
     assert os.listdir(path.parent) == ["f.json"]  # no temp file left behind
+
+
+def test_ctrl_c_during_a_torch_save_waits_for_the_file(tmp_path):
+    """A SIGINT that lands inside torch.save's zip writer (here: raised from one of its writes)
+    used to come out as a RuntimeError from C++; the write now finishes, then Ctrl-C is raised."""
+    path = tmp_path / "state.pt"
+
+    def save_hit_by_ctrl_c(f):
+        real_write, calls = f.write, [0]
+
+        def write(data):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered at once, to this main thread
+            return real_write(data)
+        f.write = write
+        torch.save({"w": torch.arange(1000.0)}, f)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(path, save_hit_by_ctrl_c)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(1000.0))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_reading_broken_files_names_them(tmp_path):
