@@ -31,7 +31,7 @@ from common import (all_gather, atomic_write, barrier, cli, markdown_table, need
                     read_json, read_jsonl, read_run_file, setup, write_json)
 from data import (encode_pairs, encode_prompt, extract_answer, get_tokenizer, has_hf_tokenizer,
                   is_correct, load_pairs, load_split, preference_batch)
-from loss import LOSSES, preference_metrics
+from loss import LOSSES, SEGMENTED, preference_metrics
 from model import GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -55,8 +55,9 @@ def tokenizer_for(source, name="auto", chat_template="auto"):
 
 
 def uses_eos_pad(cfg):
-    """The paper pads the shorter response of a pair with EOS for the static family only."""
-    return cfg.eos_pad and cfg.loss == "adpo" and cfg.family == "static"
+    """The paper pads the shorter response of a pair with EOS for the static family only (ADPO's,
+    and cADPO's, which is ADPO with token weights)."""
+    return cfg.eos_pad and cfg.loss in SEGMENTED and cfg.family == "static"
 
 # -----------------------------------------------------------------------------
 # generation and accuracy

@@ -379,3 +379,5 @@ LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_lo
           "cdpo": cdpo_loss, "cadpo": cadpo_loss}
 # the losses that take cDPO's contrastive token weights (train.py computes them first)
 WEIGHTED = ("cdpo", "cadpo")
+# the losses with a granularity (family, size): ADPO's segments
+SEGMENTED = ("adpo", "cadpo")

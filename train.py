@@ -46,7 +46,7 @@ from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, 
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, row_lengths,
                   sft_batch, split_pairs)
 from eval import complete, evaluate_stage, pair_logps, report_run, tokenizer_for, uses_eos_pad
-from loss import LOSSES, WEIGHTED, chosen_nll, contrastive_weights, preference_metrics
+from loss import LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, preference_metrics
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
@@ -671,7 +671,7 @@ def stage_po(cfg, run, out):
 
 
 def variant_label(cfg):
-    if cfg.loss not in ("adpo", "cadpo"):
+    if cfg.loss not in SEGMENTED:
         return {"simpo": "SimPO", "cdpo": "cDPO"}.get(cfg.loss, cfg.loss.upper())
     name = {"adpo": "ADPO", "cadpo": "cADPO"}[cfg.loss]
     return f"{name} {cfg.family} {'k' if cfg.family == 'static' else 'm'}={cfg.size}"
@@ -681,7 +681,7 @@ def parse_variant(spec, cfg):
     """'dpo' | 'ipo' | 'simpo' | 'cdpo' | 'adpo' | 'adpo:static:4' | 'cadpo:adaptive:256' ->
     its Config (a loss name alone keeps the config's family and size)"""
     parts = spec.strip().split(":")
-    segmented = parts[0] in ("adpo", "cadpo")
+    segmented = parts[0] in SEGMENTED
     need(parts[0] in LOSSES and (len(parts) == 1 or (len(parts) == 3 and segmented)),
          f"--compare: bad variant {spec!r}: expected a loss name ({', '.join(sorted(LOSSES))}) "
          f"or adpo|cadpo:<static|adaptive>:<size>")
@@ -725,7 +725,7 @@ def variants(cfg):
     plan = []  # (label, config, folder)
     for v in chosen:
         for seed in seeds:
-            tag = f"{v.loss}_{v.family}_{v.size}" if v.loss in ("adpo", "cadpo") else v.loss
+            tag = f"{v.loss}_{v.family}_{v.size}" if v.loss in SEGMENTED else v.loss
             folder = os.path.join(cfg.out_dir, "compare", f"{tag}_s{seed}")
             plan.append((variant_label(v), dataclasses.replace(v, seed=seed), folder))
     return plan, baseline

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval as eval_
 import train
 from data import encode_pairs, get_tokenizer
 from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss
@@ -63,6 +64,29 @@ def test_unit_weights_give_dpo_and_adpo_exactly():
         assert torch.equal(cadpo_loss(*six, beta=0.3, family=family, size=size,
                                       rejected_weights=ones)[0],
                            adpo_loss(*six, beta=0.3, family=family, size=size)[0])
+
+
+def test_cadpo_static_pads_with_eos_like_adpo_static_and_unit_weights_give_its_step():
+    """The paper's EOS padding of the static family holds for cADPO too (--eos_pad false turns it
+    off), and through train.py's batches cADPO with weights 1 takes ADPO's step exactly."""
+    policy, reference, tok = train.Scorer(tiny_gpt(5)), tiny_gpt(6), get_tokenizer("byte")
+    pairs = [dict(prompt="Question: 2+3?\nAnswer:", chosen=" 5", rejected=" 2+3=6\n#### 6"),
+             dict(prompt="Question: 7-1?\nAnswer:", chosen=" 7-1=6\n#### 6", rejected=" 8")]
+    rows, _ = encode_pairs(pairs, tok, max_len=64)
+    ones = [torch.ones(len(row["rejected_ids"])) for row in rows]
+    for eos_pad in (True, False):
+        steps = []
+        for loss in ("adpo", "cadpo"):
+            cfg = train.Config(loss=loss, family="static", size=2, beta=0.3, eos_pad=eos_pad)
+            ref = eval_.pair_logps(reference, rows, tok.eot_token, eos_pad=eval_.uses_eos_pad(cfg),
+                                   progress=False)
+            batch = train.pair_batch(rows, ref, cfg, tok.eot_token,
+                                     weights=ones if loss == "cadpo" else None)
+            steps.append((batch["loss_mask"], train.preference_loss(policy, batch, cfg)[0]))
+        (mask_a, loss_a), (mask_c, loss_c) = steps
+        assert torch.equal(mask_a, mask_c) and torch.equal(loss_a, loss_c)
+        lengths = mask_c.sum(-1)  # chosen rows, then rejected rows
+        assert (lengths[:2] == lengths[2:]).all() == eos_pad  # padded to equal length, or not
 
 
 def test_weights_weigh_the_rejected_log_ratios_and_the_public_code_form():
