@@ -429,7 +429,6 @@ def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
     if run.master:
         save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name,
                         chat_template=cfg.chat_template)
-    drop_training_state(out, run)
 
 
 def stage_sft(cfg, run):
