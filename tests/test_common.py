@@ -109,10 +109,15 @@ def test_ctrl_c_during_a_torch_save_waits_for_the_file(tmp_path):
             return real_write(data)
         f.write = write
         torch.save({"w": torch.arange(1000.0)}, f)
-    with pytest.raises(KeyboardInterrupt):
-        common.atomic_write(path, save_hit_by_ctrl_c)
+    # Python's own Ctrl-C handler, as in a terminal (a shell's background job starts without it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.atomic_write(path, save_hit_by_ctrl_c)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(1000.0))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_reading_broken_files_names_them(tmp_path):
