@@ -7,7 +7,7 @@ Benchmark nanoADPO against its peers, on the same random GPT-2 weights, in one r
   2. sampling         n samples for many ragged prompts (the pairs stage's workload):
                       model.generate (KV cache) vs Hugging Face generate, and vs this project
                       without the KV cache.
-  3. log-probs        peak memory of model.token_logps forward+backward vs the naive full float32
+  3. log-probs        peak memory of model(idx, targets) forward+backward vs the naive full float32
                       log-softmax.
 
     python bench.py --device cpu --quick    # small shapes, about 1.5 min on a 2-core CPU
@@ -47,10 +47,11 @@ import torch
 import torch.nn.functional as F
 
 import train
-from common import cli, markdown_table, need, parse, setup
+from checkpoint import load_gpt
+from common import cli, markdown_table, need, parse, peak_flops, setup
 from data import length_grouped_batches, row_lengths
 from eval import pair_logps
-from model import GPT, KVCache, peak_flops
+from model import GPT, KVCache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT = "BENCH_RESULT "  # a child's last stdout line: this prefix, then its measurements as JSON
@@ -238,7 +239,7 @@ def save_random_gpt2(folder, shape, vocab):
     cfg = GPT2Config(vocab_size=vocab, n_positions=BLOCK_SIZE, n_layer=n_layer, n_head=n_head,
                      n_embd=n_embd, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     model = GPT2LMHeadModel(cfg)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder)  # (transformers' own)
     return sum(p.numel() for p in model.parameters())
 
 # -----------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def child_pref_ours(s):
     AdamW (fused on CUDA), length-grouped batches."""
     run = setup(s["device"])  # bf16 autocast and TF32 on CUDA, float32 on CPU
     device = run.device
-    model = GPT.from_pretrained(s["ckpt"]).to(device)
+    model = load_gpt(s["ckpt"]).to(device)
     rows, eos, B = make_pairs(s), s["vocab"] - 1, s["pairs_per_step"]
     max_len = max(row_lengths(rows))
     cfg = train.Config(loss="adpo", family="static", size=1, beta=BETA, compile=s["compile"],
@@ -266,9 +267,9 @@ def child_pref_ours(s):
                      progress=False)  # [(chosen (Tw,), rejected (Tl,))] per pair
     model.train()
     optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, run.device_type)
-    score = train.Scorer(model)  # (idx, targets) -> (2B, T) float32 log-probs
+    score = model  # score(idx, targets) -> (2B, T) float32 log-probs, as in train.py
     if s["compile"]:  # one graph per padded length: pair_batch pads to multiples of 64
-        score = torch.compile(score, dynamic=False)
+        score = torch.compile(model, dynamic=False)
 
     def step(ix):
         batch = train.pair_batch([rows[i] for i in ix], [ref[i] for i in ix], cfg, eos)
@@ -441,7 +442,7 @@ def child_sampling(s):
     from transformers import GPT2LMHeadModel
     device, N = s["device"], s["new_tokens"]
     ctx = setup(device).ctx
-    ours = GPT.from_pretrained(s["ckpt"]).to(device).eval()
+    ours = load_gpt(s["ckpt"]).to(device).eval()
     hf = GPT2LMHeadModel.from_pretrained(s["ckpt"]).to(device).eval()
     hf.generation_config.eos_token_id = None  # never stop early: identical work for every sampler
     eos = s["vocab"] - 1
@@ -486,11 +487,11 @@ def child_sampling(s):
 
 def child_logps(s):
     """Peak memory (above the model and inputs already in memory) and time of one forward+backward
-    of the per-token log-probs of (rows, len) random tokens: model.token_logps, or the naive full
+    of the per-token log-probs of (rows, len) random tokens: model(idx, targets), or the naive full
     log-softmax."""
     device = s["device"]
     ctx = setup(device).ctx
-    model = GPT.from_pretrained(s["ckpt"]).to(device)
+    model = load_gpt(s["ckpt"]).to(device)
     g = torch.Generator().manual_seed(5)
     shape = (s["logps_rows"], s["logps_len"])
     idx = torch.randint(0, s["vocab"], shape, generator=g).to(device)      # (rows, len)
@@ -498,8 +499,8 @@ def child_logps(s):
 
     def run(idx, targets):
         with ctx:
-            if s["method"] == "token_logps":
-                logps = model.token_logps(idx, targets)
+            if s["method"] == "chunked":
+                logps = model(idx, targets)  # (rows, len) float32, chunked over positions
             else:
                 logps = (F.log_softmax(model(idx).float(), dim=-1)  # (rows, len, vocab) float32
                          .gather(-1, targets[..., None]).squeeze(-1))
@@ -599,7 +600,7 @@ def describe_pref(s):
           f"(prompt+chosen + prompt+rejected of every pair) / seconds per epoch")
     # (train.pair_batch pads to multiples of 64 under torch.compile: train.bucket)
     compiled = ", torch.compile with lengths padded to multiples of 64" if s["compile"] else ""
-    print(f"  nanoADPO: train.py's step: precomputed reference log-probs, one (2B, T) token_logps "
+    print(f"  nanoADPO: train.py's step: precomputed reference log-probs, one (2B, T) model(idx, targets) "
           f"forward, ADPO static k=1 loss, clip {GRAD_CLIP}, AdamW{' fused' if cuda else ''}, "
           f"length-grouped batches{compiled}")
     print(f"  TRL: DPOTrainer.train(), sigmoid DPO loss, precompute_ref_log_probs=True (no "
@@ -693,25 +694,25 @@ def bench_sampling(s):
 
 
 def bench_logps(s):
-    """Log-prob memory: token_logps vs the naive full log-softmax. -> (table rows, values)"""
+    """Log-prob memory: model(idx, targets) vs the naive full log-softmax. -> (table rows, values)"""
     m = s["logps_model"]
     print(f"log-probs: one forward+backward of the per-token log-probs of {s['logps_rows']} x "
-          f"{s['logps_len']} tokens; nanoADPO = model.token_logps (chunked, checkpointed), naive "
+          f"{s['logps_len']} tokens; nanoADPO = model(idx, targets) (chunked, checkpointed), naive "
           f"= log_softmax(model(idx).float()).gather; peak memory above the model and inputs "
           f"already held")
     print(f"  model: {describe(s, m)}")
     r = {meth: run_child("logps", dict(s, ckpt=s["ckpts"][m], method=meth),
                          f"log-probs, {meth} ({m})")
-         for meth in ("token_logps", "naive")}
+         for meth in ("chunked", "naive")}
     mib = {k: v["peak_bytes"] / 2 ** 20 for k, v in r.items()}
     ms = {k: 1000 * v["seconds"] for k, v in r.items()}
-    rows = [[f"log-probs fwd+bwd peak memory, MiB ({m})", fmt(mib["token_logps"]),
-             fmt(mib["naive"]), fmt(ratio(mib["token_logps"], mib["naive"]), 2, "x")],
-            [f"log-probs fwd+bwd time, ms ({m})", fmt(ms["token_logps"]), fmt(ms["naive"]),
-             fmt(ratio(ms["naive"], ms["token_logps"]), 2, "x")]]
-    return rows, {"logps_peak_memory_ratio_vs_naive": ratio(mib["token_logps"], mib["naive"]),
-                  "logps_speedup_vs_naive": ratio(ms["naive"], ms["token_logps"]),
-                  "logps_peak_memory_mib": mib["token_logps"],
+    rows = [[f"log-probs fwd+bwd peak memory, MiB ({m})", fmt(mib["chunked"]),
+             fmt(mib["naive"]), fmt(ratio(mib["chunked"], mib["naive"]), 2, "x")],
+            [f"log-probs fwd+bwd time, ms ({m})", fmt(ms["chunked"]), fmt(ms["naive"]),
+             fmt(ratio(ms["naive"], ms["chunked"]), 2, "x")]]
+    return rows, {"logps_peak_memory_ratio_vs_naive": ratio(mib["chunked"], mib["naive"]),
+                  "logps_speedup_vs_naive": ratio(ms["naive"], ms["chunked"]),
+                  "logps_peak_memory_mib": mib["chunked"],
                   "naive_logps_peak_memory_mib": mib["naive"]}
 
 

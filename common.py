@@ -3,6 +3,7 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
 
     parse(Config, argv)      presets/NAME.json, then --key value flags, into a dataclass
     setup(device, dtype)     device, mixed precision, the DDP process group -> Run
+    peak_flops(device)       the GPU's dense bf16 peak, for MFU
     seed_for(...)            random draws as functions of (seed, stage, step, rank): no RNG state
     atomic_write(path, ...)  every file a run writes appears whole or not at all
     cli(main)                the command-line entry point: bad input is one line, no traceback
@@ -168,6 +169,29 @@ def setup(device="auto", dtype="auto"):
     if dtype != "float32":
         ctx = torch.autocast(device_type, dtype=getattr(torch, dtype))
     return Run(device, device_type, dtype, ctx, rank, world)
+
+
+# dense (no sparsity) bf16 tensor-core peak FLOP/s by GPU name, for MFU; fp16 for V100, which has
+# no bf16. More specific names first: "H100 PCIe" must win over "H100".
+GPU_PEAK_FLOPS = (
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("gh200", 989e12),
+    ("h200", 989e12), ("a100", 312e12), ("a10g", 125e12), ("l40s", 362e12), ("l4", 121e12),
+    ("rtx 4090", 165e12), ("rtx 3090", 71e12), ("v100", 125e12),
+)
+
+
+def peak_flops(device=None):
+    """Dense bf16 peak FLOP/s of a CUDA device (default: the current one) looked up by name;
+    None if unknown (and on a CPU)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
 
 
 def print0(*args, **kwargs):

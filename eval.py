@@ -29,35 +29,45 @@ from tqdm import tqdm
 
 from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
                     read_json, read_jsonl, read_run_file, setup, write_json)
-from data import (encode_pairs, encode_prompt, extract_answer, get_tokenizer, has_hf_tokenizer,
-                  is_correct, load_pairs, load_split, preference_batch)
-from loss import LOSSES, SEGMENTED, preference_metrics
-from model import GPT, load_checkpoint
+from checkpoint import load_gpt, load_model
+from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
+from loss import LOSSES, eos_padded, preference_metrics
+from tokenizer import encode_prompt
 
 # -----------------------------------------------------------------------------
-# models and their tokenizers
+# the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
 
 
-def tokenizer_for(source, name="auto", chat_template="auto"):
-    """--tokenizer auto: byte for a model trained from scratch, the one our checkpoint records
-    (with its --chat_template), a Hugging Face folder's or hub repo's own, else GPT-2's."""
-    if name != "auto":
-        return get_tokenizer(name, chat_template)
-    if source == "scratch":
-        return get_tokenizer("byte")
-    path = source if os.path.isfile(source) else os.path.join(source, "ckpt.pt")
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path, mmap=True)  # the weights stay on disk
-        return get_tokenizer(ckpt.get("tokenizer") or "gpt2", ckpt.get("chat_template", "auto"))
-    if has_hf_tokenizer(source):
-        return get_tokenizer(source, chat_template)
-    return get_tokenizer("gpt2")
+@dataclass
+class Settings:
+    seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
+    device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
+    # tokenizer
+    tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
+    chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
+    # task
+    task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
+    task_seed: int = 0          # the embedded task's generator seed (fixed across --seed)
+    arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
+    arith_max_number: int = 10
+    arith_ops: str = "+-"
+    n_train: int = 4000         # training questions (0 = all)
+    n_test: int = 3000          # test questions for accuracy (0 = all): enough for a paired CI of
+                                # about ±1.7 points on the gain over SFT
+    max_len: int = 256          # prompt + response tokens (prompt cut first, keeping its end)
+    # generation and evaluation
+    max_new_tokens: int = 96
+    eval_batch_size: int = 128
+    maj_k: int = 1              # maj@k on the test split as well as greedy accuracy (1 = off)
+    # the preference loss (and its metrics: β, family, size; loss, family and eos_pad decide the
+    # paper's EOS padding of the static family)
+    loss: str = "adpo"          # any key of loss.LOSSES
+    beta: float = 0.5           # (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy)
+    family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
+    size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
+    eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
 
-
-def uses_eos_pad(cfg):
-    """The paper pads the shorter response of a pair with EOS for the static family only (ADPO's,
-    and cADPO's, which is ADPO with token weights)."""
-    return cfg.eos_pad and cfg.loss in SEGMENTED and cfg.family == "static"
 
 # -----------------------------------------------------------------------------
 # generation and accuracy
@@ -165,7 +175,7 @@ def pair_logps(model, rows, pad_id, *, batch_size=16, eos_pad=False, device="cpu
         batch = preference_batch(chunk, pad_id, eos_pad=eos_pad)
         batch = {k: v.to(device) for k, v in batch.items()}
         with ctx:
-            logps = model.token_logps(batch["input_ids"], batch["targets"]).float()  # (2B, T)
+            logps = model(batch["input_ids"], batch["targets"]).float()  # (2B, T)
         mask, B = batch["loss_mask"], len(chunk)
         out += [(logps[i][mask[i]].cpu(), logps[B + i][mask[B + i]].cpu()) for i in range(B)]
     return out
@@ -197,15 +207,14 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     path = os.path.join(stage_dir, "eval.json")
     if os.path.exists(path):
         return read_run_file(path)
-    ckpt = os.path.join(stage_dir, "ckpt.pt")
-    model = GPT.from_pretrained(ckpt).to(run.device).eval()
-    tok = tokenizer_for(ckpt)
+    model, tok = load_model(os.path.join(stage_dir, "ckpt.pt"))
+    model = model.to(run.device).eval()
     metrics, records = evaluate_test(model, tok, cfg, run)
     result = {"metrics": metrics}
     if pairs is not None:
         rows, val_rows, reference = pairs
-        kw = dict(batch_size=cfg.po_batch_size, eos_pad=uses_eos_pad(cfg), device=run.device,
-                  ctx=run.ctx, progress=False)
+        kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=False,
+                  eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
         score = partial(preference_eval, beta=cfg.beta, family=cfg.family, size=cfg.size)
         result["pairs"] = {"train": score(pair_logps(model, rows, tok.eot_token, **kw),
                                           reference["train"])}
@@ -425,35 +434,14 @@ def report_run(out_dir, plan, baseline, run, wall_time_s):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     ckpt: str = ""              # our ckpt.pt, gpt2 | gpt2-medium | ..., or a Hugging Face folder
     split: str = "test"         # the task split to score
     pairs: str = ""             # a prompt/chosen/rejected file: reward accuracy and margins on it
     ref: str = ""               # their reference model (default: the run's SFT model, else ckpt)
     out: str = ""               # write the metrics and the per-question records to this JSON file
-    # the settings below are the run's (DIR/config.json) for a checkpoint inside a run folder;
-    # outside one, these defaults, which are train.py's (tests pin that they stay equal)
-    task: str = "arith"         # arith | gsm8k | a local file / hub id | none (only --pairs)
-    task_seed: int = 0
-    arith_steps: int = 2
-    arith_max_number: int = 10
-    arith_ops: str = "+-"
-    n_train: int = 4000
-    n_test: int = 3000          # test questions (0 = all)
-    tokenizer: str = "auto"     # auto: the one the checkpoint records, an HF model's own, else gpt2
-    chat_template: str = "auto"  # an HF model's prompts through its chat template (auto) or not
-    max_new_tokens: int = 96
-    eval_batch_size: int = 128
-    maj_k: int = 1              # maj@k (samples at temperature 0.7) as well as greedy accuracy
-    seed: int = 1337            # maj@k sampling seed
-    max_len: int = 256          # pair truncation
-    loss: str = "adpo"          # β, family and size of the preference metrics; loss, family and
-    beta: float = 0.5           # eos_pad decide the paper's EOS padding (static family)
-    family: str = "static"
-    size: int = 1
-    eos_pad: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
+    # The Settings (above) are the run's, read from DIR/config.json, for a checkpoint inside a run
+    # folder; outside one, their defaults (train.py's: the same dataclass).
 
 
 TEST_SET = ("task", "task_seed", "arith_steps", "arith_max_number", "arith_ops", "n_test", "split")
@@ -496,11 +484,8 @@ def main(argv=None):
     validate(cfg)
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
-    model = GPT.from_pretrained(cfg.ckpt).to(run.device).eval()
-    tok = tokenizer_for(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
-    need(tok.n_vocab <= model.config.vocab_size,
-         f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but {cfg.ckpt} has a vocabulary of "
-         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
+    model = model.to(run.device).eval()
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
     if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
         context = model.config.block_size
@@ -509,7 +494,7 @@ def main(argv=None):
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
-        ref = GPT.from_pretrained(ref_path).to(run.device).eval()
+        ref = load_gpt(ref_path).to(run.device).eval()
         need(ref.config.vocab_size == model.config.vocab_size,
              f"--ref {ref_path} has a vocabulary of {ref.config.vocab_size} but --ckpt {cfg.ckpt} "
              f"has {model.config.vocab_size} (expected the same tokenizer for both)")
@@ -521,7 +506,8 @@ def main(argv=None):
         row = [cfg.ckpt, cfg.task, metrics["n"], *shown.values()]
         print0(markdown_table(["checkpoint", "task", "n", *shown], [row]))
     if pairs:
-        kw = dict(device=run.device, ctx=run.ctx, eos_pad=uses_eos_pad(cfg), progress=False)
+        kw = dict(device=run.device, ctx=run.ctx, progress=False,
+                  eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
         pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw),
                                pair_logps(ref, rows, tok.eot_token, **kw),
                                beta=cfg.beta, family=cfg.family, size=cfg.size)

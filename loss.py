@@ -381,3 +381,11 @@ LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_lo
 WEIGHTED = ("cdpo", "cadpo")
 # the losses with a granularity (family, size): ADPO's segments
 SEGMENTED = ("adpo", "cadpo")
+
+
+def eos_padded(loss, family, eos_pad=True):
+    """Whether the pairs of this loss are EOS-padded: the paper pads the shorter response of a pair
+    with EOS tokens (y_pad in Figure 1) for the static family only, ADPO's and cADPO's (ADPO with
+    token weights); --eos_pad false turns it off. The batch builder does the padding
+    (data.preference_batch(eos_pad=True)); every loss then scores those tokens like any other."""
+    return eos_pad and loss in SEGMENTED and family == "static"

@@ -32,54 +32,43 @@ import os
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
 from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder,
-                    cli, convert, file_digest, need, parse, print0, read_json, read_jsonl,
-                    read_run_file, seed_for, setup, write_json, write_jsonl)
+                    cli, convert, file_digest, need, parse, peak_flops, print0, read_json,
+                    read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
 from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, row_lengths,
                   sft_batch, split_pairs)
-from eval import complete, evaluate_stage, pair_logps, report_run, tokenizer_for, uses_eos_pad
-from loss import LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, preference_metrics
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from eval import Settings, complete, evaluate_stage, pair_logps, report_run
+from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
+                  preference_metrics)
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
 
 
 @dataclass
-class Config:
+class Config(Settings):
+    """Every flag of train.py. The settings a model is scored with (seed, device, dtype, tokenizer,
+    the task, generation, the loss and its granularity) are eval.Settings, shared with eval.py."""
     # run
     out_dir: str = "out/default"
-    seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
-    device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
     compile: bool = False       # torch.compile the training forward
     stop_after: str = "po"      # sft | pairs | po: the stages up to this one (re-run to continue)
     # model
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
                                 # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
-    tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
-    chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
     n_layer: int = 4            # scratch only
     n_head: int = 4
     n_embd: int = 96
     block_size: int = 256
     dropout: float = 0.0
-    # task
-    task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
-    task_seed: int = 0          # the embedded task's generator seed (fixed across --seed)
-    arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
-    arith_max_number: int = 10
-    arith_ops: str = "+-"
-    n_train: int = 4000         # training questions (0 = all)
-    n_test: int = 3000          # test questions for accuracy (0 = all): enough for a paired CI of
-                                # about ±1.7 points on the gain over SFT
-    max_len: int = 256          # prompt + response tokens (prompt cut first, keeping its end)
     # SFT
     sft_steps: int = 1000
     sft_batch_size: int = 32
@@ -90,15 +79,9 @@ class Config:
     n_samples: int = 4            # samples per question
     temperature: float = 0.5      # (below 1: rejected samples near the model's greedy mistakes)
     top_k: int = 0                # 0 = off
-    max_new_tokens: int = 96
     val_frac: float = 0.1         # pairs held out for reward accuracy
-    # preference optimisation
-    loss: str = "adpo"          # any key of loss.LOSSES
-    beta: float = 0.5           # (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy)
-    family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
-    size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
+    # preference optimisation (the loss, beta, family, size, eos_pad: eval.Settings)
     gamma: float = 0.5          # SimPO margin
-    eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
     nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
     segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum
     po_epochs: float = 2.0
@@ -113,9 +96,7 @@ class Config:
     weight_decay: float = 0.1
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
-    # eval / logging / checkpoints
-    eval_batch_size: int = 128
-    maj_k: int = 1              # maj@k on the test split as well as greedy accuracy (1 = off)
+    # logging / checkpoints
     log_every: int = 10         # print a step's metrics every log_every steps (metrics.jsonl: all)
     ckpt_every: int = 100       # training-state checkpoint interval (steps), to resume mid-stage
     # comparison harness (see the module docstring)
@@ -176,19 +157,8 @@ def validate(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the two losses: summed over their units (response tokens, pairs); train() divides once
-
-
-class Scorer(torch.nn.Module):
-    """model.token_logps as a module's forward, so that DDP and torch.compile wrap exactly the call
-    the losses make (DDP synchronises gradients only through forward)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx, targets):
-        return self.model.token_logps(idx, targets)  # (B, T) float32
+# the two losses: summed over their units (response tokens, pairs); train() divides once.
+# `model` is the GPT, or its DDP / torch.compile wrapper: model(idx, targets) -> (B, T) log-probs
 
 
 def sft_loss(model, batch):
@@ -278,7 +248,7 @@ def check_numbers(loss, gnorm, scaler, step, total, name, cfg, run):
     """Stop with one line naming the step, the likely cause and the last good training state
     rather than train on (and save) non-finite numbers. Checked after the optimizer step: the
     weights in memory may be broken by then, but nothing is saved from them."""
-    lr = "--sft_lr" if name == "sft" else "--po_lr"
+    lr = {"sft": "--sft_lr", "cdpo": "--cdpo_lr"}.get(name.split(os.sep)[0], "--po_lr")
     fp16 = run.dtype == "float16"
     problems = [  # (broken?, what, likely cause); under fp16 GradScaler skips an overflowed step
         (not math.isfinite(loss), f"non-finite loss ({loss})",
@@ -315,12 +285,11 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
     start = resume(state_path, metrics_path, model, optimizer, scaler, run)
     if start:
         print0(f"[{name}] resuming at step {start}/{len(order)} from {state_path}")
-    score = ddp = Scorer(model)
+    ddp = model  # the module the losses call: DDP synchronises gradients only through forward
     if run.world > 1:
-        score = ddp = DDP(score, device_ids=[model.lm_head.weight.device.index]
-                          if run.device_type == "cuda" else None)
-    if cfg.compile:
-        score = torch.compile(score)
+        device_ids = [model.lm_head.weight.device.index] if run.device_type == "cuda" else None
+        ddp = DDP(model, device_ids=device_ids)
+    score = torch.compile(ddp) if cfg.compile else ddp
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     for step in range(start, len(order)):
@@ -334,8 +303,9 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         sums = Counter()
         for i, (batch, w) in enumerate(micro):
             batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = run.world == 1 or i == len(micro) - 1  # DDP: all-reduce on the last one only
-            with (nullcontext() if sync else ddp.no_sync()), run.ctx:
+            # DDP all-reduces the gradients in the backward of the last micro-batch only
+            ddp.require_backward_grad_sync = i == len(micro) - 1
+            with run.ctx:
                 loss, metrics = loss_fn(score, batch)
             # We want the gradient of the global mean, Σ loss / n over every rank's micro-batches.
             # DDP averages gradients over ranks (÷ world), so each rank scales its sums by
@@ -354,16 +324,17 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = totals[0] / (time.time() - t0)
         log_step(step + 1, len(order), logged, lr_now, tokens_per_s, model, name, cfg, run)
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order) and run.master:
-            save_checkpoint(state_path, model, optimizer, step=step + 1,
-                            scaler=scaler.state_dict())
-        barrier()
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):
+            if run.master:
+                save_checkpoint(state_path, model, optimizer, step=step + 1,
+                                scaler=scaler.state_dict())
+            barrier()  # every rank goes on once the training state is on disk
     model.eval()
 
 
 def log_step(step, total, logged, lr, tokens_per_s, model, name, cfg, run):
     """Append the step's metrics to metrics.jsonl; print them every cfg.log_every steps."""
-    mfu = model.estimate_mfu(tokens_per_s / run.world) if run.device_type == "cuda" else None
+    mfu = model.estimate_mfu(tokens_per_s / run.world, peak_flops(run.device))
     if run.master:
         record = {"step": step, **logged, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
         append_jsonl(os.path.join(cfg.out_dir, name, "metrics.jsonl"), record)
@@ -383,25 +354,30 @@ def bucket(cfg):
     return dict(pad_to=64, max_len=cfg.max_len) if cfg.compile else {}
 
 
-def build_model(cfg, tok):
-    """A GPT from scratch, or loaded from --init_from; checked against the tokenizer and lengths."""
+def sft_ckpt(cfg):
+    """DIR/sft/ckpt.pt: the SFT model, the reference (and the start) of every later stage."""
+    return os.path.join(cfg.out_dir, "sft", "ckpt.pt")
+
+
+def build_model(cfg):
+    """The model SFT starts from and its tokenizer: a GPT from scratch (on the byte tokenizer,
+    unless --tokenizer says otherwise), or --init_from with its own; checked against the lengths."""
     if cfg.init_from == "scratch":
+        tok = get_tokenizer("byte" if cfg.tokenizer == "auto" else cfg.tokenizer, cfg.chat_template)
+        torch.manual_seed(cfg.seed)  # the initial weights
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab,
                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout))
     else:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        model, tok = load_model(cfg.init_from, cfg.tokenizer, cfg.chat_template,
+                                dropout=cfg.dropout)
     context = model.config.block_size
-    need(tok.n_vocab <= model.config.vocab_size,
-         f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but the model from --init_from "
-         f"{cfg.init_from} has a vocabulary of {model.config.vocab_size}: pass the tokenizer the "
-         f"model was trained with (--tokenizer byte | gpt2)")
     need(cfg.max_len <= context,
          f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
     need(cfg.max_new_tokens < context,
          f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
          f"context of {context} tokens (expected < {context})")
-    return model
+    return model, tok
 
 
 def drop_training_state(stage_dir, run):
@@ -435,10 +411,8 @@ def stage_sft(cfg, run):
     """1. SFT: the model learns the worked solutions of the training questions -> DIR/sft/"""
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        tok = tokenizer_for(cfg.init_from, cfg.tokenizer, cfg.chat_template)
-        torch.manual_seed(cfg.seed)  # the initial weights of a model trained from scratch
-        model = build_model(cfg, tok).to(run.device)
-        finetune(model, load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
+        model, tok = build_model(cfg)
+        finetune(model.to(run.device), load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
                  cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
@@ -449,9 +423,8 @@ def sample_pairs(cfg, run, out):
     gold answer, one pair per question (data.pairs_from_samples). Each chunk of questions is a file
     of its own: a killed run keeps what it sampled, and chunk c is sampled with
     seed_for(seed, "pairs", c) whichever rank and run samples it."""
-    ckpt = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
-    model = GPT.from_pretrained(ckpt).to(run.device).eval()
-    tok = tokenizer_for(ckpt)
+    model, tok = load_model(sft_ckpt(cfg))
+    model = model.to(run.device).eval()
     questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
@@ -484,7 +457,7 @@ def stage_pairs(cfg, run):
         pairs, sampled = sample_pairs(cfg, run, out)
         stats.update(sampled)
     elif cfg.pairs_source == "offline":
-        tok = tokenizer_for(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
+        tok = load_tokenizer(sft_ckpt(cfg))
         questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
         pairs = make_arith_pairs(questions, seed=cfg.seed)
     else:
@@ -562,8 +535,7 @@ def stage_contrastive(cfg, run):
     out = os.path.join(cfg.out_dir, "cdpo")
     if os.path.exists(os.path.join(out, "weights.pt")):
         return
-    sft = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
-    tok = tokenizer_for(sft)
+    tok = load_tokenizer(sft_ckpt(cfg))
     train_pairs, _ = read_pairs(cfg)
     models = {}
     for name, examples in zip(("positive", "negative"), contrastive_examples(cfg, train_pairs)):
@@ -572,10 +544,11 @@ def stage_contrastive(cfg, run):
                        f"none: sample more (--n_samples, --n_pair_questions, --temperature)")
         folder = os.path.join(out, name)
         if not os.path.exists(os.path.join(folder, "ckpt.pt")):
-            finetune(GPT.from_pretrained(sft, dropout=cfg.dropout).to(run.device), examples, tok,
-                     folder, cfg.cdpo_steps, cfg.cdpo_batch_size, cfg.cdpo_lr, cfg, run)
+            start = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
+            finetune(start, examples, tok, folder, cfg.cdpo_steps, cfg.cdpo_batch_size,
+                     cfg.cdpo_lr, cfg, run)
         drop_training_state(folder, run)
-        models[name] = GPT.from_pretrained(os.path.join(folder, "ckpt.pt")).to(run.device).eval()
+        models[name] = load_gpt(os.path.join(folder, "ckpt.pt")).to(run.device).eval()
     rows, _ = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=False)
     weights = [torch.zeros(0) for _ in train_pairs]
     for row, w in zip(rows, token_weights(models["positive"], models["negative"], rows, cfg, run,
@@ -593,7 +566,8 @@ def pair_batch(rows, reference, cfg, eot, weights=None):
     log-probs dropped into the same (2B, T) layout; n = B (the loss is per pair). With cDPO's
     token weights (one 1-D tensor per rejected response), also (B, T) rejected_weights: 1 off
     the response and on the EOS tokens of the paper's static padding."""
-    batch = preference_batch(rows, eot, eos_pad=uses_eos_pad(cfg), **bucket(cfg))
+    eos_pad = eos_padded(cfg.loss, cfg.family, cfg.eos_pad)
+    batch = preference_batch(rows, eot, eos_pad=eos_pad, **bucket(cfg))
     mask = batch["loss_mask"]
     batch["reference_logps"] = torch.zeros(mask.shape)  # (2B, T) float32, 0 off the mask
     values = [c for c, _ in reference] + [r for _, r in reference]  # chosen rows, then rejected
@@ -613,11 +587,11 @@ def reference_logps(cfg, run, rows, val_rows, out):
     path = os.path.join(out, "reference_logps.pt")
     if os.path.exists(path):
         return read_run_file(path)
-    ckpt = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
-    sft = GPT.from_pretrained(ckpt).to(run.device).eval()
-    eot = tokenizer_for(ckpt).eot_token
-    kw = dict(batch_size=cfg.po_batch_size, eos_pad=uses_eos_pad(cfg), device=run.device,
-              ctx=run.ctx, progress=run.master)
+    sft, tok = load_model(sft_ckpt(cfg))
+    sft = sft.to(run.device).eval()
+    eot = tok.eot_token
+    kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=run.master,
+              eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
     reference = {"train": pair_logps(sft, rows, eot, desc="reference log-probs", **kw),
                  "val": pair_logps(sft, val_rows, eot, desc="reference log-probs (val)", **kw)}
     if run.master:
@@ -630,7 +604,7 @@ def stage_po(cfg, run, out):
     variant's folder under DIR/compare/)"""
     if os.path.exists(os.path.join(out, "eval.json")):
         return
-    tok = tokenizer_for(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
+    tok = load_tokenizer(sft_ckpt(cfg))
     pairs_dir = os.path.join(cfg.out_dir, "pairs")
     train_pairs, val_pairs = read_pairs(cfg)
     rows, stats = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=run.master)
@@ -642,8 +616,7 @@ def stage_po(cfg, run, out):
                f"within --max_len {cfg.max_len} ({stats})")
     reference = reference_logps(cfg, run, rows, val_rows, out)
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        sft = os.path.join(cfg.out_dir, "sft", "ckpt.pt")
-        policy = GPT.from_pretrained(sft, dropout=cfg.dropout).to(run.device)
+        policy = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
                f"the reference: loss = T'·ln2 per pair, reward accuracy 0 (ties)")

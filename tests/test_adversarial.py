@@ -9,14 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import data
-import eval as evaluate
 import train
 from test_reliability import ROOT, check_one_line_error, cli_env, run_cli, tiny, visible_lines
 

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 
 import eval as eval_
 import train
-from data import encode_pairs, get_tokenizer
-from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss
+from checkpoint import load_gpt
+from data import encode_pairs
+from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss, eos_padded
 from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
 from test_loss import make_batch
 from test_reliability import Died, die_at, tiny
 
@@ -69,7 +71,7 @@ def test_unit_weights_give_dpo_and_adpo_exactly():
 def test_cadpo_static_pads_with_eos_like_adpo_static_and_unit_weights_give_its_step():
     """The paper's EOS padding of the static family holds for cADPO too (--eos_pad false turns it
     off), and through train.py's batches cADPO with weights 1 takes ADPO's step exactly."""
-    policy, reference, tok = train.Scorer(tiny_gpt(5)), tiny_gpt(6), get_tokenizer("byte")
+    policy, reference, tok = tiny_gpt(5), tiny_gpt(6), get_tokenizer("byte")
     pairs = [dict(prompt="Question: 2+3?\nAnswer:", chosen=" 5", rejected=" 2+3=6\n#### 6"),
              dict(prompt="Question: 7-1?\nAnswer:", chosen=" 7-1=6\n#### 6", rejected=" 8")]
     rows, _ = encode_pairs(pairs, tok, max_len=64)
@@ -78,7 +80,7 @@ def test_cadpo_static_pads_with_eos_like_adpo_static_and_unit_weights_give_its_s
         steps = []
         for loss in ("adpo", "cadpo"):
             cfg = train.Config(loss=loss, family="static", size=2, beta=0.3, eos_pad=eos_pad)
-            ref = eval_.pair_logps(reference, rows, tok.eot_token, eos_pad=eval_.uses_eos_pad(cfg),
+            ref = eval_.pair_logps(reference, rows, tok.eot_token, eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad),
                                    progress=False)
             batch = train.pair_batch(rows, ref, cfg, tok.eot_token,
                                      weights=ones if loss == "cadpo" else None)
@@ -127,7 +129,7 @@ def test_one_weight_per_rejected_token_in_the_order_of_the_pairs(cdpo_run):
     tok = get_tokenizer("byte")
     rows, _ = encode_pairs(pairs, tok, max_len=128)
     assert len(weights) == len(pairs)
-    positive, negative = (GPT.from_pretrained(cdpo_run / "cdpo" / m / "ckpt.pt").eval()
+    positive, negative = (load_gpt(cdpo_run / "cdpo" / m / "ckpt.pt").eval()
                           for m in ("positive", "negative"))
     direct = train.token_weights(positive, negative, rows, train.Config(po_batch_size=1),
                                  train.setup("cpu"), tok.eot_token)

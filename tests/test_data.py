@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from tokenizer import get_tokenizer
 from common import read_jsonl
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
@@ -169,17 +170,17 @@ def test_is_correct(completion, gold, ok):
 # tokenizers, masks and the label shift
 
 def test_tokenizers():
-    byte = data.get_tokenizer("byte")
+    byte = get_tokenizer("byte")
     assert byte.n_vocab == 257 and byte.eot_token == 256
     s = "Héllo 🙂\r\n\t 12+7=19\n#### 5 <|endoftext|>"
     ids = byte.encode_ordinary(s)
     assert len(ids) == len(s.encode()) and byte.decode(ids) == s
     assert byte.decode([byte.eot_token]) == "<|endoftext|>"
-    gpt2 = data.get_tokenizer("gpt2")
+    gpt2 = get_tokenizer("gpt2")
     assert (gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
             and gpt2.decode(gpt2.encode_ordinary(s)) == s)
     with pytest.raises(ValueError, match="'gpt2', 'byte'"):
-        data.get_tokenizer("llama")
+        get_tokenizer("llama")
 
 EXAMPLES = [dict(prompt="Question: Tom has 12 pens.\nAnswer:", response=" 12+7=19.\n#### 19"),
             dict(prompt="Question: hi\nAnswer:",
@@ -189,7 +190,7 @@ EXAMPLES = [dict(prompt="Question: Tom has 12 pens.\nAnswer:", response=" 12+7=1
 
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 def test_sft_mask_and_shift(name):
-    tok = data.get_tokenizer(name)
+    tok = get_tokenizer(name)
     rows, stats = data.encode_sft(EXAMPLES, tok, max_len=256)
     assert stats == dict(rows=3, kept=3, truncated=0, prompt_truncated=0, response_truncated=0,
                          dropped=0)
@@ -209,7 +210,7 @@ def test_sft_mask_and_shift(name):
         assert tok.decode(y[b][m[b]].tolist()) == ex["response"] + "<|endoftext|>"
 
 def test_bpe_boundary():
-    tok = data.get_tokenizer("gpt2")
+    tok = get_tokenizer("gpt2")
     ex = EXAMPLES[2]
     joined = tok.encode_ordinary(ex["prompt"] + ex["response"])
     split = tok.encode_ordinary(ex["prompt"]) + tok.encode_ordinary(ex["response"])
@@ -226,7 +227,7 @@ PAIRS = [dict(prompt="Question: 2+2?\nAnswer:", chosen=" 2+2=4.\n#### 4",
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 @pytest.mark.parametrize("eos_pad", [False, True])
 def test_preference_batch(name, eos_pad):
-    tok = data.get_tokenizer(name)
+    tok = get_tokenizer(name)
     eot = tok.eot_token
     rows, _ = data.encode_pairs(PAIRS, tok, max_len=128)
     batch = data.preference_batch(rows, pad_id=eot, eos_pad=eos_pad)
@@ -249,7 +250,7 @@ def test_preference_batch(name, eos_pad):
     assert not eos_pad or batch["input_ids"].shape[1] <= 128
 
 def test_pad_to():
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     rows, _ = data.encode_sft(EXAMPLES, tok, max_len=100)
     longest = max(data.row_lengths(rows))
     assert data.sft_batch(rows, tok.eot_token)["input_ids"].shape[1] == longest
@@ -265,7 +266,7 @@ def test_pad_to():
 # truncation
 
 def test_truncation_rule():
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     prompt = "".join(chr(ord("a") + i % 26) for i in range(100))
     items = [dict(prompt=prompt, response="x" * 10),              # fits: 100 + 11 <= 128, untouched
              dict(prompt=prompt, response="y" * 40),              # too long: prompt cut to 64,
@@ -286,7 +287,7 @@ def test_truncation_rule():
     assert len(rows[0]["chosen_ids"]) == 64 and len(rows[0]["rejected_ids"]) == 6
 
 def test_truncation_drops_are_counted(capsys):
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     items = [dict(prompt="p" * 50, response="ok"),
              dict(prompt="q" * 200, response="lost"),
              dict(prompt="p", response="ok")]
@@ -297,7 +298,7 @@ def test_truncation_drops_are_counted(capsys):
     assert stats["dropped"] == 1 and stats["truncated"] == 0 and [r["idx"] for r in rows] == [0, 2]
 
 def test_truncation_strict_mode():
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     items = [dict(prompt="p", response="ok"),
              dict(prompt="p", response="ok"),
              dict(prompt="q" * 200, response="x")]
@@ -312,7 +313,7 @@ def test_truncation_strict_mode():
         data.encode_sft(items, tok, max_len=64, max_prompt_len=65)
 
 def test_encode_bad_rows():
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     with pytest.raises(ValueError, match="pairs row 1: field 'chosen' is empty"):
         data.encode_pairs([PAIRS[0], dict(PAIRS[0], chosen="  ")], tok, max_len=64)
     with pytest.raises(ValueError, match="sft data row 0: field 'response' is an int"):

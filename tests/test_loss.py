@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, ipo_loss,
-                  preference_metrics, simpo_loss)
+from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics, simpo_loss)
 
 LN2 = math.log(2.0)
 

@@ -4,6 +4,7 @@ a test-only dependency), KV-cache generation against full recomputation, chunked
 log-probabilities, atomic checkpoints, loading errors, sampling, and (on CUDA only) mixed precision.
 """
 
+import fnmatch
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
-from common import setup
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_gpt, save_checkpoint
+from common import peak_flops, setup
+from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -92,7 +93,7 @@ def hf_logits(hf, idx):
 @pytest.mark.parametrize("layout", ["safetensors", "hub"])
 def test_from_pretrained_matches_transformers(hf_folders, layout):
     hf, st, hub = hf_folders
-    model = GPT.from_pretrained(st if layout == "safetensors" else hub).eval()
+    model = load_gpt(st if layout == "safetensors" else hub).eval()
     cfg = hf.config
     assert model.config.vocab_size == cfg.vocab_size  # never padded
     assert model.config.block_size == cfg.n_positions
@@ -106,26 +107,27 @@ def test_from_pretrained_matches_transformers(hf_folders, layout):
     assert (ours - hf_logits(hf, idx)).abs().max() < 1e-4
 
 
-def fake_hub(folder, calls):
-    """An hf_hub_download stand-in that serves files from `folder` (404 for files it lacks)."""
-    from huggingface_hub.errors import EntryNotFoundError
+def fake_hub(folder, calls, cache):
+    """A snapshot_download stand-in: a fresh folder holding the files of `folder` that match the
+    patterns asked for (as the hub client gives only those)."""
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, tuple(allow_patterns)))
+        out = os.path.join(cache, str(len(calls)))
+        os.makedirs(out)
+        for name in os.listdir(folder):
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                shutil.copy(os.path.join(folder, name), out)
+        return out
+    return snapshot_download
 
-    def download(repo_id, filename, **kw):
-        calls.append((repo_id, filename))
-        path = os.path.join(folder, filename)
-        if not os.path.exists(path):
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
-        return path
-    return download
 
-
-def test_from_pretrained_hub_name_falls_back_to_bin(hf_folders, monkeypatch):
-    hf, _, hub = hf_folders
+def test_a_gpt2_name_comes_from_the_hub_and_falls_back_to_bin(hf_folders, monkeypatch, tmp_path):
+    hf, _, hub = hf_folders  # the hub layout: pytorch_model.bin, no safetensors
     calls = []
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hub(hub, calls))
-    model = GPT.from_pretrained("gpt2", dropout=0.1)
-    assert calls == [("gpt2", "config.json"), ("gpt2", "model.safetensors"),
-                     ("gpt2", "pytorch_model.bin")]
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_hub(hub, calls, tmp_path))
+    model = load_gpt("gpt2", dropout=0.1)
+    assert calls == [("gpt2", ("config.json", "model.safetensors")),
+                     ("gpt2", ("config.json", "pytorch_model.bin"))]
     assert model.config.dropout == 0.1
     idx = torch.randint(0, hf.config.vocab_size, (2, 17))
     model.eval()
@@ -135,7 +137,7 @@ def test_from_pretrained_hub_name_falls_back_to_bin(hf_folders, monkeypatch):
 
 def test_generate_matches_transformers_greedy(hf_folders):
     hf, st, _ = hf_folders
-    model = GPT.from_pretrained(st)
+    model = load_gpt(st)
     prompt = [5, 17, 3, 42, 8]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                       attention_mask=torch.ones(1, 5, dtype=torch.long))[0, len(prompt):].tolist()
@@ -208,16 +210,19 @@ def naive_logps(model, idx, targets):
             .masked_fill(targets < 0, 0.0))
 
 
-def test_forward_loss_ignores_negative_targets():
+def test_forward_with_targets_gives_log_probs_and_ignores_negative_targets():
     model = tiny_gpt()
     idx = torch.randint(0, 61, (2, 9))
     targets = torch.randint(0, 61, (2, 9))
     targets[0, :3], targets[1, 5] = -1, -100
-    logits, loss = model(idx, targets)
+    logits = model(idx)
     assert logits.shape == (2, 9, 61)
+    logps = model(idx, targets)  # (B, T) float32
+    assert logps.shape == (2, 9) and logps.dtype == torch.float32
     keep = targets >= 0
-    ref = F.cross_entropy(logits[keep], targets[keep])
-    torch.testing.assert_close(loss, ref)
+    assert (logps[~keep] == 0).all()
+    ref = F.cross_entropy(logits[keep], targets[keep])  # torch's own: the mean NLL of the kept
+    torch.testing.assert_close(-logps[keep].mean(), ref)
     with pytest.raises(ValueError, match="sequence length 65 exceeds block_size 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
 
@@ -231,7 +236,7 @@ def test_token_logps_matches_naive_values_and_grads(chunk_size):
     targets[0, :4], targets[2, -1] = -1, -100
     weights = torch.randn(3, 13, generator=g)
 
-    lp = model.token_logps(idx, targets, chunk_size=chunk_size)
+    lp = model(idx, targets, chunk_size=chunk_size)
     assert lp.dtype == torch.float32 and lp.shape == (3, 13)
     assert (lp[targets < 0] == 0).all()
     (lp * weights).sum().backward()
@@ -264,7 +269,7 @@ def test_token_logps_keeps_no_full_vocab_tensor_for_backward():
     # what the transformer itself keeps, same for both
     body = saved_bytes(lambda: model._hidden(idx))
     naive = saved_bytes(lambda: naive_logps(model, idx, idx)) - body
-    ours = saved_bytes(lambda: model.token_logps(idx, idx, chunk_size=16)) - body
+    ours = saved_bytes(lambda: model(idx, idx, chunk_size=16)) - body
     assert naive >= 2 * full  # logits and log-softmax, both (B, T, V)
     assert ours < full / 10   # only the chunks' inputs: hidden states (B, T, C) and targets
 
@@ -274,16 +279,12 @@ def test_forward_compiles_without_graph_breaks():
     # fullgraph: any graph break fails
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     idx = torch.randint(0, 61, (2, 16))
-    logits, loss = compiled(idx, idx)
-    loss.backward()
-    torch.testing.assert_close(logits, model(idx))
-    # a compiled module only compiles forward();
-    # token_logps (chunks + checkpointing) compiles on its own
+    torch.testing.assert_close(compiled(idx), model(idx))  # logits
+    # log-probs: the chunks and their checkpointing compile into the same graph
     targets = idx.masked_fill(idx % 7 == 0, -1)
-    logps = torch.compile(model.token_logps, backend="aot_eager", fullgraph=True)(
-        idx, targets, chunk_size=5)
+    logps = compiled(idx, targets, chunk_size=5)
     logps.sum().backward()
-    torch.testing.assert_close(logps, model.token_logps(idx, targets, chunk_size=5))
+    torch.testing.assert_close(logps, model(idx, targets, chunk_size=5))
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_forward_compiles_without_graph_breaks():
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_gpt()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    model(torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8)))[1].backward()
+    (-model(torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))).mean()).backward()
     opt.step()
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, torch.compile(model), opt, step=7, train_config={"beta": 0.1})
@@ -306,7 +307,7 @@ def test_checkpoint_round_trip(tmp_path):
 
     idx = torch.randint(0, 61, (2, 20))
     for source in (path, tmp_path):  # the file, or a folder holding ckpt.pt
-        loaded = GPT.from_pretrained(source).eval()
+        loaded = load_gpt(source).eval()
         with torch.no_grad():
             assert torch.equal(loaded(idx), model(idx))
     opt2 = loaded.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
@@ -358,11 +359,11 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {REPO!r})
-        import model
+        import checkpoint, model
         def dying_save(obj, f, *a, **kw):
             f.write(b"PK partial bytes"); f.flush(); os._exit(9)
         torch.save = dying_save
-        model.save_checkpoint({str(path)!r}, model.GPT(model.GPTConfig(block_size=8, vocab_size=11,
+        checkpoint.save_checkpoint({str(path)!r}, model.GPT(model.GPTConfig(block_size=8, vocab_size=11,
                               n_layer=1, n_head=1, n_embd=8)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -373,7 +374,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name != "ckpt.pt"]
     # ignored by loaders, overwritten never
     assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
-    GPT.from_pretrained(tmp_path)  # a folder with ckpt.pt and a stale temp file still loads
+    load_gpt(tmp_path)  # a folder with ckpt.pt and a stale temp file still loads
 
 
 def test_corrupt_checkpoints_give_clear_errors(tmp_path):
@@ -385,7 +386,7 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"truncated\.pt: not a readable checkpoint"):
         load_checkpoint(truncated)
     with pytest.raises(ValueError, match=r"truncated\.pt: not a readable checkpoint"):
-        GPT.from_pretrained(truncated)
+        load_gpt(truncated)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"hello")
     with pytest.raises(ValueError, match=r"garbage\.pt: not a readable checkpoint"):
@@ -413,16 +414,17 @@ def test_cuda_autocast_fused_adamw_and_logps():
     assert dtype in (torch.bfloat16, torch.float16)
     idx = torch.randint(0, 8192, (4, 256), device="cuda")
     with run.ctx:
-        logits, loss = model(idx, idx)
+        logits = model(idx)
+        loss = -model(idx, idx).mean()
     assert logits.dtype == dtype and loss.dtype == torch.float32
     loss.backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     with torch.no_grad():
-        exact = model.token_logps(idx, idx)
+        exact = model(idx, idx)
         with run.ctx:
-            mixed = model.token_logps(idx, idx)
+            mixed = model(idx, idx)
     assert mixed.dtype == torch.float32
     assert (mixed - exact).abs().max() < 0.1
 
@@ -437,14 +439,14 @@ def test_cuda_autocast_fused_adamw_and_logps():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     naive = peak(lambda: naive_logps(model, idx, idx))
-    ours = peak(lambda: model.token_logps(idx, idx, chunk_size=32))
+    ours = peak(lambda: model(idx, idx, chunk_size=32))
     assert ours < naive
 
     gen_model = tiny_gpt().cuda()  # peaked logits: no near-ties for kernel-level rounding to flip
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     assert (gen_model.generate(prompts, 10, temperature=0)
             == [greedy_by_recompute(gen_model, p, 10) for p in prompts])
-    mfu = model.estimate_mfu(1e5)
+    mfu = model.estimate_mfu(1e5, peak_flops())
     assert mfu is None or 0 < mfu < 1
 
 
@@ -453,9 +455,9 @@ def test_mfu_helpers_never_invent_a_peak():
     cfg = model.config
     assert (model.flops_per_token()
             == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
-    assert model.estimate_mfu(1000, device="cpu") is None
-    assert M.peak_flops("cpu") is None
-    assert (model.estimate_mfu(1000, peak_flops=1e12)
+    assert model.estimate_mfu(1000, peak_flops("cpu")) is None
+    assert peak_flops("cpu") is None
+    assert (model.estimate_mfu(1000, 1e12)
             == pytest.approx(model.flops_per_token() * 1000 / 1e12))
 
 
@@ -466,29 +468,23 @@ def test_mfu_helpers_never_invent_a_peak():
 def test_unknown_name_fails_before_touching_the_hub(monkeypatch):
     def no_network(*a, **kw):
         raise AssertionError("the hub was contacted")
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
     with pytest.raises(ValueError,
                        match=r"unknown model 'gpt3': expected one of gpt2, gpt2-medium"):
-        GPT.from_pretrained("gpt3")
+        load_gpt("gpt3")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        GPT.from_pretrained(os.path.join("does", "not", "exist.pt"))
+        load_gpt(os.path.join("does", "not", "exist.pt"))
 
 
-def test_unreachable_hub_says_how_to_load_a_local_folder(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", ["gpt2-medium", "openai-community/gpt2", "Qwen/Qwen3-0.6B"])
+def test_unreachable_hub_says_how_to_load_a_local_folder(monkeypatch, tmp_path, name):
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # real client, empty cache, offline
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError,
-                       match="cannot reach the Hugging Face hub.*pass the local folder"):
-        GPT.from_pretrained("gpt2-medium")
-
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def unreachable(*a, **kw):
-        raise LocalEntryNotFoundError("connection error")
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", unreachable)
-    with pytest.raises(ConnectionError, match="pass the local folder"):
-        GPT.from_pretrained("openai-community/gpt2")
+                       match=f"'{name}' is no local folder, and the Hugging Face hub cannot be "
+                             f"reached.*pass its local folder instead"):
+        load_gpt(name)
 
 
 def test_folder_without_weights_or_config(tmp_path, hf_folders):
@@ -496,11 +492,11 @@ def test_folder_without_weights_or_config(tmp_path, hf_folders):
     shutil.copy(st / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError,
                        match="no model weights found; expected model.safetensors"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
     (tmp_path / "config.json").unlink()
     shutil.copy(st / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -515,7 +511,7 @@ def test_config_it_cannot_represent(tmp_path, hf_folders, key, value):
     cfg[key] = value
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=rf"config\.json: {key}=.* cannot be represented"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
 
 
 def test_state_dict_key_and_shape_errors(tmp_path, hf_folders):
@@ -527,28 +523,28 @@ def test_state_dict_key_and_shape_errors(tmp_path, hf_folders):
     torch.save(bad, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError,
                        match=r"pytorch_model\.bin: missing key transformer\.h\.1\.mlp\.c_fc\.bias"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
     bad = dict(sd, **{"h.0.attn.q_attn.weight": torch.zeros(2)})
     torch.save(bad, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"unexpected key transformer\.h\.0\.attn\.q_attn\.weight"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
     bad = dict(sd, **{"wpe.weight": sd["wpe.weight"][:, :-1]})
     torch.save(bad, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"transformer\.wpe\.weight has shape"):
-        GPT.from_pretrained(tmp_path)
+        load_gpt(tmp_path)
     with pytest.raises(ValueError, match="cannot override"):
-        GPT.from_pretrained(hub, n_layer=3)
+        load_gpt(hub, n_layer=3)
 
 
 def test_block_size_override_crops(hf_folders):
     hf, st, _ = hf_folders
-    model = GPT.from_pretrained(st, block_size=16).eval()
+    model = load_gpt(st, block_size=16).eval()
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape[0] == 16
     idx = torch.randint(0, hf.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert (model(idx) - hf_logits(hf, idx)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="exceeds the checkpoint"):
-        GPT.from_pretrained(st, block_size=4096)
+        load_gpt(st, block_size=4096)
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import torch.distributed as dist
 import eval as evaluate
 import train
 from common import read_jsonl
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from hf import save_pretrained
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # wall-clock fields of metrics.jsonl: the only numbers allowed to differ
@@ -196,9 +198,9 @@ def test_resume_after_dying_anywhere_is_bit_identical(reference, tmp_path, chain
 KILLER = """
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import model
+import checkpoint
 
-save = model.save_checkpoint
+save = checkpoint.save_checkpoint
 
 
 def save_then_die(path, *args, **kwargs):  # SIGKILL right after PO's first training state
@@ -207,7 +209,7 @@ def save_then_die(path, *args, **kwargs):  # SIGKILL right after PO's first trai
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-model.save_checkpoint = save_then_die  # before train.py runs `from model import save_checkpoint`
+checkpoint.save_checkpoint = save_then_die  # before train.py runs `from checkpoint import ...`
 sys.argv = [os.path.join({root!r}, "train.py")] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -271,7 +273,7 @@ sys.path.insert(0, {root!r})
 import model
 
 mode, at = sys.argv[1], int(sys.argv[2])
-token_logps, calls = model.GPT.token_logps, [0]
+forward, calls = model.GPT.forward, [0]
 
 
 # identity forward, NaN backward: a finite loss with a broken gradient
@@ -285,16 +287,16 @@ class NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-def broken(self, idx, targets, chunk_size=None):
-    out = token_logps(self, idx, targets, chunk_size)
-    if torch.is_grad_enabled():  # training forwards only (one per step here)
+def broken(self, idx, targets=None, chunk_size=None):
+    out = forward(self, idx, targets, chunk_size)
+    if targets is not None and torch.is_grad_enabled():  # training forwards (one per step here)
         calls[0] += 1
         if calls[0] == at:
             out = out * float("nan") if mode == "loss" else NanGrad.apply(out)
     return out
 
 
-model.GPT.token_logps = broken
+model.GPT.forward = broken
 sys.argv = [os.path.join({root!r}, "train.py")] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -375,14 +377,14 @@ def test_fp16_overflow_at_every_loss_scale_stops_the_run(tmp_path, monkeypatch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, init_scale=4.0, **kwargs)
 
-    token_logps = GPT.token_logps
+    forward = GPT.forward
 
-    def overflowing(self, idx, targets, chunk_size=None):
-        out = token_logps(self, idx, targets, chunk_size)
-        return InfGrad.apply(out) if torch.is_grad_enabled() else out
+    def overflowing(self, idx, targets=None, chunk_size=None):
+        out = forward(self, idx, targets, chunk_size)
+        return InfGrad.apply(out) if targets is not None and torch.is_grad_enabled() else out
 
     monkeypatch.setattr(torch.amp, "GradScaler", SmallScale)
-    monkeypatch.setattr(GPT, "token_logps", overflowing)
+    monkeypatch.setattr(GPT, "forward", overflowing)
     with pytest.raises(FloatingPointError,
                        match=r"^\[sft\] fp16 gradients overflow at every loss scale .* "
                              r"at step 3/12: use --dtype bfloat16 or float32, or lower --sft_lr; "
@@ -441,7 +443,7 @@ def files(tmp_path_factory):
     (d / "orphan_run").mkdir()  # stage folders whose config.json was deleted
     (d / "orphan_run" / "sft").mkdir()
     for name in ("hf_truncated", "hf_bin_truncated", "hf_no_weight_map", "hf_bad_config"):
-        ok.save_pretrained(d / name, tokenizer="none")
+        save_pretrained(ok, d / name, tokenizer="none")
     st = (d / "hf_truncated" / "model.safetensors").read_bytes()
     (d / "hf_truncated" / "model.safetensors").write_bytes(st[:len(st) // 2])
     os.remove(d / "hf_bin_truncated" / "model.safetensors")
@@ -526,7 +528,9 @@ CATALOGUE = [
     ("unknown-model-name", T, ["--init_from", "gpt5", "--tokenizer", "byte"],
      "unknown model 'gpt5': expected one of gpt2"),
     ("vocab-mismatch", T, ["--init_from", "{d}/vocab100.pt", "--tokenizer", "byte"],
-     "tokenizer 'byte' has 257 tokens but the model from --init_from"),
+     "tokenizer 'byte' has 257 tokens but the model from "),
+    ("vocab-mismatch-names-the-file", T, ["--init_from", "{d}/vocab100.pt", "--tokenizer", "byte"],
+     "vocab100.pt has a vocabulary of 100: pass the tokenizer the model was trained with"),
     ("loaded-context-too-short", T, ["--init_from", "{d}/ok.pt", "--max_len", "128"],
      "--max_len 128 exceeds the model's context of 64 tokens"),
     # eval.py

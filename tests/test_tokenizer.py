@@ -1,5 +1,5 @@
 """
-Tests for data.py's Hugging Face tokenizers: a byte-level BPE tokenizer.json (trained here with the
+Tests for tokenizer.py's Hugging Face tokenizers: a byte-level BPE tokenizer.json (trained here with the
 `tokenizers` library in the styles of Qwen2.5, Qwen3 and Llama-3) read as a tiktoken Encoding gives
 the ids of Hugging Face's tokenizers and decodes back to the text; chat templates render as
 transformers' apply_chat_template; end-of-text / end-of-turn ids; what is refused; chat prompts in
@@ -20,6 +20,7 @@ import pytest
 
 import data
 from tiny_hf import STYLES, corpus, train_tokenizer
+from tokenizer import get_tokenizer, has_hf_tokenizer, uses_chat
 
 pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def test_ids_match_hugging_face_and_decode_back(tok_folder):
     from tokenizers import Tokenizer
     style, folder = tok_folder
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok = data.get_tokenizer(str(folder))
+    tok = get_tokenizer(str(folder))
     assert tok.n_vocab == hf.get_vocab_size()
     for text in TEXTS:
         ids = tok.encode(text, allowed_special="all")  # Hugging Face matches special tokens too
@@ -76,7 +77,7 @@ def test_prompt_ids_and_special_ids_match_transformers(tok_folder):
     from transformers import AutoTokenizer
     style, folder = tok_folder
     auto = AutoTokenizer.from_pretrained(folder)
-    tok = data.get_tokenizer(str(folder))
+    tok = get_tokenizer(str(folder))
     for text in TEXTS:  # the BOS Llama-3 puts in front...
         if not text.startswith("<|begin_of_text|>"):
             assert tok.encode_prompt(text) == auto(text).input_ids, text
@@ -85,11 +86,11 @@ def test_prompt_ids_and_special_ids_match_transformers(tok_folder):
     assert tok.eos_token_id == auto.eos_token_id
     end_of_turn = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
     assert tok.eot_token == tok.end_of_turn_id == auto.convert_tokens_to_ids(end_of_turn)
-    plain = data.get_tokenizer(str(folder), chat_template="none")
-    assert plain.chat_template is None and not data.uses_chat(plain)
+    plain = get_tokenizer(str(folder), chat_template="none")
+    assert plain.chat_template is None and not uses_chat(plain)
     assert plain.eot_token == plain.eos_token_id == auto.eos_token_id
     with pytest.raises(ValueError, match="chat_template must be 'auto' or 'none'"):
-        data.get_tokenizer(str(folder), chat_template="yes")
+        get_tokenizer(str(folder), chat_template="yes")
 
 
 CONVERSATIONS = [
@@ -104,7 +105,7 @@ def test_chat_template_renders_like_apply_chat_template(tok_folder):
     from transformers import AutoTokenizer
     style, folder = tok_folder
     auto = AutoTokenizer.from_pretrained(folder)
-    tok = data.get_tokenizer(str(folder))
+    tok = get_tokenizer(str(folder))
     # transformers passes today's date to Llama-3's template; ours renders its fixed default
     extra = dict(date_string="26 Jul 2024", enable_thinking=False)
     for messages in CONVERSATIONS:
@@ -120,7 +121,7 @@ def test_chat_template_renders_like_apply_chat_template(tok_folder):
 
 def test_chat_prompts_and_masks_in_the_pipeline(tok_folder):
     style, folder = tok_folder
-    tok = data.get_tokenizer(str(folder))
+    tok = get_tokenizer(str(folder))
     cfg = SimpleNamespace(task="arith", arith_steps=2, arith_max_number=10, arith_ops="+-",
                           n_train=5, n_test=5, task_seed=0)
     plain = data.load_split(cfg, "train")
@@ -128,7 +129,7 @@ def test_chat_prompts_and_masks_in_the_pipeline(tok_folder):
     for p, c in zip(plain, chat):
         turn = [{"role": "user", "content": f"{p['question']}\n{data.CHAT_INSTRUCTION}"}]
         assert c["prompt"] == tok.render_chat(turn) and c["response"] == p["response"].lstrip()
-    assert data.load_split(cfg, "train", data.get_tokenizer(str(folder), "none")) == plain
+    assert data.load_split(cfg, "train", get_tokenizer(str(folder), "none")) == plain
     rows, _ = data.encode_sft(chat, tok, max_len=512)
     batch = data.sft_batch(rows, pad_id=tok.eot_token)
     for b, (row, ex) in enumerate(zip(rows, chat)):
@@ -165,30 +166,30 @@ REFUSED = {  # tokenizers that are not byte-level BPE, or that tiktoken cannot r
 def test_refuses_what_is_not_byte_level_bpe(tok_folder, tmp_path, kind):
     _, folder = tok_folder
     with pytest.raises(ValueError, match=r"tokenizer\.json: .*only byte-level BPE tokenizers"):
-        data.get_tokenizer(edited(folder, tmp_path, REFUSED[kind]))
+        get_tokenizer(edited(folder, tmp_path, REFUSED[kind]))
 
 
 def test_missing_files_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json; only byte-level BPE"):
-        data.get_tokenizer(str(tmp_path))
+        get_tokenizer(str(tmp_path))
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # real client, empty cache
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError, match="hub cannot be reached.*pass its local folder"):
-        data.get_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
+        get_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
     with pytest.raises(ValueError, match="'gpt2', 'byte', or a Hugging Face folder or hub id"):
-        data.get_tokenizer("qwen")
+        get_tokenizer("qwen")
 
 
 def test_has_hf_tokenizer(tok_folder, tmp_path):
     _, folder = tok_folder
-    assert data.has_hf_tokenizer(str(folder))
-    assert data.has_hf_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
-    assert not data.has_hf_tokenizer("gpt2") and not data.has_hf_tokenizer("openai-community/gpt2")
+    assert has_hf_tokenizer(str(folder))
+    assert has_hf_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
+    assert not has_hf_tokenizer("gpt2") and not has_hf_tokenizer("openai-community/gpt2")
     gpt2 = tmp_path / "gpt2"  # a GPT-2 folder keeps tiktoken's gpt2 encoding, as before
     shutil.copytree(folder, gpt2)
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert not data.has_hf_tokenizer(str(gpt2))
+    assert not has_hf_tokenizer(str(gpt2))
 
 
 @pytest.mark.parametrize("text,answer", [

@@ -1,6 +1,5 @@
 """End-to-end tests of train.py / eval.py on the smoke preset:
 every stage's outputs, resume, the harness."""
-import dataclasses
 import json
 import math
 import os
@@ -111,16 +110,6 @@ def test_eval_py_scores_the_runs_own_test_set(smoke, capsys):
     res = evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--n_test", "7"])  # asked for
     assert (res["n"] == 7
             and "NOT the run's test set: --n_test 7 (the run's: 40)" in capsys.readouterr().out)
-
-
-def test_eval_defaults_are_train_defaults():
-    """Outside a run folder eval.py falls back to its own defaults: they must be train.py's."""
-    shared = ({f.name for f in dataclasses.fields(evaluate.EvalConfig)}
-              & {f.name for f in dataclasses.fields(train.Config)})
-    assert ({"task", "arith_max_number", "n_test", "max_new_tokens", "beta", "family", "size"}
-            <= shared)
-    for name in shared:
-        assert getattr(evaluate.EvalConfig, name) == getattr(train.Config, name), name
 
 
 def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):

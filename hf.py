@@ -1,0 +1,427 @@
+"""
+Hugging Face in and out: the hub, config.json, the names of the weights, and the export.
+
+    folder = local_folder("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id, a GPT-2 name or a folder
+    config = GPTConfig(**config_kwargs(folder))           # config.json -> model.py's config
+    state, _ = state_dict(weight_files(folder), config)   # the weights under model.py's names
+    save_pretrained(model, "out/hf", tokenizer=folder)    # the way back: a folder transformers,
+                                                          # vLLM and lm-eval load
+
+The mapping is plain dicts and tensors: this file imports nothing of the project but common.py,
+and model.py knows nothing of Hugging Face. checkpoint.py puts the pieces together
+(load_model). `transformers` is never imported; it is only the reference the tests compare with.
+
+What differs between their layout and ours, each handled where it happens:
+    GPT-2 stores four weights as Conv1D (in, out)          CONV1D_WEIGHTS, transposed
+    the hub's gpt2* files lack the "transformer." prefix   _gpt2_state_dict
+    q, k, v (and gate, up) are separate matrices there     llama_keys: stacked into one matmul
+    a tied lm_head is left out of the files                _gpt2_state_dict, _llama_state_dict
+    config.json comes in two layouts (the hub's, and       _llama_config
+    transformers 5's rope_parameters)
+"""
+
+import json
+import math
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+
+from common import atomic_write, read_json
+
+# also accepted as "openai-community/<name>"
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Hugging Face's model_type -> its architecture; the model types this mapping knows
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# GPT-2 checkpoints store these four weights as Conv1D (in, out); nn.Linear wants (out, in).
+# Biases are 1D.
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight",
+                  ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+# -----------------------------------------------------------------------------
+# the hub: one client (huggingface_hub's snapshot_download), one error text
+
+# what we fetch from a hub repo: the config, safetensors weights and tokenizer files, nothing else
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+MODEL_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json",
+               *TOKENIZER_FILES)
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def is_gpt2(name):
+    """'gpt2', 'gpt2-medium', ... or 'openai-community/gpt2-xl'."""
+    return name.removeprefix("openai-community/") in GPT2_NAMES
+
+
+def is_hub_id(name):
+    """'Qwen/Qwen2.5-0.5B-Instruct' is; a path that exists, or ends like a weights file, is not."""
+    return (HUB_ID_RE.fullmatch(name) is not None and not os.path.exists(name)
+            and not name.endswith((".pt", ".bin", ".safetensors", ".json")))
+
+
+def hub_download(repo_id, patterns):
+    """The local folder holding a hub repo's files that match `patterns`, fetched once by
+    huggingface_hub and cached the usual way (offline, it answers from the cache)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+    try:
+        return snapshot_download(repo_id, allow_patterns=list(patterns))
+    except RepositoryNotFoundError:  # also a gated repo (Llama) without an accepted license
+        raise FileNotFoundError(f"{repo_id!r}: no such local folder, and no hub repo the hub "
+                                f"lets us read (gated models such as Llama need their license "
+                                f"accepted on the hub and `hf auth login`)") from None
+    except Exception as e:  # connection, timeout, offline mode: the hub client raises many kinds
+        raise ConnectionError(f"{repo_id!r} is no local folder, and the Hugging Face hub cannot "
+                              f"be reached to get it (offline, or not cached); download it where "
+                              f"there is a connection and pass its local folder instead "
+                              f"[{type(e).__name__}]") from None
+
+
+def local_folder(source):
+    """The local folder of a model: `source` itself if it is a folder; for a hub id or a GPT-2
+    name, its config, weights and tokenizer files fetched from the hub (once; then cached)."""
+    if os.path.isdir(source):
+        return source
+    if is_gpt2(source):  # (GPT-2's own tokenizer is tiktoken's "gpt2": no files needed)
+        folder = hub_download(source, ("config.json", "model.safetensors"))
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            folder = hub_download(source, ("config.json", "pytorch_model.bin"))  # older repos
+        return folder
+    return hub_download(source, MODEL_FILES)
+
+
+def tokenizer_files(source):
+    """{file name: local path} of the tokenizer files (and generation_config.json) of an HF
+    folder or hub repo; GPT-2's for 'gpt2'; none for 'none', our byte tokenizer, or no source."""
+    if source in (None, "none", "byte"):
+        return {}
+    if is_gpt2(source):
+        source = "openai-community/gpt2"  # every GPT-2 size shares this tokenizer
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise FileNotFoundError(f"{source}: the tokenizer folder this model came from is gone; "
+                                f"pass save_pretrained(..., tokenizer='its/folder' or 'none')")
+    folder = source if os.path.isdir(source) else hub_download(source, TOKENIZER_FILES)
+    return {name: os.path.join(folder, name) for name in TOKENIZER_FILES
+            if os.path.isfile(os.path.join(folder, name))}
+
+# -----------------------------------------------------------------------------
+# config.json -> the keyword arguments of model.GPTConfig
+
+
+def config_kwargs(folder):
+    """GPTConfig's keyword arguments from an HF folder's config.json (GPT-2 here, the Llama family
+    in _llama_config); anything this model would silently compute differently is refused."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder}: folder has no config.json (expected a Hugging Face "
+                                f"model folder or a folder holding our ckpt.pt)")
+    cfg = read_json(config_path)  # a broken file names itself
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path}: expected a JSON object (a Hugging Face config)")
+    if cfg.get("model_type") in ARCHITECTURES and cfg["model_type"] != "gpt2":
+        return _llama_config(cfg, config_path)
+
+    def refuse(key, expected):
+        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
+                         f"by this GPT-2 (expected {expected})")
+
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        refuse("model_type", f"one of {', '.join(ARCHITECTURES)}")
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+        if not isinstance(cfg.get(key), int):
+            refuse(key, "an integer")
+    # same tanh GELU
+    if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        refuse("activation_function", "'gelu_new'")
+    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+        refuse("n_inner", f"null or 4*n_embd = {4 * cfg['n_embd']}")
+    if not math.isclose(cfg.get("layer_norm_epsilon", 1e-5), 1e-5, rel_tol=1e-6):
+        refuse("layer_norm_epsilon", "1e-05")
+    for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                         ("reorder_and_upcast_attn", False), ("add_cross_attention", False),
+                         ("tie_word_embeddings", True)):
+        if cfg.get(key, default) != default:
+            refuse(key, default)
+    if cfg["n_embd"] % cfg["n_head"] != 0:
+        refuse("n_embd", f"a multiple of n_head={cfg['n_head']}")
+    # HF's attn/embd/resid_pdrop (0.1) are for pretraining;
+    # fine-tuning here runs without dropout by default
+    return dict(block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"],
+                n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                dropout=0.0, bias=True)
+
+
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _llama_config(cfg, config_path):
+    """GPTConfig's keyword arguments from a Llama / Qwen2 / Qwen3 config.json in either layout:
+    the hub's (rope_theta, rope_scaling at the top level) or transformers 5's (rope_parameters)."""
+    def refuse(key, expected):
+        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
+                         f"by this {cfg['model_type']} model (expected {expected})")
+
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings"):
+        if not isinstance(cfg.get(key), int):
+            refuse(key, "an integer")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "'silu' (SwiGLU)")
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window"):  # (Qwen2's q/k/v biases are
+        if cfg.get(key, False):                                        # part of its model_type)
+            refuse(key, "false")
+    if any(kind != "full_attention" for kind in cfg.get("layer_types") or ()):
+        refuse("layer_types", "full_attention in every layer")
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or 0
+    if not isinstance(kv_heads, int) or kv_heads < 0 or (kv_heads and heads % kv_heads):
+        refuse("num_key_value_heads", f"an integer that divides num_attention_heads={heads}")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        refuse("hidden_size", f"a multiple of num_attention_heads={heads}, or a head_dim")
+    if cfg.get("rope_parameters") is not None:  # transformers 5
+        key, rope = "rope_parameters", cfg["rope_parameters"]
+    else:  # the hub's files
+        key, rope = "rope_scaling", dict(cfg.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        refuse(key, "no scaling, or rope_type 'llama3'")
+    if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        refuse("partial_rotary_factor", "1.0")
+    scaling = {k: rope.get(k) for k in LLAMA3_ROPE} if kind == "llama3" else None
+    if scaling and not all(isinstance(v, (int, float)) for v in scaling.values()):
+        refuse(key, f"numbers for {', '.join(LLAMA3_ROPE)}")
+    return dict(model_type=cfg["model_type"], block_size=cfg["max_position_embeddings"],
+                vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"],
+                n_head=heads, n_embd=cfg["hidden_size"], dropout=0.0, bias=False,
+                n_kv_head=kv_heads or None, head_dim=cfg.get("head_dim"),
+                n_inner=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling,
+                tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def hf_config(config, dtype_name):
+    """config.json for transformers, in the hub's layout (transformers 4 and 5 both read it)."""
+    c = config
+    out = dict(architectures=[ARCHITECTURES[c.model_type]], model_type=c.model_type,
+               vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings,
+               torch_dtype=dtype_name)
+    if not c.llama:
+        return dict(out, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                    n_head=c.n_head, n_inner=None, activation_function="gelu_new",
+                    layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                    attn_pdrop=c.dropout)
+    rope_scaling = dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else None
+    out.update(hidden_size=c.n_embd, intermediate_size=c.inner, num_hidden_layers=c.n_layer,
+               num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
+               head_dim=c.head_size, hidden_act="silu", max_position_embeddings=c.block_size,
+               rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=rope_scaling,
+               attention_dropout=c.dropout)
+    if c.model_type != "qwen2":  # (Qwen2's q/k/v biases come with its model_type)
+        out.update(attention_bias=False)
+    if c.model_type == "llama":
+        out.update(mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False)
+    return out
+
+# -----------------------------------------------------------------------------
+# the weights: their names and layouts <-> ours
+
+
+def weight_files(folder):
+    """The weight file(s) of an HF folder: model.safetensors, its shards, or pytorch_model.bin."""
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    # save_pretrained shards big models; the index maps each key to a shard
+    if os.path.isfile(index):
+        saved = read_json(index)
+        weight_map = saved.get("weight_map") if isinstance(saved, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map (expected the index save_pretrained writes: "
+                             f"{{\"weight_map\": {{key: shard file}}}})")
+        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+    if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        return [os.path.join(folder, "pytorch_model.bin")]
+    raise FileNotFoundError(f"{folder}: no model weights found; "
+                            f"expected model.safetensors or pytorch_model.bin (or our ckpt.pt)")
+
+
+def llama_keys(config):
+    """[(our key, [(Hugging Face key, its shape), ...])] of a Llama-family model. Several of theirs
+    stack into one of ours along the output dimension: q, k, v -> c_attn; gate, up -> c_fc."""
+    C, V, hs, I = config.n_embd, config.vocab_size, config.head_size, config.inner
+    q, kv = config.n_head * hs, config.kv_heads * hs
+    keys = [("transformer.wte.weight", [("model.embed_tokens.weight", (V, C))])]
+    for i in range(config.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        keys.append((ours + "ln_1.weight", [(hf + "input_layernorm.weight", (C,))]))
+        keys.append((ours + "attn.c_attn.weight", [(hf + "self_attn.q_proj.weight", (q, C)),
+                                                   (hf + "self_attn.k_proj.weight", (kv, C)),
+                                                   (hf + "self_attn.v_proj.weight", (kv, C))]))
+        if config.model_type == "qwen2":
+            keys.append((ours + "attn.c_attn.bias", [(hf + "self_attn.q_proj.bias", (q,)),
+                                                     (hf + "self_attn.k_proj.bias", (kv,)),
+                                                     (hf + "self_attn.v_proj.bias", (kv,))]))
+        if config.model_type == "qwen3":
+            keys.append((ours + "attn.q_norm.weight", [(hf + "self_attn.q_norm.weight", (hs,))]))
+            keys.append((ours + "attn.k_norm.weight", [(hf + "self_attn.k_norm.weight", (hs,))]))
+        keys.append((ours + "attn.c_proj.weight", [(hf + "self_attn.o_proj.weight", (C, q))]))
+        keys.append((ours + "ln_2.weight", [(hf + "post_attention_layernorm.weight", (C,))]))
+        keys.append((ours + "mlp.c_fc.weight", [(hf + "mlp.gate_proj.weight", (I, C)),
+                                                (hf + "mlp.up_proj.weight", (I, C))]))
+        keys.append((ours + "mlp.c_proj.weight", [(hf + "mlp.down_proj.weight", (C, I))]))
+    keys.append(("transformer.ln_f.weight", [("model.norm.weight", (C,))]))
+    if not config.tie_embeddings:
+        keys.append(("lm_head.weight", [("lm_head.weight", (V, C))]))
+    return keys
+
+
+def _read_weights(paths):
+    """{key: (tensor, file)} from safetensors or pytorch_model.bin files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    raw = {}
+    for path in paths:
+        try:
+            if path.endswith(".safetensors"):
+                part = load_file(path)
+            else:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file (named by the folder's index)") from None
+        except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            raise ValueError(f"{path}: not a readable weight file (truncated or corrupt? "
+                             f"{reason})") from None
+        raw.update({k: (v, path) for k, v in part.items()})
+    return raw
+
+
+def state_dict(paths, config):
+    """The weights in an HF folder's weight files (weight_files) under our keys, for a model built
+    from `config` -> (state dict, the name error messages give it: its one weight file, or the
+    folder of its shards)."""
+    source = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
+    raw = _read_weights(paths)
+    if config.llama:
+        return _llama_state_dict(raw, config, source), source
+    return _gpt2_state_dict(raw), source
+
+
+def _gpt2_state_dict(raw):
+    """Hub gpt2* files lack the 'transformer.' prefix, carry the causal-mask buffers h.N.attn.bias /
+    h.N.attn.masked_bias, and have no lm_head.weight (it is tied)."""
+    state, files = {}, {}
+    for k, (v, path) in raw.items():
+        # leading dot: ".attn.c_attn.bias" is a real weight
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        k = k if k == "lm_head.weight" or k.startswith("transformer.") else "transformer." + k
+        if k.endswith(CONV1D_WEIGHTS):
+            v = v.t()  # Conv1D (in, out) -> Linear (out, in)
+        state[k], files[k] = v, path
+    wte = state.get("transformer.wte.weight")
+    if ("lm_head.weight" in state and wte is not None
+            and not torch.equal(state["lm_head.weight"], wte)):
+        raise ValueError(f"{files['lm_head.weight']}: lm_head.weight differs from "
+                         f"transformer.wte.weight, but this GPT ties them")
+    if wte is not None:
+        state["lm_head.weight"] = wte
+    return state
+
+
+def _llama_state_dict(raw, config, source):
+    """A Llama-family state dict in our keys; every key of theirs checked for presence and shape,
+    so a bad file is named with the key of theirs that is wrong."""
+    state, used = {}, set()
+    for ours, theirs in llama_keys(config):
+        parts = []
+        for key, shape in theirs:
+            if key not in raw:
+                raise ValueError(f"{source}: missing key {key}")
+            tensor, path = raw[key]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
+                                 f"expected {shape}")
+            parts.append(tensor)
+            used.add(key)
+        state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    wte = state["transformer.wte.weight"]
+    if config.tie_embeddings:
+        if "lm_head.weight" in raw and not torch.equal(raw["lm_head.weight"][0], wte):
+            raise ValueError(f"{raw['lm_head.weight'][1]}: lm_head.weight differs from "
+                             f"model.embed_tokens.weight, but tie_word_embeddings is true")
+        used.add("lm_head.weight")
+        state["lm_head.weight"] = wte
+    # older Llama files carry the rotary frequencies as a buffer; we compute them
+    unexpected = [k for k in raw if k not in used and not k.endswith(".rotary_emb.inv_freq")]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"{raw[unexpected[0]][1]}: unexpected key {unexpected[0]}{more}")
+    return state
+
+
+def hf_state_dict(model, dtype=None):
+    """The model's weights under Hugging Face's names and layouts (the inverse of loading), in
+    `dtype` (default: the weights' own); a tied lm_head is left out, as transformers saves it."""
+    ours = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.state_dict().items()}
+    config = model.config
+    if config.llama:
+        state = {}
+        for key, theirs in llama_keys(config):
+            parts = ours[key].split([shape[0] for _, shape in theirs])  # un-stack q/k/v, gate/up
+            if len(parts) > 1:  # (copies: safetensors refuses tensors that share memory)
+                parts = [part.clone() for part in parts]
+            state.update({name: part for (name, _), part in zip(theirs, parts)})
+    elif not config.bias:
+        raise ValueError("save_pretrained: a GPT-2 built with bias=False has no Hugging Face "
+                         "equivalent (GPT-2 has biases in every layer)")
+    else:
+        state = {k: v.t() if k.endswith(CONV1D_WEIGHTS) else v  # Linear -> Conv1D (in, out)
+                 for k, v in ours.items() if k != "lm_head.weight"}
+    return {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+
+# -----------------------------------------------------------------------------
+# export
+
+
+def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5GB"):
+    """Write a Hugging Face folder that transformers, vLLM or lm-evaluation-harness load:
+    config.json, model.safetensors (shards and an index past max_shard_size), and the tokenizer
+    files of `tokenizer` (an HF folder or hub id, 'gpt2', or 'none'/'byte'/None: our byte tokenizer
+    has none). dtype: e.g. torch.bfloat16 (default: the weights' own). Every file appears whole
+    (temp file + rename); config.json comes last."""
+    from huggingface_hub import save_torch_state_dict
+    state = hf_state_dict(model, dtype)
+    extra = tokenizer_files(tokenizer)  # {file name: path}, fetched before anything is written
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        written = os.listdir(tmp)
+        for name in os.listdir(folder):  # the weights of an earlier export would mix in
+            if name.startswith(("model", "pytorch_model")) and name.endswith(WEIGHT_SUFFIXES) \
+                    and name not in written:
+                os.remove(os.path.join(folder, name))
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    for name, path in extra.items():
+        with open(path, "rb") as f:
+            content = f.read()
+        atomic_write(os.path.join(folder, name), lambda f: f.write(content))
+    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    # the special token ids, as the source's generation config has them (transformers'
+    # defaults, e.g. Llama's eos 2, would be wrong)
+    generation = extra.get("generation_config.json")
+    generation = read_json(generation) if generation else {}
+    ids = {k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = json.dumps(dict(hf_config(model.config, dtype_name), **ids), indent=2).encode()
+    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
+    return folder
