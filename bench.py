@@ -13,12 +13,9 @@ Benchmark nanoADPO against its peers, on the same random GPT-2 weights, in one r
     python bench.py --device cpu --quick    # small shapes, about 1.5 min on a 2-core CPU
     python bench.py --device cuda           # GPT-2 124M and gpt2-medium shapes, bf16, torch.compile
 
-Every flag is a field of `BenchConfig` below (`--key value`; a bool may stand alone: `--quick`).
-
-The peers are bench-only dependencies: pip install -r requirements-bench.txt. Without trl the
-preference-step peer columns read n/a and the rest still runs. No downloads: a randomly initialised
-transformers GPT2LMHeadModel is saved to a temporary folder and loaded by both sides, so both
-compute with identical weights.
+Every flag is a field of `BenchConfig` below. The peers are bench-only dependencies (pip install
+-r requirements-bench.txt; without trl its columns read n/a). No downloads: a random transformers
+GPT2LMHeadModel saved to a temporary folder is loaded by both sides: identical weights.
 
 Every measurement runs in a fresh subprocess, one at a time, so that its peak memory is its own. On
 CUDA peak memory is torch.cuda.max_memory_allocated. On CPU it is read from the process's resident
@@ -29,8 +26,8 @@ peak is then the weights + optimizer state plus the rise of the resident set dur
 epochs (what max_memory_allocated counts on CUDA), a log-prob peak the rise above the model and
 inputs already held.
 
-The printed markdown table is followed by machine-readable `name: value` lines; a speedup > 1 means
-faster than the peer, a memory ratio < 1 means less memory than the peer.
+The markdown table is followed by machine-readable `name: value` lines; a speedup > 1 is faster
+than the peer, a memory ratio < 1 less memory.
 """
 
 import json
@@ -127,30 +124,24 @@ BETAS, GRAD_CLIP = (0.9, 0.95), 1.0
 # memory: the same three calls on both devices
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _proc_bytes(field):
     """/proc/self/status's VmRSS or VmHWM in bytes; without /proc (not Linux) the never-reset
     high-water mark."""
     try:
-        return 1024 * _status_kib(field)
-    except (OSError, KeyError):
+        with open("/proc/self/status") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
         import resource
         return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def mem_now(device):
-    """Bytes in use now: allocated tensors on CUDA, the resident set on CPU."""
+def mem(device, peak=False):
+    """Bytes in use now, or with peak=True the most since reset_peak: allocated tensors on CUDA,
+    the resident set on CPU."""
     if device == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.memory_allocated()
-    return _proc_bytes("VmRSS")
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    return _proc_bytes("VmHWM" if peak else "VmRSS")
 
 
 def reset_peak(device):
@@ -163,14 +154,6 @@ def reset_peak(device):
             f.write("5")
     except OSError:
         pass  # the peak then counts from process start; each measurement has its own process anyway
-
-
-def mem_peak(device):
-    """Peak bytes since reset_peak."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _proc_bytes("VmHWM")
 
 
 def sync(device):
@@ -203,7 +186,7 @@ def training_peak(device, at_start, state):
     """Peak memory of a timed training epoch: on CUDA every allocated tensor
     (max_memory_allocated); on CPU the weights + optimizer state plus the resident set's rise above
     its level at the start of the epoch."""
-    return mem_peak(device) if device == "cuda" else state + mem_peak(device) - at_start
+    return mem(device, peak=True) if device == "cuda" else state + mem(device, peak=True) - at_start
 
 # -----------------------------------------------------------------------------
 # the shared inputs: random token pairs, a random GPT-2 checkpoint
@@ -290,7 +273,7 @@ def child_pref_ours(s):
     for ix in batches:
         step(ix)
     graphs = compiled_graphs()
-    at_start = mem_now(device)
+    at_start = mem(device)
     reset_peak(device)
     seconds = []
     for _ in range(s["epochs"]):
@@ -371,7 +354,7 @@ def child_pref_trl(s):
             sync(device)
             if state.global_step == per_epoch:
                 self.state = state_bytes(kwargs["model"], kwargs["optimizer"])
-                self.at_start = mem_now(device)
+                self.at_start = mem(device)
                 reset_peak(device)
             else:
                 self.seconds.append(clock() - self.t0)
@@ -509,12 +492,12 @@ def child_logps(s):
 
     # a tiny call first: one-time library set-up is not the method's memory
     run(idx[:1, :8], targets[:1, :8])
-    base = mem_now(device)
+    base = mem(device)
     reset_peak(device)
     t0 = clock()
     run(idx, targets)  # the first full-size call, in a fresh process: the one whose memory counts
     sync(device)
-    return dict(peak_bytes=mem_peak(device) - base, seconds=clock() - t0)
+    return dict(peak_bytes=mem(device, peak=True) - base, seconds=clock() - t0)
 
 
 CHILDREN = {"pref_ours": child_pref_ours, "pref_trl": child_pref_trl, "sampling": child_sampling,
@@ -543,7 +526,7 @@ def run_child(kind, spec, label):
                HF_DATASETS_CACHE=os.path.join(spec["workdir"], "datasets"))
     if spec["device"] == "cpu":
         # glibc: every allocation >= 128 KiB gets its own mapping, returned on free, so the
-        # resident set follows the live tensors (see mem_now)
+        # resident set follows the live tensors (see mem)
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     command = [sys.executable, os.path.join(HERE, "bench.py"),
                "--child", kind, "--spec", json.dumps(spec)]
@@ -600,9 +583,9 @@ def describe_pref(s):
           f"(prompt+chosen + prompt+rejected of every pair) / seconds per epoch")
     # (train.pair_batch pads to multiples of 64 under torch.compile: train.bucket)
     compiled = ", torch.compile with lengths padded to multiples of 64" if s["compile"] else ""
-    print(f"  nanoADPO: train.py's step: precomputed reference log-probs, one (2B, T) model(idx, targets) "
-          f"forward, ADPO static k=1 loss, clip {GRAD_CLIP}, AdamW{' fused' if cuda else ''}, "
-          f"length-grouped batches{compiled}")
+    print(f"  nanoADPO: train.py's step: precomputed reference log-probs, one (2B, T) "
+          f"model(idx, targets) forward, ADPO static k=1 loss, clip {GRAD_CLIP}, "
+          f"AdamW{' fused' if cuda else ''}, length-grouped batches{compiled}")
     print(f"  TRL: DPOTrainer.train(), sigmoid DPO loss, precompute_ref_log_probs=True (no "
           f"reference forward in the step), optim={'adamw_torch_fused' if cuda else 'adamw_torch'}"
           f", bf16={cuda}, {'tf32 on, ' if cuda else ''}gradient checkpointing off, max_grad_norm "
@@ -659,14 +642,12 @@ def bench_pref(s):
         suffix = "" if i == 0 else "_" + m.replace("-", "_")  # the first shape: the plain names
         values.update({f"pref_step_speedup_vs_trl{suffix}": ratio(tps, trl_tps),
                        f"pref_step_memory_ratio_vs_trl{suffix}": ratio(mib, trl_mib),
-                       f"pref_step_tokens_per_s{suffix}": tps,
-                       f"trl_pref_step_tokens_per_s{suffix}": trl_tps,
-                       f"pref_step_mfu{suffix}": mfu(tps),
-                       f"trl_pref_step_mfu{suffix}": mfu(trl_tps),
-                       f"pref_step_peak_memory_mib{suffix}": mib,
-                       f"trl_pref_step_peak_memory_mib{suffix}": trl_mib,
                        f"pref_step_pad_fraction{suffix}":
                            1 - ours["tokens"] / ours["padded_tokens"]})
+        for name, mine, theirs in (("tokens_per_s", tps, trl_tps), ("mfu", mfu(tps), mfu(trl_tps)),
+                                   ("peak_memory_mib", mib, trl_mib)):
+            values[f"pref_step_{name}{suffix}"] = mine
+            values[f"trl_pref_step_{name}{suffix}"] = theirs
     return rows, values
 
 
@@ -694,7 +675,7 @@ def bench_sampling(s):
 
 
 def bench_logps(s):
-    """Log-prob memory: model(idx, targets) vs the naive full log-softmax. -> (table rows, values)"""
+    """Log-prob memory: model(idx, targets) vs the naive log-softmax. -> (table rows, values)"""
     m = s["logps_model"]
     print(f"log-probs: one forward+backward of the per-token log-probs of {s['logps_rows']} x "
           f"{s['logps_len']} tokens; nanoADPO = model(idx, targets) (chunked, checkpointed), naive "

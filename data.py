@@ -5,7 +5,7 @@ Tasks (lists of example dicts: question, prompt, response, answer)
   - "arith": embedded, offline, seeded multi-step arithmetic word problems in GSM8K's format. Small
     enough that a tiny byte-level GPT trained from scratch on a laptop CPU learns part of it.
   - "gsm8k": the hub dataset openai/gsm8k (config "main"), or any local/hub table with the same
-    `question` / `answer` columns. The `<<48/2=24>>` calculator annotations are stripped by default.
+    `question` / `answer` columns. The `<<48/2=24>>` calculator annotations are stripped.
 
 Prompt format (the same for every task):
     prompt   = "Question: {question}\nAnswer:"
@@ -22,7 +22,8 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
     "\n\nAssistant:" inside it;
   - chosen / rejected (and prompt) as lists of chat messages {role, content}: rendered as
     "\n\nHuman: ...\n\nAssistant: ..." text and split as above;
-  - "arith": offline pairs from the arith task, rejected = one arithmetic slip carried through.
+  - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
+    through.
 Local files: .jsonl / .json / .parquet / .csv, read through `datasets`. Rows are numbered from 0.
 
 Batch convention (what model.py / loss.py / train.py consume): right-padded (B, T) tensors
@@ -43,7 +44,6 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
-from common import write_jsonl
 from tokenizer import encode_prompt, uses_chat
 
 # -----------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def _example(question, solution, answer):
 #   #### 14
 # Each step line spells out "a+b=c", so a byte-level model can learn the digit arithmetic.
 
-ARITH_DEFAULTS = dict(steps=(2, 2), max_number=50, ops="+-", max_factor=5, allow_negative=False)
+ARITH_DEFAULTS = dict(steps=(2, 2), max_number=50, ops="+-", max_factor=5)
 ARITH_SIZES = dict(train=5000, test=500)        # default n per split
 NAMES = [("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"),
          ("Ben", "he"), ("Eva", "she"), ("Max", "he"), ("Zoe", "she")]
@@ -141,7 +141,7 @@ PHRASES = {"+": ["buys {}", "finds {}", "gets {}"],
            "-": ["gives away {}", "loses {}", "sells {}"],
            "*": ["multiplies them by {}"]}
 
-def _arith_problem(rng, steps, max_number, ops, max_factor, allow_negative):
+def _arith_problem(rng, steps, max_number, ops, max_factor):
     """One problem -> (question, solution, answer),
     or None when a step cannot be drawn (caller retries)."""
     name, he = rng.choice(NAMES)
@@ -155,7 +155,7 @@ def _arith_problem(rng, steps, max_number, ops, max_factor, allow_negative):
             y = x + b
         elif op == "-":
             # never take away more than there is
-            hi = max_number if allow_negative else min(max_number, x)
+            hi = min(max_number, x)
             if hi < 1:
                 return None
             b = rng.randint(1, hi)
@@ -179,8 +179,7 @@ def generate_arith(split="train", n=None, seed=0, **knobs):
     """n distinct arith examples of one split (default ARITH_SIZES),
     deterministic in (split, n, seed, knobs). Knobs (defaults in ARITH_DEFAULTS):
     steps: int or (min, max) steps per problem; max_number: largest start value and +/- operand;
-    ops: subset of "+-*"; max_factor: largest multiplier for "*";
-    allow_negative: let "-" go below zero."""
+    ops: subset of "+-*"; max_factor: largest multiplier for "*". A count never goes below 0."""
     if split not in ARITH_SIZES:
         raise ValueError(f"arith: unknown split {split!r} (choices: 'train', 'test')")
     unknown = set(knobs) - set(ARITH_DEFAULTS)
@@ -208,7 +207,7 @@ def generate_arith(split="train", n=None, seed=0, **knobs):
         if tries > 100 * n + 10_000:
             raise ValueError(f"arith: found only {len(out)} distinct {split} problems "
                              f"of the {n} asked for; raise max_number or steps, or lower n")
-        p = _arith_problem(rng, steps, max_number, ops, max_factor, knobs["allow_negative"])
+        p = _arith_problem(rng, steps, max_number, ops, max_factor)
         if p is None or (split == "test") != _is_test_question(p[0]) or p[0] in seen:
             continue
         seen.add(p[0])
@@ -420,8 +419,9 @@ def _text(row, field, where, i):
 
 def load_task(name, split="train", n=None, seed=0, **knobs):
     """Examples of a task: "arith" (knobs: see generate_arith), "gsm8k" (openai/gsm8k, config main),
-    or a local file / folder / hub id with question and answer columns (knobs: strip_calc=True,
-    config=None). For tables, n takes the first n rows of the split and seed is unused.
+    or a local file / folder / hub id with question and answer columns (knobs: config, the hub
+    dataset's config). For tables, n takes the first n rows of the split and seed is unused;
+    GSM8K's calculator annotations (<<48/2=24>>) are stripped from the solutions.
 
     A single local file holds both splits: a question is a test question when a hash of its text
     says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
@@ -429,10 +429,9 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     train.jsonl and test.jsonl (or .json / .parquet / .csv)."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
-    strip_calc, config = knobs.pop("strip_calc", True), knobs.pop("config", None)
+    config = knobs.pop("config", None)
     if knobs:
-        raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} "
-                         f"(expected strip_calc, config)")
+        raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} (expected config)")
     if name == "gsm8k":
         name, config = "openai/gsm8k", config or "main"
     rows, columns, where = _load_table(name, split, config)
@@ -449,7 +448,7 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
             continue
         seen.add(question)
         # the calculator annotations are tool calls, not text a model should learn to write
-        solution = CALC_RE.sub("", answer) if strip_calc else answer
+        solution = CALC_RE.sub("", answer)
         out.append(_example(question, solution.strip(), gold))
     return out[:n]
 
@@ -524,31 +523,19 @@ def _pair_from_row(row, has_prompt):
         raise ValueError("chosen and rejected are identical")
     return dict(prompt=prompt, chosen=chosen, rejected=rejected)
 
-def load_pairs(source, split="train", n=None, seed=0, config=None, on_bad_row="error"):
+def load_pairs(source, split="train"):
     """Preference pairs -> list of dict(prompt, chosen, rejected).
-    source: "arith" (offline pairs from the arith task, see make_arith_pairs), a local
-    .jsonl/.json/.parquet/.csv file, a folder with {split}.<ext>, or a hub id.
+    source: a local .jsonl/.json/.parquet/.csv file, a folder with {split}.<ext>, or a hub id.
     Columns: chosen and rejected, plus prompt unless they hold the whole conversation (HH-RLHF).
-    n: first n rows.
-    on_bad_row: "error" (raise naming the row and field) or "skip" (skip the row, count it and
-    print a warning)."""
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    if source == "arith":
-        return make_arith_pairs(generate_arith(split, n, seed), seed=seed)
-    rows, columns, where = _load_table(source, split, config)
+    A bad row is an error naming the file, the row and the field: never silently dropped."""
+    rows, columns, where = _load_table(source, split)
     _require_columns(columns, ["chosen", "rejected"], where, optional=["prompt"])
-    pairs, skipped = [], []
-    for i, row in enumerate(rows[:n]):
+    pairs = []
+    for i, row in enumerate(rows):
         try:
             pairs.append(_pair_from_row(row, "prompt" in columns))
         except ValueError as e:
-            if on_bad_row == "error":
-                raise ValueError(f"{where} row {i}: {e}") from None
-            skipped.append(f"row {i}: {e}")
-    if skipped:
-        print(f"warning: {where}: skipped {len(skipped)} of {len(rows[:n])} bad rows, "
-              f"e.g. {'; '.join(skipped[:3])}")
+            raise ValueError(f"{where} row {i}: {e}") from None
     return pairs
 
 def _most_frequent(samples):
@@ -600,13 +587,6 @@ def split_pairs(pairs, val_frac, seed=0):
                  train_pairs=len(train), val_pairs=len(val))
     return train, val, stats
 
-def pairs_to_jsonl(pairs, path):
-    """Check and write pairs as jsonl (prompt, chosen, rejected only), readable by load_pairs."""
-    for i, p in enumerate(pairs):
-        for field in ("prompt", "chosen", "rejected"):
-            _text(p, field, "pairs", i)
-    write_jsonl([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs], path)
-
 # -----------------------------------------------------------------------------
 # tokenization and truncation
 #
@@ -616,15 +596,12 @@ def pairs_to_jsonl(pairs, path):
 # max_len is cut. First its prompt is cut to max_prompt_len tokens keeping the END (the question is
 # usually last); then, if still too long, the response(s) are cut to fit max_len (a cut response
 # loses its EOS: it does not end there). A row left with no response token is dropped. Everything
-# is counted in the returned stats (and printed when verbose); on_overflow="drop" drops every row
-# that would need cutting, on_overflow="error" raises naming the row and field.
+# is counted in the returned stats (and printed when verbose).
 
-def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what, verbose):
+def _encode_rows(items, tok, max_len, max_prompt_len, fields, what, verbose):
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
     if not 1 <= max_prompt_len <= max_len:
         raise ValueError(f"max_prompt_len must be in [1, max_len={max_len}], got {max_prompt_len}")
-    if on_overflow not in ("truncate", "drop", "error"):
-        raise ValueError(f"on_overflow must be 'truncate', 'drop' or 'error', got {on_overflow!r}")
     stats = dict(rows=len(items), kept=0, truncated=0, prompt_truncated=0, response_truncated=0,
                  dropped=0)
     rows = []
@@ -633,15 +610,6 @@ def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what,
         resps = [tok.encode_ordinary(_text(item, f, what, i)) + [tok.eot_token] for f in fields]
         longest = max(range(len(fields)), key=lambda k: len(resps[k]))
         if len(prompt) + len(resps[longest]) > max_len:
-            if on_overflow == "error":
-                field = "prompt" if len(prompt) > max_prompt_len else fields[longest]
-                raise ValueError(f"{what} row {i}: field '{field}' does not fit: "
-                                 f"prompt {len(prompt)} + {fields[longest]} {len(resps[longest])} "
-                                 f"tokens (with EOS) > max_len={max_len} "
-                                 f"(max_prompt_len={max_prompt_len}, on_overflow='error')")
-            if on_overflow == "drop":
-                stats["dropped"] += 1
-                continue
             cut_prompt = len(prompt) > max_prompt_len
             if cut_prompt:
                 prompt = prompt[-max_prompt_len:]
@@ -664,17 +632,17 @@ def _encode_rows(items, tok, max_len, max_prompt_len, on_overflow, fields, what,
               f"{stats['response_truncated']} responses cut), {stats['dropped']} rows dropped")
     return rows, stats
 
-def encode_sft(examples, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
+def encode_sft(examples, tok, max_len, max_prompt_len=None, verbose=True):
     """examples (prompt, response) -> (rows of dict(idx, prompt_ids, response_ids incl. EOS),
     stats). max_prompt_len defaults to max_len // 2; see the truncation rule above."""
-    return _encode_rows(examples, tok, max_len, max_prompt_len, on_overflow,
-                        ["response"], "sft data", verbose)
+    return _encode_rows(examples, tok, max_len, max_prompt_len, ["response"], "sft data",
+                        verbose)
 
-def encode_pairs(pairs, tok, max_len, max_prompt_len=None, on_overflow="truncate", verbose=True):
+def encode_pairs(pairs, tok, max_len, max_prompt_len=None, verbose=True):
     """pairs (prompt, chosen, rejected) -> (rows of dict(idx, prompt_ids, chosen_ids, rejected_ids),
     stats). Both responses incl. EOS; max_prompt_len defaults to max_len // 2."""
-    return _encode_rows(pairs, tok, max_len, max_prompt_len, on_overflow,
-                        ["chosen", "rejected"], "pairs", verbose)
+    return _encode_rows(pairs, tok, max_len, max_prompt_len, ["chosen", "rejected"], "pairs",
+                        verbose)
 
 def row_lengths(rows):
     """Tokens in each row's longest sequence (prompt + longest response),
@@ -711,39 +679,36 @@ def sft_batch(rows, pad_id, pad_to=None, max_len=None):
     multiple (capped at max_len when given); pad_id is the EOS id by our convention."""
     return _collate([(r["prompt_ids"], r["response_ids"]) for r in rows], pad_id, pad_to, max_len)
 
-def preference_batch(rows, pad_id, eos_pad=False, pad_to=None, max_len=None, eos_id=None):
+def preference_batch(rows, pad_id, eos_pad=False, pad_to=None, max_len=None):
     """rows from encode_pairs -> dict(input_ids, targets, loss_mask), (2B, T): rows [0:B] are
     prompt+chosen, rows [B:2B] prompt+rejected, pair i = rows i and B+i. eos_pad=True appends EOS
     tokens (scored, i.e. masked in) to the shorter response of each pair so both have the same
     length, as the static ADPO family needs. It never exceeds max_len: the longer response
-    already fits after the same prompt. eos_id defaults to pad_id (pad = EOS)."""
-    eos_id = pad_id if eos_id is None else eos_id
+    already fits after the same prompt. (The pad id is the EOS id.)"""
     chosen, rejected = [], []
     for r in rows:
         c, j = r["chosen_ids"], r["rejected_ids"]
         if eos_pad:
             L = max(len(c), len(j))
-            c, j = c + [eos_id] * (L - len(c)), j + [eos_id] * (L - len(j))
+            c, j = c + [pad_id] * (L - len(c)), j + [pad_id] * (L - len(j))
         chosen.append((r["prompt_ids"], c))
         rejected.append((r["prompt_ids"], j))
     return _collate(chosen + rejected, pad_id, pad_to, max_len)
 
-def length_grouped_batches(lengths, batch_size, seed=0, shuffle=True):
+def length_grouped_batches(lengths, batch_size, seed=0):
     """Batches of indices with similar lengths (less padding), like HF's group_by_length: shuffle,
     split into mega-chunks of 50 * batch_size, sort each chunk by length (longest first), cut into
     batches, shuffle the batches. Deterministic in seed; every index exactly once (the last batch
-    may be smaller). shuffle=False keeps the data order apart from the sorting within chunks."""
+    may be smaller)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(idx)
+    rng.shuffle(idx)
     mega = 50 * batch_size
     batches = []
     for start in range(0, len(idx), mega):
         chunk = sorted(idx[start:start + mega], key=lambda i: -lengths[i])
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
+    rng.shuffle(batches)
     return batches

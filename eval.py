@@ -74,8 +74,9 @@ class Settings:
 
 
 @torch.no_grad()
-def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, top_k=None, seed=0,
-             batch_size=64, ctx=nullcontext(), desc="generating", progress=True):
+def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, top_k=None,
+             top_p=None, seed=0, batch_size=64, ctx=nullcontext(), desc="generating",
+             progress=True):
     """n completions (strings, EOS removed) for every prompt string -> (list (len(prompts)) of
     lists (n), list of bools: the prompt was longer than the context leaves room for and was cut,
     keeping its end). Work is cut into fixed batches of (prompt, sample) jobs and batch j is
@@ -95,7 +96,8 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
         chunk = jobs[b0:b0 + batch_size]
         with ctx:
             new = model.generate([encoded[i] for i in chunk], max_new_tokens,
-                                 temperature=temperature, top_k=top_k, eos_token_id=eot,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_token_id=eot,
                                  seed=seed + j)
         for i, ids in zip(chunk, new):
             out[i].append(tok.decode(ids[:-1] if ids and ids[-1] == eot else ids))

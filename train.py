@@ -79,6 +79,8 @@ class Config(Settings):
     n_samples: int = 4            # samples per question
     temperature: float = 0.5      # (below 1: rejected samples near the model's greedy mistakes)
     top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # nucleus sampling: the smallest set of top tokens holding top_p
+                                  # of the probability (1 = off)
     val_frac: float = 0.1         # pairs held out for reward accuracy
     # preference optimisation (the loss, beta, family, size, eos_pad: eval.Settings)
     gamma: float = 0.5          # SimPO margin
@@ -135,6 +137,7 @@ def validate(cfg):
     for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
+    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
     need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
     need(cfg.n_embd % cfg.n_head == 0,
@@ -435,7 +438,8 @@ def sample_pairs(cfg, run, out):
         part = questions[c:c + chunk]
         samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k or None, seed=seed_for(cfg.seed, "pairs", c),
+                           top_k=cfg.top_k or None, top_p=cfg.top_p,
+                           seed=seed_for(cfg.seed, "pairs", c),
                            batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
         write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
                           samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],

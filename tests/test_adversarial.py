@@ -16,7 +16,9 @@ import torch
 import common
 import data
 import train
-from test_reliability import ROOT, check_one_line_error, cli_env, run_cli, tiny, visible_lines
+from conftest import check_one_line_error, cli_env, ROOT, run_cli, tiny, visible_lines
+
+pytestmark = pytest.mark.slow  # end to end: whole pipelines and processes
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,8 +13,7 @@ from data import encode_pairs
 from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss, eos_padded
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
-from test_loss import make_batch
-from test_reliability import Died, die_at, tiny
+from conftest import die_at, Died, make_batch, tiny
 
 
 def tiny_gpt(seed):
@@ -123,6 +122,7 @@ def cdpo_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_one_weight_per_rejected_token_in_the_order_of_the_pairs(cdpo_run):
     weights = torch.load(cdpo_run / "cdpo" / "weights.pt", weights_only=True)
     pairs = [json.loads(line) for line in (cdpo_run / "pairs" / "train.jsonl").open()]
@@ -140,6 +140,7 @@ def test_one_weight_per_rejected_token_in_the_order_of_the_pairs(cdpo_run):
     assert (cdpo_run / "po" / "eval.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["cdpo/positive:2", "cdpo/negative:done"])
 def test_resume_after_a_kill_in_the_contrastive_step_gives_the_same_weights(cdpo_run, tmp_path,
                                                                             point):
@@ -155,6 +156,7 @@ def test_resume_after_a_kill_in_the_contrastive_step_gives_the_same_weights(cdpo
     assert not (tmp_path / "run" / "cdpo" / "positive" / "state.pt").exists()
 
 
+@pytest.mark.slow
 def test_no_incorrect_samples_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "contrastive_examples",
                         lambda cfg, pairs: ([dict(prompt="Q", response=" 1")], []))

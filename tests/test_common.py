@@ -70,6 +70,7 @@ def test_setup_on_cpu():
         common.setup("cpu", "half")
 
 
+@pytest.mark.slow
 def test_seeds_are_pure_functions_of_their_parts():
     code = "import common; print(common.seed_for(1337, 'po', 12, 1))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +95,7 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     assert os.listdir(path.parent) == ["f.json"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_torch_save_waits_for_the_file(tmp_path):
     """A SIGINT that lands inside torch.save's zip writer (here: raised from one of its writes)
     used to come out as a RuntimeError from C++; the write now finishes, then Ctrl-C is raised."""

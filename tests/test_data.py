@@ -11,7 +11,6 @@ import torch
 
 import data
 from tokenizer import get_tokenizer
-from common import read_jsonl
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -52,8 +51,7 @@ def test_arith_splits_disjoint_and_distinct():
         data.load_task("arith", "validation")
 
 @pytest.mark.parametrize("knobs", [{}, dict(steps=(3, 5), max_number=200, ops="+-*", max_factor=4),
-                                   dict(steps=1, ops="-", max_number=9),
-                                   dict(ops="-", allow_negative=True)])
+                                   dict(steps=1, ops="-", max_number=9)])
 def test_arith_worked_steps_are_right(knobs):
     exs = data.load_task("arith", "train", n=300, seed=3, **knobs)
     lo, hi = ((knobs.get("steps", (2, 2)),) * 2 if isinstance(knobs.get("steps"), int)
@@ -73,7 +71,7 @@ def test_arith_worked_steps_are_right(knobs):
         assert e["question"].split(" has ")[1].startswith(f"{st[0][0]} ")
         assert str(st[-1][3]) == e["answer"] == data.extract_answer(e["response"])
         assert data.is_correct(e["response"], e["answer"])
-    assert (negatives > 0) == knobs.get("allow_negative", False)
+    assert negatives == 0  # no count goes below zero
 
 def test_arith_default_is_short():
     exs = data.load_task("arith", "train", n=500, seed=0)
@@ -117,8 +115,6 @@ def test_arith_pairs(knobs):
         assert data.extract_answer(p["rejected"]) == str(bad[-1][3]) and int(bad[-1][3]) >= 0
         # same text apart from the numbers
         assert re.sub(r"\d+", "N", p["rejected"]) == re.sub(r"\d+", "N", p["chosen"])
-    assert data.load_pairs("arith", "test", n=5, seed=2) == data.make_arith_pairs(
-        data.load_task("arith", "test", n=5, seed=2), seed=2)
 
 def test_arith_pairs_need_steps():
     with pytest.raises(ValueError, match="row 0"):
@@ -294,21 +290,6 @@ def test_truncation_drops_are_counted(capsys):
     rows, stats = data.encode_sft(items, tok, max_len=64, max_prompt_len=64)
     assert stats["dropped"] == 1 and stats["kept"] == 2 and [r["idx"] for r in rows] == [0, 2]
     assert "1 rows dropped" in capsys.readouterr().out           # reported, never silent
-    rows, stats = data.encode_sft(items, tok, max_len=64, on_overflow="drop")
-    assert stats["dropped"] == 1 and stats["truncated"] == 0 and [r["idx"] for r in rows] == [0, 2]
-
-def test_truncation_strict_mode():
-    tok = get_tokenizer("byte")
-    items = [dict(prompt="p", response="ok"),
-             dict(prompt="p", response="ok"),
-             dict(prompt="q" * 200, response="x")]
-    with pytest.raises(ValueError, match=r"row 2: field 'prompt'.*max_len=64"):
-        data.encode_sft(items, tok, max_len=64, on_overflow="error")
-    pairs = [dict(prompt="p", chosen="c", rejected="r" * 100)]
-    with pytest.raises(ValueError, match=r"pairs row 0: field 'rejected'"):
-        data.encode_pairs(pairs, tok, max_len=64, on_overflow="error")
-    with pytest.raises(ValueError, match="on_overflow"):
-        data.encode_sft(items, tok, max_len=64, on_overflow="ignore")
     with pytest.raises(ValueError, match="max_prompt_len"):
         data.encode_sft(items, tok, max_len=64, max_prompt_len=65)
 
@@ -338,9 +319,8 @@ def test_length_grouped_batches():
                          for b in bs)
     random_batches = [list(range(k, min(k + 8, 1234))) for k in range(0, 1234, 8)]
     assert pad(batches) < pad(random_batches) / 5
-    ordered = data.length_grouped_batches(lengths, batch_size=8, seed=0, shuffle=False)
-    assert sorted(i for b in ordered for i in b) == list(range(1234))
-    assert set(ordered[0]) <= set(range(400)) and lengths[ordered[0][0]] == max(lengths[:400])
+    for b in batches:  # each batch from one chunk of 400 shuffled rows, sorted longest first
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     assert data.length_grouped_batches([], 4, seed=0) == []
 
 # -----------------------------------------------------------------------------
@@ -367,8 +347,7 @@ def test_local_gsm8k_jsonl(tmp_path):
                                  "#### 72"
     assert exs[1]["question"] == "What is 1,000 + 234?"
     assert all(data.is_correct(e["response"], e["answer"]) for e in exs)
-    raw = data.load_task(folder, "test", n=1, strip_calc=False)
-    assert len(raw) == 1 and "<<48/2=24>>" in raw[0]["response"]
+    assert len(data.load_task(folder, "test", n=1)) == 1
     with pytest.raises(ValueError, match="unknown option"):
         data.load_task(folder, "test", steps=3)
 
@@ -406,7 +385,6 @@ PREFS = [{"prompt": "Question: 2+2?\nAnswer:", "chosen": " 4", "rejected": " 5"}
 def test_local_pair_files(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", PREFS)
     assert data.load_pairs(path) == PREFS
-    assert data.load_pairs(path, n=1) == PREFS[:1]
     path = write(tmp_path / "prefs.json", json.dumps(PREFS))
     assert data.load_pairs(path) == PREFS
     path = write(tmp_path / "prefs.csv",
@@ -420,11 +398,6 @@ def test_local_pair_files(tmp_path):
         data.load_pairs(write(tmp_path / "gaps.csv", "prompt,chosen,rejected\np,c,r\nq,,r\n"))
     pq.write_table(pa.Table.from_pylist(PREFS), tmp_path / "prefs.parquet")
     assert data.load_pairs(str(tmp_path / "prefs.parquet")) == PREFS
-    # our own jsonl writer / reader round-trip, atomically (no temp file left behind)
-    out = tmp_path / "out" / "pairs.jsonl"
-    data.pairs_to_jsonl([dict(p, extra=1) for p in PREFS], str(out))
-    assert read_jsonl(str(out)) == PREFS and os.listdir(tmp_path / "out") == ["pairs.jsonl"]
-    assert data.load_pairs(str(out)) == PREFS
 
 @pytest.mark.parametrize("rows,match", [
     ([PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}],
@@ -446,13 +419,6 @@ def test_bad_pair_rows(tmp_path, rows, match):
     with pytest.raises(ValueError, match=match):
         data.load_pairs(path)
 
-def test_bad_rows_can_be_skipped(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "prefs.jsonl",
-                       [PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}, PREFS[1]])
-    assert data.load_pairs(path, on_bad_row="skip") == PREFS
-    out = capsys.readouterr().out
-    assert "skipped 1 of 3" in out and "row 1: field 'chosen' is empty" in out
-
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.load_pairs(str(tmp_path / "nope.jsonl"))
@@ -472,8 +438,6 @@ def test_bad_files(tmp_path):
         data.load_pairs(write(tmp_path / "garbage.parquet", b"not a parquet file", "wb"))
     with pytest.raises(FileNotFoundError, match=r"no train.jsonl"):
         data.load_pairs(str(tmp_path))
-    with pytest.raises(ValueError, match="on_bad_row"):
-        data.load_pairs("arith", on_bad_row="maybe")
 
 # -----------------------------------------------------------------------------
 # HH-RLHF style rows and chat messages

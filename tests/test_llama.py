@@ -11,7 +11,6 @@ autocast, the hub, refused configs; the whole pipeline on a tiny Qwen2 with a ch
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,12 +28,12 @@ from hf import is_hub_id, save_pretrained
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 from tiny_hf import MODELS, hf_model, randomize_, to_hub_layout, train_tokenizer
+from conftest import free_port, ROOT
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97  # vocabulary of the tiny models
 
 
@@ -177,6 +176,7 @@ def test_activation_checkpointing_gives_the_same_gradients(kind):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_breaks():
     model = tiny_llama("qwen3").train()
     idx = ids((2, 16), 8)
@@ -276,18 +276,13 @@ def qwen_folder(tmp_path_factory):
 def run_train(*flags, launch=(), timeout=300):
     """train.py in a fresh process (or under torchrun, `launch`) -> its stdout."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, *launch, "train.py", *flags], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, *launch, "train.py", *flags], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
     """sft_steps 0: the checkpoint is the SFT model and the reference; pairs, ADPO and eval run
     on chat prompts, in one process and in two (DDP over gloo) alike; the result exports as a
@@ -323,7 +318,7 @@ def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
     # export the final model: the one-liner of the README
     export = tmp_path / "hf"
     code = f"from checkpoint import export; export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     auto = transformers.AutoTokenizer.from_pretrained(export)
     ours = load_gpt(out / "po" / "ckpt.pt").eval()

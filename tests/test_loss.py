@@ -12,36 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics, simpo_loss)
+from conftest import make_batch, ragged_mask
 
 LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------------------------------
 # random ragged batches
-
-def ragged_mask(B, T, lengths, starts):
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        mask[b, starts[b]:starts[b] + lengths[b]] = True
-    return mask
-
-
-def make_batch(seed=0, dtype=torch.float64, garbage=1e3):
-    """6 pairs, 24 columns; ragged lengths (1 to 13), a different start column per row, chosen and
-    rejected lengths unequal, and large garbage values off the masks (which must never be read)."""
-    g = torch.Generator().manual_seed(seed)
-    B, T = 6, 24
-    len_w, len_l = [5, 9, 1, 13, 7, 2], [7, 4, 3, 13, 1, 11]
-    start_w, start_l = [0, 3, 10, 2, 15, 6], [4, 0, 1, 9, 20, 8]
-    cm, rm = ragged_mask(B, T, len_w, start_w), ragged_mask(B, T, len_l, start_l)
-    logps = [-torch.rand(B, T, generator=g, dtype=dtype) * 3 for _ in range(4)]
-    for x, m in zip(logps, [cm, rm, cm, rm]):
-        x[~m] = garbage
-    pc, pr, rc, rr = logps
-    return dict(policy_chosen_logps=pc.requires_grad_(), policy_rejected_logps=pr.requires_grad_(),
-                reference_chosen_logps=rc, reference_rejected_logps=rr,
-                chosen_mask=cm, rejected_mask=rm)
-
 
 def masked_log_ratios(batch, side):
     rho = batch[f"policy_{side}_logps"] - batch[f"reference_{side}_logps"]

@@ -274,6 +274,7 @@ def test_token_logps_keeps_no_full_vocab_tensor_for_backward():
     assert ours < full / 10   # only the chunks' inputs: hidden states (B, T, C) and targets
 
 
+@pytest.mark.slow
 def test_forward_compiles_without_graph_breaks():
     model = tiny_gpt(std=0.1).train()
     # fullgraph: any graph break fails
@@ -351,6 +352,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(path)["model"]["lm_head.weight"], old.lm_head.weight)
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, tiny_gpt(seed=0))

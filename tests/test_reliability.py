@@ -12,9 +12,7 @@ import json
 import math
 import os
 import random
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,38 +28,10 @@ from common import read_jsonl
 from checkpoint import save_checkpoint
 from hf import save_pretrained
 from model import GPT, GPTConfig
+from conftest import (check_one_line_error, cli_env, die_at, Died, free_port, ROOT,
+                      run_cli, tiny, UNTIMED, visible_lines)
 
-ROOT = Path(__file__).resolve().parent.parent
-# wall-clock fields of metrics.jsonl: the only numbers allowed to differ
-UNTIMED = ("tokens_per_s", "mfu")
-
-
-def tiny(out_dir, **over):
-    """Flags of a whole pipeline in a few seconds. log_every (3) and ckpt_every (2) differ on
-    purpose, so that logging windows straddle checkpoints; PO batches hold 3 pairs, so an epoch
-    usually ends on a short one."""
-    flags = dict(out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=128, max_len=128,
-                 max_new_tokens=32, arith_steps=1, arith_max_number=5, n_train=96, n_test=8,
-                 sft_steps=12, sft_batch_size=8, sft_lr=1e-2,
-                 n_pair_questions=16, n_samples=4, eval_batch_size=16,
-                 po_batch_size=3, po_epochs=3, po_lr=1e-3,
-                 log_every=3, ckpt_every=2, dropout=0.1, val_frac=0.25)
-    flags.update(over)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-
-
-def cli_env(**extra):
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONWARNINGS="ignore")
-    env.update(extra)
-    return env
-
-
-def run_cli(args, timeout=180, **env):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=cli_env(**env), timeout=timeout)
-
+pytestmark = pytest.mark.slow  # end to end: whole pipelines and processes
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -134,43 +104,6 @@ def po_steps(out):
 def test_the_same_command_twice_gives_identical_results(reference, tmp_path):
     train.main(tiny(tmp_path))
     assert_same_run(reference, tmp_path)
-
-
-class Died(BaseException):
-    """Raised by a function patched from here: the run 'dies' at that point (nothing after runs)."""
-
-
-def die_at(monkeypatch, point):
-    """Make the next run die at `point`, patching train.py's own functions from the outside:
-    "sft:7" / "po:3" right after that training step is logged, "sft:done" / "po:done" right after
-    the stage's ckpt.pt is written, "pairs:4" after the samples of chunk 4 are written,
-    "pairs:written" after the pair files (before stats.json), "po:ref" after the reference's
-    log-probs. Returns nothing; the patches are undone with the monkeypatch."""
-    stage, where = point.split(":")
-
-    def after(fn, hit):
-        def wrapped(*args, **kwargs):
-            result = fn(*args, **kwargs)
-            if hit(*args):
-                raise Died(point)
-            return result
-        return wrapped
-
-    # log_step(step, total, logged, lr, tok_s, model, name)
-    if where.isdigit() and stage != "pairs":
-        monkeypatch.setattr(train, "log_step", after(train.log_step, lambda step, *a: (
-            step == int(where) and a[5] == stage)))
-    elif where == "done":
-        monkeypatch.setattr(train, "save_checkpoint",
-                            after(train.save_checkpoint, lambda path, *a: (
-                                str(path).endswith(os.path.join(stage, "ckpt.pt")))))
-    elif where == "ref":
-        monkeypatch.setattr(train, "atomic_write", after(train.atomic_write, lambda path, *a: (
-            str(path).endswith("reference_logps.pt"))))
-    else:
-        name = "val.jsonl" if where == "written" else f"samples_{int(where):06d}.jsonl"
-        monkeypatch.setattr(train, "write_jsonl", after(train.write_jsonl, lambda records, path: (
-            str(path).endswith(name))))
 
 
 # each chain kills one run folder at these points in turn (every re-run resumes, then dies at the
@@ -300,17 +233,6 @@ model.GPT.forward = broken
 sys.argv = [os.path.join({root!r}, "train.py")] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-# tqdm's "sft:  25%|██▌   | 3/12 [00:00<..."
-PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[")
-
-
-def visible_lines(stderr):
-    """stderr's lines that say something: not blank,
-    not a progress bar (tqdm draws them on stderr)."""
-    lines = [line.strip() for line in re.split(r"[\r\n]", stderr)]
-    return [line for line in lines if line and not PROGRESS_BAR.match(line)]
 
 
 @pytest.mark.parametrize("mode, at, message, kept", [
@@ -469,6 +391,14 @@ CATALOGUE = [
      "--size (k or m) must be >= 1, got 0"),
     ("negative-seed", T, ["--seed", "-1"], "--seed must be >= 0, got -1"),
     ("positional", T, ["oops"], "unexpected argument 'oops': flags are --key value"),
+    ("unknown-flag", T, ["--bogus", "1"], "unknown flag --bogus"),
+    ("no-value", T, ["--beta"], "--beta needs a value"),
+    ("not-a-float", T, ["--beta", "abc"], "--beta expects float, got 'abc'"),
+    ("not-a-bool", T, ["--compile", "maybe"], "--compile expects bool, got 'maybe'"),
+    ("unknown-loss", T, ["--loss", "nope"], "--loss 'nope': expected one of"),
+    ("unknown-family", T, ["--family", "dynamic"], "--family must be static or adaptive"),
+    ("no-such-preset", T, ["--preset", "no_such_preset"],
+     "--preset no_such_preset: no such preset file"),
     ("grad-accum", T, ["--grad_accum", "3", "--sft_batch_size", "8", "--po_batch_size", "4"],
      "--grad_accum (3) must divide --sft_batch_size (8), --po_batch_size (4) and "
      "--cdpo_batch_size (32)"),
@@ -641,13 +571,6 @@ def catalogue_results(files, tmp_path_factory):
     return {case[0]: (r, out) for case, r, (_, out) in zip(CATALOGUE, results, argvs)}
 
 
-def check_one_line_error(code, stderr, message):
-    lines = visible_lines(stderr)
-    assert code != 0, stderr
-    assert "Traceback" not in stderr and len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") and message in lines[0], stderr
-
-
 @pytest.mark.parametrize("name, script, args, message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input_fails_fast_with_one_clear_line(catalogue_results, name, script, args, message):
     r, out = catalogue_results[name]
@@ -693,12 +616,6 @@ def test_a_prompt_longer_than_the_context_is_cut_and_counted_not_lost(tmp_path, 
 
 # -----------------------------------------------------------------------------
 # several processes: DDP over gloo, 2 CPU processes == 1 process with the same global batch
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
