@@ -392,18 +392,19 @@ def lock_run_folder(out_dir):
     _LOCKS[os.path.realpath(out_dir)] = f
 
 
-def claim_run_folder(out_dir, config, free=()):
+def claim_run_folder(out_dir, config, free=(), defaults=None):
     """A run folder belongs to one config: a new folder gets config.json, an existing one must hold
     the same config (then the run resumes). Keys in `free` may differ between the runs of a folder
-    (they change nothing a run computes: where it prints, when it checkpoints...). Rank 0 checks
-    and writes; the other ranks of a torchrun job wait for it."""
+    (they change nothing a run computes: where it prints, when it checkpoints...); a key the saved
+    config lacks counts as its value in `defaults` (a flag added since the run began changes
+    nothing while it keeps its default). Rank 0 checks and writes; the other ranks wait for it."""
     if int(os.environ.get("RANK", 0)) == 0:
         need(not os.path.isfile(out_dir),
              f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
         lock_run_folder(out_dir)
         path = os.path.join(out_dir, "config.json")
         if os.path.exists(path):
-            check_same_config(path, config, free)
+            check_same_config(path, config, free, defaults or {})
             print(f"resuming the run in {out_dir}", flush=True)
         else:
             others = sorted(set(os.listdir(out_dir)) - {".lock"})
@@ -413,13 +414,14 @@ def claim_run_folder(out_dir, config, free=()):
     barrier()
 
 
-def check_same_config(path, config, free):
+def check_same_config(path, config, free, defaults):
     try:
         saved = read_json(path)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{path}: not a readable run config ({e}); use another --out_dir")
     need(isinstance(saved, dict),
          f"{path}: not a run config (expected a JSON object); use another --out_dir")
+    saved = {**defaults, **saved}
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
     need(not diff, f"{os.path.dirname(path)} holds a run with a different config ("
                    + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())

@@ -728,7 +728,8 @@ def main(argv=None):
     validate(cfg)
     plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
-    claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY)  # new, or a resume
+    claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY,  # new, or a resume
+                     defaults=dataclasses.asdict(Config()))
     n_test = check_inputs(cfg)
     print0(f"device {run.device} | dtype {run.dtype} | world size {run.world} | task {cfg.task}: "
            f"{n_test} test questions | torch {torch.__version__}")

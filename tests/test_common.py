@@ -145,6 +145,14 @@ def test_a_run_folder_belongs_to_one_config(tmp_path, capsys):
     assert "resuming the run in" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"holds a run with a different config \(lr: 0.1 -> 0.2\)"):
         common.claim_run_folder(out, {"lr": 0.2, "device": "cpu"}, free=("device",))
+    # a flag added since the run began: at its default the run is the same, at another value not
+    common.claim_run_folder(out, {"lr": 0.1, "device": "cpu", "new": 1}, free=("device",),
+                            defaults={"new": 1})
+    with pytest.raises(ConfigError, match=r"different config \(new: 1 -> 2\)"):
+        common.claim_run_folder(out, {"lr": 0.1, "device": "cpu", "new": 2}, free=("device",),
+                                defaults={"new": 1})
+    with pytest.raises(ConfigError, match=r"different config \(new: None -> 1\)"):
+        common.claim_run_folder(out, {"lr": 0.1, "device": "cpu", "new": 1}, free=("device",))
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
         common.claim_run_folder(str(tmp_path / "file"), {})
