@@ -25,14 +25,15 @@ from functools import partial
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
-
-from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
-                    read_json, read_jsonl, read_run_file, setup, write_json)
+from common import (all_gather, atomic_write, barrier, changed_flags, cli, markdown_table, need,
+                    parse, print0, progress_bar, read_json, read_jsonl, read_run_file, setup,
+                    write_json)
 from checkpoint import load_gpt, load_model
 from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
 from loss import LOSSES, eos_padded, preference_metrics
 from tokenizer import encode_prompt
+import tracking
+
 
 # -----------------------------------------------------------------------------
 # the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
@@ -40,6 +41,7 @@ from tokenizer import encode_prompt
 
 @dataclass
 class Settings:
+    # run
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
@@ -92,7 +94,8 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     out = [[] for _ in prompts]
     batches = range(0, len(jobs), batch_size)
-    for j, b0 in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+    for j, b0 in enumerate(progress_bar(batches, desc, unit="batch", disable=not progress,
+                                        leave=False)):
         chunk = jobs[b0:b0 + batch_size]
         with ctx:
             new = model.generate([encoded[i] for i in chunk], max_new_tokens,
@@ -172,7 +175,8 @@ def pair_logps(model, rows, pad_id, *, batch_size=16, eos_pad=False, device="cpu
     how train.py reuses the reference's log-probs."""
     model.eval()
     out = []
-    for b0 in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
+    batches = range(0, len(rows), batch_size)
+    for b0 in progress_bar(batches, desc, unit="batch", disable=not progress, leave=False):
         chunk = rows[b0:b0 + batch_size]
         batch = preference_batch(chunk, pad_id, eos_pad=eos_pad)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -215,13 +219,13 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     result = {"metrics": metrics}
     if pairs is not None:
         rows, val_rows, reference = pairs
-        kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=False,
-                  eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
+        kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx,
+                  progress=run.master, eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
         score = partial(preference_eval, beta=cfg.beta, family=cfg.family, size=cfg.size)
-        result["pairs"] = {"train": score(pair_logps(model, rows, tok.eot_token, **kw),
-                                          reference["train"])}
-        if val_rows:  # before = the reference against itself (ties: accuracy 0)
-            val = pair_logps(model, val_rows, tok.eot_token, **kw)
+        train_logps = pair_logps(model, rows, tok.eot_token, desc="eval pairs", **kw)
+        result["pairs"] = {"train": score(train_logps, reference["train"])}
+        if val_rows:  # before = the reference against itself (exact ties: accuracy 0)
+            val = pair_logps(model, val_rows, tok.eot_token, desc="eval pairs (val)", **kw)
             result["pairs"]["val"] = score(val, reference["val"])
             result["pairs"]["val_before"] = score(reference["val"], reference["val"])
     result["records"] = records
@@ -229,9 +233,24 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
         write_json(path, result)
     barrier()
     name = os.path.relpath(stage_dir, cfg.out_dir)
+    tracking.log(name, last_step(stage_dir), tracked(result), purge=False)  # --report_to
     print0(f"[{name}] test accuracy {100 * metrics['accuracy']:.1f}% "
            f"({metrics['correct']}/{metrics['n']})")
     return result
+
+def last_step(stage_dir):
+    """The stage's last training step (0: it trained none), read from its metrics.jsonl."""
+    log = os.path.join(stage_dir, "metrics.jsonl")
+    last = read_jsonl(log, torn_tail=True)[-1:] if os.path.exists(log) else []
+    return last[0]["step"] if last else 0
+
+
+def tracked(result):
+    """An eval.json's numbers as flat tracker keys: test/accuracy, pairs_val/rewards/accuracy..."""
+    numbers = {f"test/{k}": v for k, v in result["metrics"].items()}
+    for split, metrics in result.get("pairs", {}).items():
+        numbers.update({f"pairs_{split}/{k}": v for k, v in metrics.items()})
+    return numbers
 
 # -----------------------------------------------------------------------------
 # paired statistics: two models scored on the same questions
@@ -437,6 +456,8 @@ def report_run(out_dir, plan, baseline, run, wall_time_s):
 
 @dataclass
 class EvalConfig(Settings):
+    """Every flag of eval.py: what to score (below), then the settings it is scored with."""
+    # what to evaluate
     ckpt: str = ""              # our ckpt.pt, gpt2 | gpt2-medium | ..., or a Hugging Face folder
     split: str = "test"         # the task split to score
     pairs: str = ""             # a prompt/chosen/rejected file: reward accuracy and margins on it

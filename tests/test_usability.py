@@ -1,0 +1,136 @@
+"""A researcher's first hour: --help and typos, progress bars in a log file, the resolved config
+on the console, run tracking (TensorBoard, read back), chat-format pair files, sampled special
+tokens, an offline GPT-2 export, a retry after a failed --init_from, curves.png, and the
+lm-evaluation-harness task file."""
+import json
+import runpy
+import sys
+
+import pytest
+
+import eval as evaluate
+import train
+from common import ConfigError, parse, progress_bar
+from conftest import ROOT, die_at, Died, tiny
+
+# -----------------------------------------------------------------------------
+# --help and typos
+
+
+def script_help(script, flag, capsys, monkeypatch):
+    """What `python SCRIPT FLAG` prints, run as the script (its __main__ block, real argv)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), flag])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "bench.py"])
+def test_every_script_has_a_help(script, capsys, monkeypatch):
+    for flag in ("--help", "-h"):
+        text = script_help(script, flag, capsys, monkeypatch)
+        assert text.startswith(f"usage: {script}") and "--device" in text, text
+
+
+def test_help_is_the_config_its_comments_and_its_sections(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
+    text = script_help("train.py", "--help", capsys, monkeypatch)
+    flat = " ".join(text.split())
+    for name in train.Config.__dataclass_fields__:  # every field is a flag
+        assert f"--{name} " in text, name
+    # a field of train.Config, under its section, with its comment and its default
+    assert "model: --init_from STR scratch | gpt2" in flat
+    assert "--n_layer INT scratch only (default: 4)" in flat
+    # the comment line aligned under a field's comment continues it
+    assert "| a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B... (default: " \
+           "'scratch')" in flat
+    # a field of the base class eval.Settings: its comment is read from eval.py
+    assert "--beta FLOAT (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy) " \
+           "(default: 0.5)" in flat
+    assert "--compile [BOOL] torch.compile the training forward (default: False)" in flat
+    # the `run` sections of Settings and of Config are one group
+    assert flat.count("run: ") == 1 and "run: --seed INT" in flat
+    assert "--preset NAME" in flat and "smoke" in flat
+    eval_help = " ".join(script_help("eval.py", "-h", capsys, monkeypatch).split())
+    assert "what to evaluate: --ckpt STR our ckpt.pt" in eval_help
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--lerning_rate", "unknown flag --lerning_rate (expected one of the fields of Config): "
+                       "did you mean --po_lr or --sft_lr or --cdpo_lr?; see --help"),
+    ("--po-lr", "unknown flag --po-lr (expected one of the fields of Config): did you mean "
+                "--po_lr"),
+    ("--n_layers", "did you mean --n_layer?"),
+    ("--lr", "did you mean --sft_lr or --po_lr or --cdpo_lr?"),
+])
+def test_a_typo_gets_the_close_matches(flag, message):
+    with pytest.raises(ConfigError) as e:
+        parse(train.Config, [flag, "1"], presets=True)
+    assert message in str(e.value)
+
+
+def test_a_typo_in_a_preset_gets_the_close_matches(tmp_path):
+    (tmp_path / "p.json").write_text('{"betta": 0.1}')
+    with pytest.raises(ConfigError, match=r"unknown key 'betta' \(expected a field of Config\): "
+                                          r"did you mean 'beta'\?"):
+        parse(train.Config, ["--preset", str(tmp_path / "p.json")], presets=True)
+
+# -----------------------------------------------------------------------------
+# progress
+
+
+def test_progress_in_a_log_file_is_whole_lines_with_rate_and_eta(capsys):
+    """stderr is not a terminal here (pytest captures it), as in `train.py > log 2>&1`."""
+    for _ in progress_bar(range(5), "sft", unit="step"):
+        pass
+    for _ in progress_bar(range(3), "eval greedy", leave=False):  # kept in a log all the same
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("sft:   0%|          | 0/5 [00:00<?, ?step/s]"), lines
+    assert lines[1].startswith("sft: 100%|##########| 5/5 [00:00<00:00, "), lines  # elapsed<ETA
+    assert lines[1].endswith("step/s]") and lines[-1].startswith("eval greedy: 100%|"), lines
+
+# -----------------------------------------------------------------------------
+# the resolved config, and run tracking
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_every_metric_and_a_resume_continues_the_same_curve(tmp_path, capsys):
+    """--report_to tensorboard, for real: a run killed after SFT step 7 (its last training state:
+    step 6) and resumed; the events read back hold every step of metrics.jsonl once, with its
+    values, the stage's evaluation at its last step, and the run's config."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from common import read_jsonl
+    flags = tiny(tmp_path, stop_after="sft", report_to="tensorboard", dropout=0.0)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
+        die_at(mp, "sft:7")
+        train.main(flags)
+    summary = train.main(flags)
+    out = capsys.readouterr().out
+    line = out.split("\nconfig: ")[1].splitlines()[0]  # the flags that differ from the defaults
+    assert f"--out_dir {tmp_path} --stop_after sft --n_layer 1 --n_head 2 --n_embd 32" in line
+    assert "--seed" not in line and "(the rest: defaults, see --help" in line
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
+    events.Reload()
+    log = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    for key in ("loss", "lr", "tokens_per_s"):
+        points = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in points] == list(range(1, 13)), key  # 7 once: the resumed run's
+        assert [v for _, v in points] == pytest.approx([r[key] for r in log], rel=1e-6), key
+    accuracy = events.Scalars("test/accuracy")
+    assert [(e.step, e.value) for e in accuracy] == [(12, summary["sft"]["test"]["accuracy"])]
+    config = events.Tensors("config/text_summary")
+    assert len(config) == 1 and '"report_to": "tensorboard"' in config[0].tensor_proto \
+        .string_val[0].decode()
+
+
+def test_report_to_names_its_missing_package(monkeypatch):
+    import tracking
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"--report_to wandb: wandb is not installed \(pip "
+                                          r"install wandb\), or use --report_to none"):
+        tracking.start("wandb", "unused", {})
