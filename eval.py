@@ -29,7 +29,8 @@ from common import (all_gather, atomic_write, barrier, changed_flags, cli, markd
                     parse, print0, progress_bar, read_json, read_jsonl, read_run_file, setup,
                     write_json)
 from checkpoint import load_gpt, load_model
-from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
+from data import (encode_pairs, extract_answer, is_correct, load_pairs, load_split,
+                  preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
 from tokenizer import encode_prompt
 import tracking
@@ -514,6 +515,7 @@ def main(argv=None):
         context = model.config.block_size
         need(cfg.max_len <= context,
              f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
+        pairs = render_pairs(pairs, tok)  # chat messages: through the model's chat template
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)

@@ -44,8 +44,8 @@ from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, c
                     progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
                     write_jsonl)
 from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, load_pairs,
-                  load_split, make_arith_pairs, pairs_from_samples, preference_batch, row_lengths,
-                  sft_batch, split_pairs)
+                  load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
+                  row_lengths, sft_batch, split_pairs)
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
@@ -474,8 +474,9 @@ def stage_pairs(cfg, run):
         tok = load_tokenizer(sft_ckpt(cfg))
         questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
         pairs = make_arith_pairs(questions, seed=cfg.seed)
-    else:
-        pairs = load_pairs(cfg.pairs_source, split="train")
+    else:  # a pair file: chat messages rendered for the SFT model (its chat template, if any)
+        pairs = render_pairs(load_pairs(cfg.pairs_source, split="train"),
+                             load_tokenizer(sft_ckpt(cfg)), verbose=run.master)
     train_pairs, val_pairs, split = split_pairs(pairs, cfg.val_frac, seed=cfg.seed)
     stats.update(split)
     need(train_pairs or not pairs, f"--val_frac {cfg.val_frac} holds out all {len(val_pairs)} "

@@ -134,3 +134,109 @@ def test_report_to_names_its_missing_package(monkeypatch):
     with pytest.raises(ConfigError, match=r"--report_to wandb: wandb is not installed \(pip "
                                           r"install wandb\), or use --report_to none"):
         tracking.start("wandb", "unused", {})
+
+# -----------------------------------------------------------------------------
+# chat-format pair files, and special tokens a model samples
+
+CONVERSATION = dict(
+    prompt=[{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+3?"}],
+    chosen=[{"role": "assistant", "content": "2+3=5.\n#### 5"}],
+    rejected=[{"role": "assistant", "content": "2+3=6.\n#### 6"}])
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A tiny Qwen2.5-style tokenizer folder with its chat template (and transformers' view)."""
+    from tiny_hf import train_tokenizer
+    folder = tmp_path_factory.mktemp("qwen_tok")
+    return folder, train_tokenizer("qwen2.5", folder)
+
+
+def test_chat_pairs_go_through_the_chat_template_as_trl_renders_them(qwen_folder, tmp_path,
+                                                                     capsys):
+    """TRL's conversational format, with a prompt column and without one (the shared first
+    messages are the prompt): rendered as trl.maybe_apply_chat_template renders them (here from
+    transformers' apply_chat_template, its definition), each response cut at the <|im_end|> that
+    becomes its EOS; the ids are transformers' own."""
+    import data
+    from tokenizer import get_tokenizer
+    folder, hf = qwen_folder
+    tok = get_tokenizer(str(folder))
+    implicit = {k: CONVERSATION["prompt"] + CONVERSATION[k] for k in ("chosen", "rejected")}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CONVERSATION) + "\n")
+    (tmp_path / "implicit.jsonl").write_text(json.dumps(implicit) + "\n")
+    prompt = hf.apply_chat_template(CONVERSATION["prompt"], tokenize=False,
+                                    add_generation_prompt=True)
+    for source in (path, tmp_path / "implicit.jsonl"):
+        [pair] = data.render_pairs(data.load_pairs(str(source)), tok)
+        assert pair["prompt"] == prompt and prompt.endswith("<|im_start|>assistant\n")
+        for field in ("chosen", "rejected"):
+            whole = hf.apply_chat_template(CONVERSATION["prompt"] + CONVERSATION[field],
+                                           tokenize=False)
+            assert pair[field] + "<|im_end|>\n" == whole[len(prompt):]  # TRL's response
+        [row], _ = data.encode_pairs([pair], tok, max_len=256)
+        assert row["prompt_ids"] == hf(prompt)["input_ids"]
+        assert row["chosen_ids"] == hf(pair["chosen"])["input_ids"] + [tok.eot_token]
+        assert tok.decode([tok.eot_token]) == "<|im_end|>"
+    assert "rendered through the chat template of" in capsys.readouterr().out
+
+
+def test_trl_renders_a_chat_pair_as_we_do(qwen_folder):
+    trl = pytest.importorskip("trl")  # requirements-bench.txt
+    import data
+    from tokenizer import get_tokenizer
+    folder, hf = qwen_folder
+    [ours] = data.render_pairs([CONVERSATION], get_tokenizer(str(folder)), verbose=False)
+    theirs = trl.maybe_apply_chat_template(CONVERSATION, hf)
+    assert theirs["prompt"] == ours["prompt"]
+    assert theirs["chosen"] == ours["chosen"] + "<|im_end|>\n"
+    assert theirs["rejected"] == ours["rejected"] + "<|im_end|>\n"
+
+
+def test_the_pairs_stage_renders_a_chat_file_with_the_sft_models_template(qwen_folder, tmp_path):
+    """Where it happens: the pairs stage, with the SFT checkpoint's tokenizer, so that
+    pairs/train.jsonl holds the prompts evaluation asks (before: "\\n\\nHuman: ..." text)."""
+    from checkpoint import save_checkpoint
+    from common import read_jsonl, setup
+    from model import GPT, GPTConfig
+    folder, hf = qwen_folder
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
+    out = tmp_path / "run"
+    model = GPT(GPTConfig(block_size=64, vocab_size=len(hf), n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(out / "sft" / "ckpt.pt", model, tokenizer=str(folder))
+    cfg = parse(train.Config, ["--out_dir", str(out), "--pairs_source",
+                               str(tmp_path / "chat.jsonl"), "--val_frac", "0"])
+    train.stage_pairs(cfg, setup("cpu"))
+    [pair] = read_jsonl(out / "pairs" / "train.jsonl")
+    assert pair["prompt"] == hf.apply_chat_template(CONVERSATION["prompt"], tokenize=False,
+                                                    add_generation_prompt=True)
+    assert pair["chosen"] == "2+3=5.\n#### 5"
+
+
+def test_a_sampled_special_token_is_the_token_trained_on(qwen_folder):
+    """A sample holding a special token (here <|im_start|>, as the SFT model sampled it) is
+    decoded to its text in the samples file; encoded for training, it is that token again, not
+    the 12 characters of its text (what encode_ordinary made of it)."""
+    import data
+    import torch
+    from tokenizer import get_tokenizer
+    folder, hf = qwen_folder
+    tok = get_tokenizer(str(folder))
+    special = hf.convert_tokens_to_ids("<|im_start|>")
+    sampled = hf("He has 12 pens.")["input_ids"] + [special] + hf("user\n5")["input_ids"]
+
+    class Sampler(torch.nn.Module):  # a model that samples `sampled`, then its EOS
+        config = type("Config", (), {"block_size": 64})
+
+        def generate(self, prompts, max_new_tokens, **kwargs):
+            return [sampled + [tok.eot_token] for _ in prompts]
+
+    [[text]], _ = evaluate.complete(Sampler(), tok, ["Question: 1+1?"], max_new_tokens=32,
+                                    progress=False)
+    assert "<|im_start|>" in text
+    [row], _ = data.encode_pairs([dict(prompt="Q", chosen=text, rejected="other")], tok,
+                                 max_len=64)
+    assert row["chosen_ids"] == sampled + [tok.eot_token]
+    assert hf(text)["input_ids"] == sampled  # and transformers (an export, TRL) reads it so
