@@ -513,29 +513,42 @@ def lock_run_folder(out_dir):
     _LOCKS[os.path.realpath(out_dir)] = f
 
 
+# what a run folder may hold before a stage has computed anything
+NOT_COMPUTED = (".lock", "config.json", "tensorboard", "wandb")
+
+
 def claim_run_folder(out_dir, config, free=(), defaults=None):
     """A run folder belongs to one config: a new folder gets config.json, an existing one must hold
     the same config (then the run resumes). Keys in `free` may differ between the runs of a folder
     (they change nothing a run computes: where it prints, when it checkpoints...); a key the saved
     config lacks counts as its value in `defaults` (a flag added since the run began changes
-    nothing while it keeps its default). Rank 0 checks and writes; the other ranks wait for it."""
+    nothing while it keeps its default). A folder whose run stopped before it computed anything
+    (a model that failed to load, a bad task file) holds nothing to resume: a new config takes
+    it. Rank 0 checks and writes; the other ranks wait for it."""
     if int(os.environ.get("RANK", 0)) == 0:
         need(not os.path.isfile(out_dir),
              f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
         lock_run_folder(out_dir)
         path = os.path.join(out_dir, "config.json")
-        if os.path.exists(path):
-            check_same_config(path, config, free, defaults or {})
-            print(f"resuming the run in {out_dir}", flush=True)
-        else:
-            others = sorted(set(os.listdir(out_dir)) - {".lock"})
+        others = sorted(set(os.listdir(out_dir)) - set(NOT_COMPUTED))
+        diff = config_diff(path, config, free, defaults or {}) if os.path.exists(path) else None
+        if diff is None:
             need(not others, f"{out_dir} holds files but no config.json ({', '.join(others[:4])}): "
                              f"nothing says which config made them; use another --out_dir")
             write_json(path, config)
+        elif diff and not others:
+            print(f"{out_dir}: the run there computed nothing (its config.json: {diff}); it "
+                  f"starts anew with this config", flush=True)
+            write_json(path, config)
+        else:
+            need(not diff, f"{out_dir} holds a run with a different config ({diff}); use "
+                           f"another --out_dir, or the same flags to resume it")
+            print(f"resuming the run in {out_dir}", flush=True)
     barrier()
 
 
-def check_same_config(path, config, free, defaults):
+def config_diff(path, config, free, defaults):
+    """'lr: 0.1 -> 0.2, ...': how `config` differs from the run config in `path` ('' if not)."""
     try:
         saved = read_json(path)
     except (ValueError, OSError) as e:
@@ -544,9 +557,7 @@ def check_same_config(path, config, free, defaults):
          f"{path}: not a run config (expected a JSON object); use another --out_dir")
     saved = {**defaults, **saved}
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
-    need(not diff, f"{os.path.dirname(path)} holds a run with a different config ("
-                   + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                   + "); use another --out_dir, or the same flags to resume it")
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 # -----------------------------------------------------------------------------

@@ -240,3 +240,59 @@ def test_a_sampled_special_token_is_the_token_trained_on(qwen_folder):
                                  max_len=64)
     assert row["chosen_ids"] == sampled + [tok.eot_token]
     assert hf(text)["input_ids"] == sampled  # and transformers (an export, TRL) reads it so
+
+# -----------------------------------------------------------------------------
+# a failed start, and the export
+
+
+def test_a_failed_init_from_leaves_nothing_that_blocks_a_retry(tmp_path, monkeypatch, capsys):
+    """--init_from gpt2 offline fails (cleanly) after the run folder got its config.json; the
+    retry with another model in the same folder runs (it was refused: 'a different config')."""
+    import hf
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("'gpt2' is no local folder, and the Hugging Face hub cannot be "
+                              "reached to get it")
+    monkeypatch.setattr(hf, "hub_download", offline)
+    out = tmp_path / "run"
+    with pytest.raises(ConnectionError, match="cannot be reached"):
+        train.main(tiny(out, init_from="gpt2", stop_after="sft"))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]
+    summary = train.main(tiny(out, stop_after="sft", sft_steps=1, n_test=2))
+    assert summary["config"]["init_from"] == "scratch" and summary["sft"]["test"]["n"] == 2
+    said = capsys.readouterr().out
+    assert "the run there computed nothing" in said and "init_from: 'gpt2' -> 'scratch'" in said
+    with pytest.raises(ConfigError, match="holds a run with a different config"):  # now it did
+        train.main(tiny(out, stop_after="sft", sft_steps=2, n_test=2))
+
+
+@pytest.mark.slow
+def test_a_gpt2_runs_export_works_offline(tmp_path, monkeypatch):
+    """The README's export of a run on GPT-2's tokenizer, with the hub unreachable (it used to
+    fetch openai-community/gpt2's tokenizer files): the folder loads in transformers, whose
+    tokenizer makes tiktoken's ids and whose model gives our logits."""
+    import hf
+    import tiktoken
+    import torch
+    import transformers
+    from checkpoint import export, save_checkpoint
+    from model import GPT, GPTConfig
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the export asked the hub")
+    monkeypatch.setattr(hf, "hub_download", offline)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "ckpt.pt", model, tokenizer="gpt2")
+    export(str(tmp_path / "ckpt.pt"), tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = tiktoken.get_encoding("gpt2")
+    texts = ["Question: Tom has 12 pens.\nAnswer: 12+7=19.\n#### 19", "  two  spaces\n\n\tand"
+             " a tab", "héllo wörld 東京 😀 It's we'll", "a<|endoftext|>b"]
+    for text in texts:
+        assert auto(text)["input_ids"] == enc.encode(text, allowed_special="all"), text
+    assert auto.eos_token_id == enc.eot_token
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([enc.encode(texts[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model.eval()(ids), rtol=1e-4, atol=1e-4)
