@@ -338,20 +338,50 @@ def summary_table(summary, label):
     return markdown_table(header, rows) + f"\n\nn = {sft['n']} test questions (greedy)"
 
 
+# the panels of curves.png: (stage, metrics.jsonl key, what the y axis shows)
+CURVES = (("sft", "loss", "SFT loss (NLL per response token)"),
+          ("po", "loss", "preference loss (per pair)"),
+          ("po", "rewards/accuracy", "reward accuracy (chosen > rejected)"),
+          ("po", "rewards/margin", "reward margin (chosen − rejected)"))
+
+
+def smoothed(values):
+    """An exponential moving average (debiased, as TensorBoard's) over about 5 % of the steps:
+    a per-step curve is the noise of one batch."""
+    weight = 1 - 1 / max(1.0, 0.05 * len(values))
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
+
+
 def plot_curves(out_dir):
-    """Training curves of the run -> DIR/curves.png."""
+    """Training curves of the run -> DIR/curves.png: each stage's per-step metric faint, its
+    smoothed curve over it, and on the reward panels the held-out pairs before (the reference
+    against itself) and after training."""
     logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl"), torn_tail=True)
             for n in ("sft", "po") if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
-    keys = [("sft", "loss"), ("po", "loss"), ("po", "rewards/accuracy"), ("po", "rewards/margin")]
-    keys = [(n, k) for n, k in keys if logs.get(n) and k in logs[n][0]]
-    if not keys:
+    panels = [(n, k, label) for n, k, label in CURVES if logs.get(n) and k in logs[n][0]]
+    if not panels:
         return
+    report = stage_report(os.path.join(out_dir, "po")) or {}
+    held_out = report.get("pairs", {})
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, (n, k) in zip(axes[0], keys):
-        ax.plot([m["step"] for m in logs[n]], [m[k] for m in logs[n]])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (n, k, label) in zip(axes[0], panels):
+        steps = [m["step"] for m in logs[n]]
+        values = [m[k] for m in logs[n]]
+        ax.plot(steps, values, color="tab:blue", alpha=0.25, lw=1, label="per step")
+        ax.plot(steps, smoothed(values), color="tab:blue", lw=2, label="smoothed")
+        if k.startswith("rewards/") and "val" in held_out:
+            before, after = held_out["val_before"][k], held_out["val"][k]
+            ax.plot([0, steps[-1]], [before, after], "o", color="tab:orange",
+                    label="held-out pairs: before, after")
         ax.set_title(f"{n}: {k}")
         ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "curves.png"))
 

@@ -634,7 +634,9 @@ def stage_po(cfg, run, out):
         policy = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
-               f"the reference: loss = T'·ln2 per pair, reward accuracy 0 (ties)")
+               f"the reference: loss T'·ln2 per pair, margins 0, reward accuracy 0 (ties count "
+               f"as wrong), up to float noise: under autocast, on a GPU or with dropout, margins "
+               f"of ~1e-7 tip some ties, and step 1 may log an accuracy above 0")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = batch_order(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None

@@ -296,3 +296,32 @@ def test_a_gpt2_runs_export_works_offline(tmp_path, monkeypatch):
     ids = torch.tensor([enc.encode(texts[0])])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model.eval()(ids), rtol=1e-4, atol=1e-4)
+
+# -----------------------------------------------------------------------------
+# curves.png
+
+
+def test_curves_have_labelled_axes_smoothed_curves_and_the_held_out_pairs(tmp_path, monkeypatch):
+    from common import write_json, write_jsonl
+    rng = __import__("random").Random(0)
+    for stage, keys in (("sft", ["loss"]), ("po", ["loss", "rewards/accuracy",
+                                                    "rewards/margin"])):
+        write_jsonl([{"step": s, **{k: rng.random() for k in keys}} for s in range(1, 201)],
+                    tmp_path / stage / "metrics.jsonl")
+    pairs = {"val_before": {"rewards/accuracy": 0.0, "rewards/margin": 0.0},
+             "val": {"rewards/accuracy": 0.7, "rewards/margin": 0.4}}
+    write_json(tmp_path / "po" / "eval.json", {"metrics": {"accuracy": 0.5}, "pairs": pairs})
+    drawn = []
+    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path: drawn.append((fig, path)))
+    evaluate.plot_curves(str(tmp_path))
+    [(fig, path)] = drawn
+    assert path.endswith("curves.png") and len(fig.axes) == 4
+    for ax, (_, key, label) in zip(fig.axes, evaluate.CURVES):
+        assert ax.get_xlabel() == "step" and ax.get_ylabel() == label
+        raw, smooth, *held = ax.get_lines()
+        assert raw.get_alpha() < 0.5 and smooth.get_alpha() is None  # raw faint under smoothed
+        ys = smooth.get_ydata()
+        assert max(ys[100:]) - min(ys[100:]) < 0.5 * (max(raw.get_ydata()) - min(raw.get_ydata()))
+        if key.startswith("rewards/"):
+            assert list(held[0].get_ydata()) == [pairs["val_before"][key], pairs["val"][key]]
+            assert list(held[0].get_xdata()) == [0, 200]
