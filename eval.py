@@ -14,6 +14,7 @@ generation length, the same β and granularity; a flag you give overrides its se
 set that differs from the run's is said so. train.py calls the functions below, so a run's numbers
 and this script's numbers come from the same code.
 """
+import json
 import math
 import os
 import sys
@@ -25,10 +26,10 @@ from functools import partial
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from common import (all_gather, atomic_write, barrier, changed_flags, cli, markdown_table, need,
-                    parse, print0, progress_bar, read_json, read_jsonl, read_run_file, setup,
-                    write_json)
-from checkpoint import load_gpt, load_model
+from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, markdown_table,
+                    need, parse, print0, progress_bar, read_json, read_jsonl, read_run_file,
+                    setup, write_json, write_jsonl)
+from checkpoint import load_gpt, load_model, load_tokenizer
 from data import (encode_pairs, extract_answer, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
@@ -494,6 +495,8 @@ class EvalConfig(Settings):
     pairs: str = ""             # a prompt/chosen/rejected file: reward accuracy and margins on it
     ref: str = ""               # their reference model (default: the run's SFT model, else ckpt)
     out: str = ""               # write the metrics and the per-question records to this JSON file
+    lm_eval_task: str = ""      # write an lm-evaluation-harness task of this test set (the same
+                                # prompts and grader) into this folder, and stop
     # The Settings (above) are the run's, read from DIR/config.json, for a checkpoint inside a run
     # folder; outside one, their defaults (train.py's: the same dataclass).
 
@@ -524,6 +527,45 @@ def validate(cfg):
          f"--family must be static or adaptive, got {cfg.family!r}")
 
 
+LM_EVAL_GRADER = """# the grader of nanoADPO (data.is_correct), as lm-evaluation-harness calls it
+import sys
+
+sys.path.insert(0, {root!r})  # the nanoADPO checkout that wrote this task
+from data import is_correct  # noqa: E402
+
+
+def process_results(doc, results):
+    return {{"exact_match": float(is_correct(results[0], doc["answer"]))}}
+"""
+
+
+def write_lm_eval_task(cfg, tok, folder):
+    """An lm-evaluation-harness task of the test set cfg describes, in `folder`: test.jsonl (each
+    question with the prompt this project asks it with: the chat template's for a chat model),
+    <name>.yaml (greedy generation up to --max_new_tokens, stopping at the EOS) and utils.py (the
+    grader: data.is_correct) -> the task's name."""
+    examples = load_split(cfg, cfg.split, tok)
+    need(examples, f"--lm_eval_task: the task {cfg.task!r} has no {cfg.split} questions")
+    folder = os.path.abspath(folder)
+    name = "nanoadpo_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(cfg.task))
+    write_jsonl([dict(question=ex["question"], prompt=ex["prompt"], answer=ex["answer"])
+                 for ex in examples], os.path.join(folder, "test.jsonl"))
+    yaml = "\n".join([
+        f"task: {name}", "dataset_path: json",
+        "dataset_kwargs: {data_files: {test: %s}}" % json.dumps(os.path.join(folder, "test.jsonl")),
+        "test_split: test", "output_type: generate_until",
+        'doc_to_text: "{{prompt}}"', 'doc_to_target: "{{answer}}"',
+        "generation_kwargs:", f"  until: [{json.dumps(tok.decode([tok.eot_token]))}]",
+        "  do_sample: false", f"  max_gen_toks: {cfg.max_new_tokens}",
+        "process_results: !function utils.process_results",
+        "metric_list:", "  - metric: exact_match", "    aggregation: mean",
+        "    higher_is_better: true", ""])
+    atomic_write(os.path.join(folder, f"{name}.yaml"), lambda f: f.write(yaml.encode()))
+    grader = LM_EVAL_GRADER.format(root=ROOT)
+    atomic_write(os.path.join(folder, "utils.py"), lambda f: f.write(grader.encode()))
+    return name
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse(EvalConfig, argv)
@@ -536,8 +578,18 @@ def main(argv=None):
         note = f"; NOT the run's test set: {', '.join(changed)}" if changed else ""
         print0(f"settings of the run in {folder}{note}")
     validate(cfg)
+    if cfg.lm_eval_task:  # the test set as a task file: the tokenizer renders the prompts
+        tok = load_tokenizer(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
+        name = write_lm_eval_task(cfg, tok, cfg.lm_eval_task)
+        print0(f"wrote the task {name} ({cfg.split} questions) to {cfg.lm_eval_task}; with the "
+               f"checkpoint exported to FOLDER (checkpoint.export): lm_eval --model hf "
+               f"--model_args pretrained=FOLDER --include_path {cfg.lm_eval_task} --tasks {name} "
+               f"--batch_size 1")
+        return {"lm_eval_task": name}
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
+    print0(f"device {run.device} | dtype {run.dtype} | torch {torch.__version__} | config: "
+           f"{changed_flags(cfg)}")
     model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
     model = model.to(run.device).eval()
     result = {"ckpt": cfg.ckpt, "task": cfg.task}

@@ -325,3 +325,44 @@ def test_curves_have_labelled_axes_smoothed_curves_and_the_held_out_pairs(tmp_pa
         if key.startswith("rewards/"):
             assert list(held[0].get_ydata()) == [pairs["val_before"][key], pairs["val"][key]]
             assert list(held[0].get_xdata()) == [0, 200]
+
+# -----------------------------------------------------------------------------
+# the lm-evaluation-harness task file
+
+
+def test_the_lm_eval_task_is_the_runs_test_set_with_its_prompts_and_grader(tmp_path):
+    """eval.py --lm_eval_task on a checkpoint of a run: test.jsonl holds the run's own test
+    questions and prompts, the YAML asks for greedy generation as eval.py does, and utils.py is
+    this project's grader (lm-eval itself is run by hand: see the README)."""
+    import importlib.util
+    yaml = pytest.importorskip("yaml")
+    from checkpoint import save_checkpoint
+    from common import read_jsonl, write_json
+    from data import is_correct, load_split
+    from model import GPT, GPTConfig
+    run = tmp_path / "run"
+    cfg = parse(train.Config, ["--n_test", "7", "--arith_max_number", "5", "--max_new_tokens",
+                               "40"])
+    write_json(run / "config.json", cfg.__dict__)
+    model = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(run / "sft" / "ckpt.pt", model, tokenizer="byte")
+    result = evaluate.main(["--ckpt", str(run / "sft" / "ckpt.pt"), "--lm_eval_task",
+                            str(tmp_path / "task")])
+    name = result["lm_eval_task"]
+    rows = read_jsonl(tmp_path / "task" / "test.jsonl")
+    assert [(r["prompt"], r["answer"]) for r in rows] == [
+        (ex["prompt"], ex["answer"]) for ex in load_split(cfg, "test")]
+    text = (tmp_path / "task" / f"{name}.yaml").read_text()
+    spec = yaml.safe_load(text.replace("!function ", ""))
+    assert spec["task"] == name and spec["output_type"] == "generate_until"
+    assert spec["doc_to_text"] == "{{prompt}}" and spec["test_split"] == "test"
+    assert spec["generation_kwargs"] == dict(until=["<|endoftext|>"], do_sample=False,
+                                             max_gen_toks=40)
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "task" / "test.jsonl")
+    loader = importlib.util.spec_from_file_location("utils", tmp_path / "task" / "utils.py")
+    utils = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(utils)
+    for completion in (" 3+2=5.\n#### 5", " \\boxed{5}", " 4", " #### 6\nQuestion: #### 5"):
+        doc = {"answer": "5"}
+        assert utils.process_results(doc, [completion]) == {
+            "exact_match": float(is_correct(completion, "5"))}
