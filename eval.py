@@ -26,6 +26,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
 from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, markdown_table,
                     need, parse, print0, progress_bar, read_json, read_jsonl, read_run_file,
                     setup, write_json, write_jsonl)
@@ -35,7 +36,6 @@ from data import (encode_pairs, extract_answer, is_correct, load_pairs, load_spl
 from loss import LOSSES, eos_padded, preference_metrics
 from tokenizer import encode_prompt
 import tracking
-
 
 # -----------------------------------------------------------------------------
 # the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
@@ -239,6 +239,7 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     print0(f"[{name}] test accuracy {100 * metrics['accuracy']:.1f}% "
            f"({metrics['correct']}/{metrics['n']})")
     return result
+
 
 def last_step(stage_dir):
     """The stage's last training step (0: it trained none), read from its metrics.jsonl."""
