@@ -11,15 +11,16 @@ chat-template setting it was trained with, so load_model gives back the pair a r
 """
 
 import os
+import tempfile
 from dataclasses import asdict, fields
 
 import torch
 
-from common import atomic_write
+from common import atomic_write, write_json
 from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_pretrained, state_dict,
                 weight_files)
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer, has_hf_tokenizer
+from tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
 
 # GPTConfig fields added with the Llama family: stored only where they differ from the defaults
 LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
@@ -183,9 +184,49 @@ def load_model(source, tokenizer="auto", chat_template="auto", **overrides):
 
 def export(source, folder, dtype=None, max_shard_size="5GB"):
     """A model (e.g. a run's ckpt.pt) as a Hugging Face folder with its tokenizer's files, for
-    transformers, vLLM or lm-evaluation-harness (hf.save_pretrained)."""
+    transformers, vLLM or lm-evaluation-harness (hf.save_pretrained). Offline, from what the
+    run has: GPT-2's tokenizer files are made from tiktoken's (gpt2_tokenizer_files)."""
     model, tok = load_model(source)
     # the tokenizer's files: where our checkpoint's tokenizer lives, else the source's own
     files = tok.name if _our_checkpoint(os.fspath(source)) else os.fspath(source)
-    return save_pretrained(model, folder, tokenizer=files, dtype=dtype,
-                           max_shard_size=max_shard_size)
+    with tempfile.TemporaryDirectory() as made:
+        if is_gpt2(files):
+            files = gpt2_tokenizer_files(made)
+        return save_pretrained(model, folder, tokenizer=files, dtype=dtype,
+                               max_shard_size=max_shard_size)
+
+
+def gpt2_tokenizer_files(folder):
+    """GPT-2's tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json,
+    generation_config.json) in `folder`, made with the `tokenizers` library from the BPE that
+    tiktoken already has: nothing is fetched. tiktoken ranks byte strings; a Hugging Face BPE
+    lists merges. Every split of a token into two tokens is a merge, in the order of the merged
+    token's rank (the conversion transformers uses for tiktoken models): the lowest merge then
+    always makes the lowest-ranked token, as in tiktoken, so the two tokenize alike. -> folder"""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    enc = get_tokenizer("gpt2")
+    ranks = enc._mergeable_ranks  # {token bytes: id}: tiktoken's own table (no public accessor)
+    text = {b: c for c, b in BYTE_DECODER.items()}  # a byte as byte-level BPE's character
+
+    def spelled(token):
+        return "".join(text[b] for b in token)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
+        merges += [(spelled(a), spelled(b)) for a, b in splits]
+    bpe = Tokenizer(models.BPE(vocab={spelled(t): i for t, i in ranks.items()}, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    eot = "<|endoftext|>"
+    bpe.add_special_tokens([AddedToken(eot, special=True)])  # id 50256, after the vocabulary
+    assert bpe.token_to_id(eot) == enc.eot_token
+    bpe.save(os.path.join(folder, "tokenizer.json"))
+    write_json(os.path.join(folder, "tokenizer_config.json"), dict(
+        tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot,
+        model_max_length=1024, add_prefix_space=False, clean_up_tokenization_spaces=False))
+    write_json(os.path.join(folder, "generation_config.json"),
+               dict(bos_token_id=enc.eot_token, eos_token_id=enc.eot_token))
+    return folder

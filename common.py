@@ -10,8 +10,11 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
 
 It imports nothing of the project.
 """
+import argparse
+import difflib
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -20,13 +23,15 @@ import re
 import signal
 import sys
 import threading
+import tokenize
 import uuid
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,7 +85,7 @@ def _split_flags(argv, types):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: flags are --key value")
+            raise ConfigError(f"unexpected argument {arg!r}: flags are --key value (see --help)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
@@ -95,8 +100,12 @@ def _split_flags(argv, types):
 
 def parse(cls, argv, base=None, presets=False):
     """An instance of the dataclass `cls` from its defaults, then `base` (e.g. a run's saved config;
-    keys `cls` lacks are ignored), then --preset NAME (when `presets`), then the flags in argv."""
+    keys `cls` lacks are ignored), then --preset NAME (when `presets`), then the flags in argv.
+    --help (or -h) prints the flags, generated from the dataclass, and exits."""
     types = {f.name: f.type for f in fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls, presets))
+        sys.exit(0)
     flags = _split_flags(list(argv), types)
     values = {k: v for k, v in (base or {}).items() if k in types}
     if presets and "preset" in flags:
@@ -105,13 +114,90 @@ def parse(cls, argv, base=None, presets=False):
         for k in preset:
             if k not in types:
                 raise ConfigError(f"preset {name}: unknown key {k!r} (expected a field of "
-                                  f"{cls.__name__})")
+                                  f"{cls.__name__}){did_you_mean(k, types, quote=True)}")
         values.update(preset)
     for k, v in flags.items():
         if k not in types:
-            raise ConfigError(f"unknown flag --{k} (expected one of the fields of {cls.__name__})")
+            raise ConfigError(f"unknown flag --{k} (expected one of the fields of {cls.__name__})"
+                              f"{did_you_mean(k, types)}; see --help")
         values[k] = v
     return cls(**{k: convert(k, types[k], v) for k, v in values.items()})
+
+
+def did_you_mean(key, names, quote=False):
+    """': did you mean --po_lr?' for a mistyped flag (difflib's close matches; a '-' for a '_',
+    and 'learning_rate' for 'lr', count as no difference), or '' when nothing is close."""
+    wanted = key.replace("-", "_")
+    aliases = {n: n for n in names}
+    aliases.update({n.replace("lr", "learning_rate"): n for n in names if "lr" in n.split("_")})
+    close = [aliases[a] for a in difflib.get_close_matches(wanted, aliases, n=3, cutoff=0.6)]
+    close += [n for n in names if n.endswith("_" + wanted)]  # --lr: sft_lr, po_lr, cdpo_lr
+    close = list(dict.fromkeys(c for c in close if c != key))[:3]
+    shown = [repr(c) if quote else f"--{c}" for c in close]
+    return f": did you mean {' or '.join(shown)}?" if close else ""
+
+
+def field_docs(cls):
+    """{field: (section, comment)} from the source of the dataclass that defines each field (a
+    base class's fields are read from the base): a field's comment is the one on its line and
+    the comment lines aligned under it; its section, the `# section` comment line above it."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+        try:
+            lines = inspect.getsource(klass).splitlines(keepends=True)
+        except (OSError, TypeError):  # no source (e.g. defined in an interactive session)
+            continue
+        comments = {t.start[0]: t for t in tokenize.generate_tokens(iter(lines).__next__)
+                    if t.type == tokenize.COMMENT}
+        body = None  # the indentation of the class body
+        section, last, last_col = None, None, None
+        for lineno, line in enumerate(lines, 1):
+            text = comments[lineno].string.lstrip("#").strip() if lineno in comments else ""
+            field = re.match(r"( +)(\w+) *:", line)
+            if field and field.group(2) in klass.__dataclass_fields__:
+                body = len(field.group(1))
+                last, last_col = field.group(2), comments.get(lineno, None)
+                docs[last] = (section, text)
+            elif lineno in comments and not line[:comments[lineno].start[1]].strip():
+                col = comments[lineno].start[1]
+                if last_col is not None and col == last_col.start[1]:  # a comment continued
+                    docs[last] = (docs[last][0], f"{docs[last][1]} {text}")
+                elif body is None or col == body:  # a section line (or its second line)
+                    section = f"{section} {text}" if last is None and section else text
+                    last, last_col = None, None
+            elif line.strip():
+                last_col = None
+    return docs
+
+
+def help_text(cls, presets=False):
+    """The --help of a script whose flags are the fields of `cls`, grouped by the `# section`
+    lines of its source, each with its comment and default (argparse formats it)."""
+    script = os.path.basename(sys.argv[0]) or "script"
+    doc = inspect.getdoc(cls) if cls.__doc__ else ""
+    parser = argparse.ArgumentParser(
+        prog=script, add_help=False, usage=f"%(prog)s{' [--preset NAME]' * presets} "
+                                           f"[--key value | --key=value | --bool_flag] ...",
+        description=(doc or "").replace("%", "%%"),
+        epilog="A bool flag may stand alone (--compile is --compile true).")
+    parser.add_argument("-h", "--help", action="store_true", help="show this message and exit")
+    if presets:
+        names = sorted(p[:-5] for p in os.listdir(os.path.join(ROOT, "presets"))
+                       if p.endswith(".json"))
+        parser.add_argument("--preset", metavar="NAME", help=f"presets/NAME.json (or a .json "
+                            f"path) first; flags override it: {', '.join(names)}")
+    docs, groups = field_docs(cls), {}
+    for f in fields(cls):
+        section, comment = docs.get(f.name, (None, ""))
+        title = section or cls.__name__
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        default = f.default if f.default is not MISSING else None
+        shown = f"(default: {default!r})" if default != "" else "(default: none)"
+        metavar = "[BOOL]" if f.type is bool else getattr(f.type, "__name__", "VALUE").upper()
+        groups[title].add_argument(f"--{f.name}", metavar=metavar,
+                                   help=f"{comment} {shown}".strip().replace("%", "%%"))
+    return parser.format_help()
 
 
 def need(ok, message):
@@ -195,9 +281,44 @@ def peak_flops(device=None):
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 only (the others compute the same story)."""
+    """print on rank 0 only (the others compute the same story), above any progress bar."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        with tqdm.external_write_mode(file=kwargs.get("file", sys.stdout)):
+            print(*args, **kwargs, flush=True)
+
+
+class _Lines:
+    """A log file's view of tqdm's redraws: each one a whole line, with no carriage returns."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.f.write(text + "\n")
+
+    def flush(self):
+        self.f.flush()
+
+
+def progress_bar(iterable=None, desc=None, *, disable=False, leave=True, **kwargs):
+    """A tqdm bar on stderr (count, rate, elapsed, ETA) for a loop of known length. In a terminal
+    it redraws in place; in a log file (stderr is not a terminal) it is a line at the start, at
+    most one every 30 s, and one at the end, with no carriage returns."""
+    if not sys.stderr.isatty():
+        kwargs.update(file=_Lines(sys.stderr), mininterval=30, maxinterval=60, ascii=True)
+        leave = True  # the line with the total time stays in the log
+    return tqdm(iterable, desc=desc, disable=disable, leave=leave, dynamic_ncols=True, **kwargs)
+
+
+def changed_flags(cfg):
+    """'--sft_steps 0 --init_from F': the fields of a dataclass instance that differ from their
+    defaults, as the flags that set them ('defaults' when none does)."""
+    default = type(cfg)()
+    changed = [f"--{f.name} {getattr(cfg, f.name)}" for f in fields(cfg)
+               if getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(changed) or "defaults"
 
 
 def barrier():
@@ -392,29 +513,42 @@ def lock_run_folder(out_dir):
     _LOCKS[os.path.realpath(out_dir)] = f
 
 
+# what a run folder may hold before a stage has computed anything
+NOT_COMPUTED = (".lock", "config.json", "tensorboard", "wandb")
+
+
 def claim_run_folder(out_dir, config, free=(), defaults=None):
     """A run folder belongs to one config: a new folder gets config.json, an existing one must hold
     the same config (then the run resumes). Keys in `free` may differ between the runs of a folder
     (they change nothing a run computes: where it prints, when it checkpoints...); a key the saved
     config lacks counts as its value in `defaults` (a flag added since the run began changes
-    nothing while it keeps its default). Rank 0 checks and writes; the other ranks wait for it."""
+    nothing while it keeps its default). A folder whose run stopped before it computed anything
+    (a model that failed to load, a bad task file) holds nothing to resume: a new config takes
+    it. Rank 0 checks and writes; the other ranks wait for it."""
     if int(os.environ.get("RANK", 0)) == 0:
         need(not os.path.isfile(out_dir),
              f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
         lock_run_folder(out_dir)
         path = os.path.join(out_dir, "config.json")
-        if os.path.exists(path):
-            check_same_config(path, config, free, defaults or {})
-            print(f"resuming the run in {out_dir}", flush=True)
-        else:
-            others = sorted(set(os.listdir(out_dir)) - {".lock"})
+        others = sorted(set(os.listdir(out_dir)) - set(NOT_COMPUTED))
+        diff = config_diff(path, config, free, defaults or {}) if os.path.exists(path) else None
+        if diff is None:
             need(not others, f"{out_dir} holds files but no config.json ({', '.join(others[:4])}): "
                              f"nothing says which config made them; use another --out_dir")
             write_json(path, config)
+        elif diff and not others:
+            print(f"{out_dir}: the run there computed nothing (its config.json: {diff}); it "
+                  f"starts anew with this config", flush=True)
+            write_json(path, config)
+        else:
+            need(not diff, f"{out_dir} holds a run with a different config ({diff}); use "
+                           f"another --out_dir, or the same flags to resume it")
+            print(f"resuming the run in {out_dir}", flush=True)
     barrier()
 
 
-def check_same_config(path, config, free, defaults):
+def config_diff(path, config, free, defaults):
+    """'lr: 0.1 -> 0.2, ...': how `config` differs from the run config in `path` ('' if not)."""
     try:
         saved = read_json(path)
     except (ValueError, OSError) as e:
@@ -423,9 +557,7 @@ def check_same_config(path, config, free, defaults):
          f"{path}: not a run config (expected a JSON object); use another --out_dir")
     saved = {**defaults, **saved}
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
-    need(not diff, f"{os.path.dirname(path)} holds a run with a different config ("
-                   + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                   + "); use another --out_dir, or the same flags to resume it")
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 # -----------------------------------------------------------------------------

@@ -20,8 +20,10 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
   - HH-RLHF style rows with no prompt column, where chosen and rejected both hold the whole
     conversation: the prompt is their longest shared prefix, backed off to the end of the last
     "\n\nAssistant:" inside it;
-  - chosen / rejected (and prompt) as lists of chat messages {role, content}: rendered as
-    "\n\nHuman: ...\n\nAssistant: ..." text and split as above;
+  - chosen / rejected (and prompt) as lists of chat messages {role, content} (TRL's
+    conversational format; without a prompt column, the messages both start with are the
+    prompt): rendered for the model by render_pairs, through its chat template as TRL does, or
+    without one as "\n\nHuman: ...\n\nAssistant: ..." text;
   - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
     through.
 Local files: .jsonl / .json / .parquet / .csv, read through `datasets`. Rows are numbered from 0.
@@ -44,7 +46,7 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
-from tokenizer import encode_prompt, uses_chat
+from tokenizer import encode_prompt, encode_response, uses_chat
 
 # -----------------------------------------------------------------------------
 # prompt format and grading
@@ -486,32 +488,46 @@ def split_shared_prefix(chosen, rejected):
                          "no response left after the prompt")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
-def _render_messages(messages, field):
-    text = ""
+def _check_messages(messages, field):
+    """A list of chat messages {role: system|user|assistant, content: str}, or a ValueError."""
     for m in messages:
         if not (isinstance(m, dict) and m.get("role") in ROLES
                 and isinstance(m.get("content"), str)):
             raise ValueError(f"field '{field}' holds a message that is not "
                              f"{{role: system|user|assistant, content: str}}: {str(m)[:80]}")
-        text += f"\n\n{ROLES[m['role']]}: {m['content']}"
-    return text
+    return messages
+
+def _messages_from_row(chosen, rejected, prompt, has_prompt):
+    """TRL's conversational format: prompt, chosen, rejected as lists of messages; without a
+    prompt column, the messages chosen and rejected share at their start are the prompt (TRL's
+    extract_prompt). -> dict(prompt, chosen, rejected) of message lists (render_pairs)."""
+    fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) * has_prompt)
+    for field, v in fields:
+        if not isinstance(v, list):
+            raise ValueError(f"field '{field}' is {_a(v)}, "
+                             f"expected a list of messages like the others")
+        _check_messages(v, field)
+    if not has_prompt:
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        if k == 0:
+            raise ValueError("chosen and rejected share no first message, so there is no prompt "
+                             "to split off")
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    if not chosen or not rejected:
+        raise ValueError("one of chosen/rejected holds no message after the prompt")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
 
 def _pair_from_row(row, has_prompt):
     """One table row -> dict(prompt, chosen, rejected);
     a ValueError (without the row) if it is bad."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     prompt = row.get("prompt") if has_prompt else None
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        # chat messages: render prompt + response as one conversation each, then split as HH-RLHF
-        for field, v in ((("chosen", chosen), ("rejected", rejected))
-                         + ((("prompt", prompt),) if has_prompt else ())):
-            if not isinstance(v, list):
-                raise ValueError(f"field '{field}' is {_a(v)}, "
-                                 f"expected a list of messages like the others")
-        head = _render_messages(prompt or [], "prompt")
-        chosen, rejected = (head + _render_messages(chosen, "chosen"),
-                            head + _render_messages(rejected, "rejected"))
-        has_prompt = False
+    if isinstance(chosen, list) or isinstance(rejected, list):  # chat messages: render_pairs
+        return _messages_from_row(chosen, rejected, prompt, has_prompt)
     for field, v in ((("chosen", chosen), ("rejected", rejected))
                      + ((("prompt", prompt),) if has_prompt else ())):
         problem = _bad_text(v)
@@ -522,6 +538,54 @@ def _pair_from_row(row, has_prompt):
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
     return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+def _hh_text(messages):
+    return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages)
+
+def render_chat_pair(pair, tok):
+    """One pair of message lists as text. With a chat template, as TRL's maybe_apply_chat_template
+    renders it: the prompt up to the assistant's turn (the template's generation prompt), and
+    each response what the whole conversation adds after it, cut at the end-of-turn token that
+    closes the reply (tok.eot_token: every response gets it back as its EOS). Without one, the
+    HH-RLHF rule: every message as "\n\nHuman: ...", "\n\nAssistant: ..." (or "System"), the
+    prompt ending in "\n\nAssistant:", each response starting with the space after it."""
+    if not uses_chat(tok):
+        head = _hh_text(pair["prompt"])
+        return dict(zip(("prompt", "chosen", "rejected"), split_shared_prefix(
+            head + _hh_text(pair["chosen"]), head + _hh_text(pair["rejected"]))))
+    prompt = tok.render_chat(pair["prompt"])
+    end = tok.decode([tok.eot_token])  # e.g. <|im_end|>
+    out = dict(pair, prompt=prompt)
+    for field in ("chosen", "rejected"):
+        whole = tok.render_chat(pair["prompt"] + pair[field], add_generation_prompt=False)
+        if not whole.startswith(prompt):
+            raise ValueError(f"the chat template renders the prompt's messages otherwise inside "
+                             f"the whole conversation (field '{field}'): no response to cut off")
+        reply = whole[len(prompt):]
+        out[field] = reply[:reply.rfind(end)] if end in reply else reply
+    if not out["chosen"].strip() or not out["rejected"].strip():
+        raise ValueError("the chat template renders an empty chosen or rejected response")
+    return out
+
+def render_pairs(pairs, tok, verbose=True):
+    """Pairs -> pairs of text: those in TRL's conversational format (message lists) rendered by
+    render_chat_pair with the model's tokenizer `tok` (None: no chat template), the others as
+    they are. decision: rendered once, where pairs are read for a model (the pairs stage, with
+    the SFT checkpoint's tokenizer; eval.py --pairs, with the scored model's), so that training
+    sees the prompts evaluation asks."""
+    chat = [i for i, p in enumerate(pairs) if isinstance(p["chosen"], list)]
+    out = list(pairs)
+    for i in chat:
+        try:
+            out[i] = render_chat_pair(pairs[i], tok)
+        except ValueError as e:
+            raise ValueError(f"pair {i}: {e}") from None
+    if chat and verbose:
+        how = (f"through the chat template of {tok.name}" if uses_chat(tok) else
+               "as '\\n\\nHuman: ...\\n\\nAssistant: ...' text (the model has no chat "
+               "template: HH-RLHF's format)")
+        print(f"pairs: {len(chat)} of {len(pairs)} pairs are chat messages, rendered {how}")
+    return out
 
 def load_pairs(source, split="train"):
     """Preference pairs -> list of dict(prompt, chosen, rejected).
@@ -607,7 +671,7 @@ def _encode_rows(items, tok, max_len, max_prompt_len, fields, what, verbose):
     rows = []
     for i, item in enumerate(items):
         prompt = encode_prompt(tok, _text(item, "prompt", what, i))
-        resps = [tok.encode_ordinary(_text(item, f, what, i)) + [tok.eot_token] for f in fields]
+        resps = [encode_response(tok, _text(item, f, what, i)) + [tok.eot_token] for f in fields]
         longest = max(range(len(fields)), key=lambda k: len(resps[k]))
         if len(prompt) + len(resps[longest]) > max_len:
             cut_prompt = len(prompt) > max_prompt_len

@@ -14,6 +14,7 @@ generation length, the same β and granularity; a flag you give overrides its se
 set that differs from the run's is said so. train.py calls the functions below, so a run's numbers
 and this script's numbers come from the same code.
 """
+import json
 import math
 import os
 import sys
@@ -25,14 +26,16 @@ from functools import partial
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
 
-from common import (all_gather, atomic_write, barrier, cli, markdown_table, need, parse, print0,
-                    read_json, read_jsonl, read_run_file, setup, write_json)
-from checkpoint import load_gpt, load_model
-from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
+from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, markdown_table,
+                    need, parse, print0, progress_bar, read_json, read_jsonl, read_run_file,
+                    setup, write_json, write_jsonl)
+from checkpoint import load_gpt, load_model, load_tokenizer
+from data import (encode_pairs, extract_answer, is_correct, load_pairs, load_split,
+                  preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
 from tokenizer import encode_prompt
+import tracking
 
 # -----------------------------------------------------------------------------
 # the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
@@ -40,6 +43,7 @@ from tokenizer import encode_prompt
 
 @dataclass
 class Settings:
+    # run
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
@@ -92,7 +96,8 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     out = [[] for _ in prompts]
     batches = range(0, len(jobs), batch_size)
-    for j, b0 in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+    for j, b0 in enumerate(progress_bar(batches, desc, unit="batch", disable=not progress,
+                                        leave=False)):
         chunk = jobs[b0:b0 + batch_size]
         with ctx:
             new = model.generate([encoded[i] for i in chunk], max_new_tokens,
@@ -172,7 +177,8 @@ def pair_logps(model, rows, pad_id, *, batch_size=16, eos_pad=False, device="cpu
     how train.py reuses the reference's log-probs."""
     model.eval()
     out = []
-    for b0 in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
+    batches = range(0, len(rows), batch_size)
+    for b0 in progress_bar(batches, desc, unit="batch", disable=not progress, leave=False):
         chunk = rows[b0:b0 + batch_size]
         batch = preference_batch(chunk, pad_id, eos_pad=eos_pad)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -215,13 +221,13 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     result = {"metrics": metrics}
     if pairs is not None:
         rows, val_rows, reference = pairs
-        kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=False,
-                  eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
+        kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx,
+                  progress=run.master, eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
         score = partial(preference_eval, beta=cfg.beta, family=cfg.family, size=cfg.size)
-        result["pairs"] = {"train": score(pair_logps(model, rows, tok.eot_token, **kw),
-                                          reference["train"])}
-        if val_rows:  # before = the reference against itself (ties: accuracy 0)
-            val = pair_logps(model, val_rows, tok.eot_token, **kw)
+        train_logps = pair_logps(model, rows, tok.eot_token, desc="eval pairs", **kw)
+        result["pairs"] = {"train": score(train_logps, reference["train"])}
+        if val_rows:  # before = the reference against itself (exact ties: accuracy 0)
+            val = pair_logps(model, val_rows, tok.eot_token, desc="eval pairs (val)", **kw)
             result["pairs"]["val"] = score(val, reference["val"])
             result["pairs"]["val_before"] = score(reference["val"], reference["val"])
     result["records"] = records
@@ -229,9 +235,25 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
         write_json(path, result)
     barrier()
     name = os.path.relpath(stage_dir, cfg.out_dir)
+    tracking.log(name, last_step(stage_dir), tracked(result), purge=False)  # --report_to
     print0(f"[{name}] test accuracy {100 * metrics['accuracy']:.1f}% "
            f"({metrics['correct']}/{metrics['n']})")
     return result
+
+
+def last_step(stage_dir):
+    """The stage's last training step (0: it trained none), read from its metrics.jsonl."""
+    log = os.path.join(stage_dir, "metrics.jsonl")
+    last = read_jsonl(log, torn_tail=True)[-1:] if os.path.exists(log) else []
+    return last[0]["step"] if last else 0
+
+
+def tracked(result):
+    """An eval.json's numbers as flat tracker keys: test/accuracy, pairs_val/rewards/accuracy..."""
+    numbers = {f"test/{k}": v for k, v in result["metrics"].items()}
+    for split, metrics in result.get("pairs", {}).items():
+        numbers.update({f"pairs_{split}/{k}": v for k, v in metrics.items()})
+    return numbers
 
 # -----------------------------------------------------------------------------
 # paired statistics: two models scored on the same questions
@@ -318,20 +340,50 @@ def summary_table(summary, label):
     return markdown_table(header, rows) + f"\n\nn = {sft['n']} test questions (greedy)"
 
 
+# the panels of curves.png: (stage, metrics.jsonl key, what the y axis shows)
+CURVES = (("sft", "loss", "SFT loss (NLL per response token)"),
+          ("po", "loss", "preference loss (per pair)"),
+          ("po", "rewards/accuracy", "reward accuracy (chosen > rejected)"),
+          ("po", "rewards/margin", "reward margin (chosen − rejected)"))
+
+
+def smoothed(values):
+    """An exponential moving average (debiased, as TensorBoard's) over about 5 % of the steps:
+    a per-step curve is the noise of one batch."""
+    weight = 1 - 1 / max(1.0, 0.05 * len(values))
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
+
+
 def plot_curves(out_dir):
-    """Training curves of the run -> DIR/curves.png."""
+    """Training curves of the run -> DIR/curves.png: each stage's per-step metric faint, its
+    smoothed curve over it, and on the reward panels the held-out pairs before (the reference
+    against itself) and after training."""
     logs = {n: read_jsonl(os.path.join(out_dir, n, "metrics.jsonl"), torn_tail=True)
             for n in ("sft", "po") if os.path.exists(os.path.join(out_dir, n, "metrics.jsonl"))}
-    keys = [("sft", "loss"), ("po", "loss"), ("po", "rewards/accuracy"), ("po", "rewards/margin")]
-    keys = [(n, k) for n, k in keys if logs.get(n) and k in logs[n][0]]
-    if not keys:
+    panels = [(n, k, label) for n, k, label in CURVES if logs.get(n) and k in logs[n][0]]
+    if not panels:
         return
+    report = stage_report(os.path.join(out_dir, "po")) or {}
+    held_out = report.get("pairs", {})
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, (n, k) in zip(axes[0], keys):
-        ax.plot([m["step"] for m in logs[n]], [m[k] for m in logs[n]])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (n, k, label) in zip(axes[0], panels):
+        steps = [m["step"] for m in logs[n]]
+        values = [m[k] for m in logs[n]]
+        ax.plot(steps, values, color="tab:blue", alpha=0.25, lw=1, label="per step")
+        ax.plot(steps, smoothed(values), color="tab:blue", lw=2, label="smoothed")
+        if k.startswith("rewards/") and "val" in held_out:
+            before, after = held_out["val_before"][k], held_out["val"][k]
+            ax.plot([0, steps[-1]], [before, after], "o", color="tab:orange",
+                    label="held-out pairs: before, after")
         ax.set_title(f"{n}: {k}")
         ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "curves.png"))
 
@@ -437,11 +489,15 @@ def report_run(out_dir, plan, baseline, run, wall_time_s):
 
 @dataclass
 class EvalConfig(Settings):
+    """Every flag of eval.py: what to score (below), then the settings it is scored with."""
+    # what to evaluate
     ckpt: str = ""              # our ckpt.pt, gpt2 | gpt2-medium | ..., or a Hugging Face folder
     split: str = "test"         # the task split to score
     pairs: str = ""             # a prompt/chosen/rejected file: reward accuracy and margins on it
     ref: str = ""               # their reference model (default: the run's SFT model, else ckpt)
     out: str = ""               # write the metrics and the per-question records to this JSON file
+    lm_eval_task: str = ""      # write an lm-evaluation-harness task of this test set (the same
+                                # prompts and grader) into this folder, and stop
     # The Settings (above) are the run's, read from DIR/config.json, for a checkpoint inside a run
     # folder; outside one, their defaults (train.py's: the same dataclass).
 
@@ -472,6 +528,45 @@ def validate(cfg):
          f"--family must be static or adaptive, got {cfg.family!r}")
 
 
+LM_EVAL_GRADER = """# the grader of nanoADPO (data.is_correct), as lm-evaluation-harness calls it
+import sys
+
+sys.path.insert(0, {root!r})  # the nanoADPO checkout that wrote this task
+from data import is_correct  # noqa: E402
+
+
+def process_results(doc, results):
+    return {{"exact_match": float(is_correct(results[0], doc["answer"]))}}
+"""
+
+
+def write_lm_eval_task(cfg, tok, folder):
+    """An lm-evaluation-harness task of the test set cfg describes, in `folder`: test.jsonl (each
+    question with the prompt this project asks it with: the chat template's for a chat model),
+    <name>.yaml (greedy generation up to --max_new_tokens, stopping at the EOS) and utils.py (the
+    grader: data.is_correct) -> the task's name."""
+    examples = load_split(cfg, cfg.split, tok)
+    need(examples, f"--lm_eval_task: the task {cfg.task!r} has no {cfg.split} questions")
+    folder = os.path.abspath(folder)
+    name = "nanoadpo_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(cfg.task))
+    write_jsonl([dict(question=ex["question"], prompt=ex["prompt"], answer=ex["answer"])
+                 for ex in examples], os.path.join(folder, "test.jsonl"))
+    yaml = "\n".join([
+        f"task: {name}", "dataset_path: json",
+        "dataset_kwargs: {data_files: {test: %s}}" % json.dumps(os.path.join(folder, "test.jsonl")),
+        "test_split: test", "output_type: generate_until",
+        'doc_to_text: "{{prompt}}"', 'doc_to_target: "{{answer}}"',
+        "generation_kwargs:", f"  until: [{json.dumps(tok.decode([tok.eot_token]))}]",
+        "  do_sample: false", f"  max_gen_toks: {cfg.max_new_tokens}",
+        "process_results: !function utils.process_results",
+        "metric_list:", "  - metric: exact_match", "    aggregation: mean",
+        "    higher_is_better: true", ""])
+    atomic_write(os.path.join(folder, f"{name}.yaml"), lambda f: f.write(yaml.encode()))
+    grader = LM_EVAL_GRADER.format(root=ROOT)
+    atomic_write(os.path.join(folder, "utils.py"), lambda f: f.write(grader.encode()))
+    return name
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse(EvalConfig, argv)
@@ -484,8 +579,18 @@ def main(argv=None):
         note = f"; NOT the run's test set: {', '.join(changed)}" if changed else ""
         print0(f"settings of the run in {folder}{note}")
     validate(cfg)
+    if cfg.lm_eval_task:  # the test set as a task file: the tokenizer renders the prompts
+        tok = load_tokenizer(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
+        name = write_lm_eval_task(cfg, tok, cfg.lm_eval_task)
+        print0(f"wrote the task {name} ({cfg.split} questions) to {cfg.lm_eval_task}; with the "
+               f"checkpoint exported to FOLDER (checkpoint.export): lm_eval --model hf "
+               f"--model_args pretrained=FOLDER --include_path {cfg.lm_eval_task} --tasks {name} "
+               f"--batch_size 1")
+        return {"lm_eval_task": name}
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
+    print0(f"device {run.device} | dtype {run.dtype} | torch {torch.__version__} | config: "
+           f"{changed_flags(cfg)}")
     model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
     model = model.to(run.device).eval()
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
@@ -493,6 +598,7 @@ def main(argv=None):
         context = model.config.block_size
         need(cfg.max_len <= context,
              f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
+        pairs = render_pairs(pairs, tok)  # chat messages: through the model's chat template
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)

@@ -351,9 +351,13 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
 
     Every number is a mean over pairs, so that a batch split into parts (micro-batches, ranks)
     gives the same numbers as a whole: the means of the parts weighted by their pair counts.
-    Ties count as wrong, so at step 0 (policy == reference, every ρ is 0) accuracy and win rate
-    are 0, the margin is 0 and the loss is ln 2 (DPO) or T'·ln 2 (ADPO) per pair: expected,
-    not a bug.
+    Ties count as wrong (strict >, as TRL counts them), so at step 0 (policy == reference, every
+    ρ is exactly 0) accuracy and win rate are 0, the margin is 0 and the loss is ln 2 (DPO) or
+    T'·ln 2 (ADPO) per pair: expected, not a bug. Observed in training: exactly so on a CPU in
+    float32 without dropout; under bf16/fp16 autocast, on a GPU or with dropout, the policy's
+    forward and the precomputed reference differ by float noise (margins ~1e-7), which tips some
+    ties either way: step 1 may log an accuracy of 0.1-0.25 with margins near 0. No tolerance is
+    applied (decision: the metric stays TRL's).
     """
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,

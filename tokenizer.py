@@ -301,6 +301,17 @@ def encode_prompt(tok, prompt):
         return tok.encode_prompt(prompt)
     return tok.encode_ordinary(prompt)
 
+def encode_response(tok, text):
+    """A response's token ids, by the rule prompts follow (encode_prompt) less the BOS: with a
+    Hugging Face tokenizer, special-token text (<|im_start|>, <|endoftext|>...) is its special
+    token, as transformers' tokenizer(text) and TRL make it, so a special token the model sampled
+    (decoded to its text in the samples and pair files) is the token trained on and exported.
+    GPT-2's and the byte tokenizer have one special token, the EOS, which ends a sample and is
+    never part of its text."""
+    if isinstance(tok, HFTokenizer):
+        return tok.encode(text, allowed_special="all")
+    return tok.encode_ordinary(text)
+
 def uses_chat(tok):
     """Whether prompts go through a chat template (a Hugging Face tokenizer that has one, and
     --chat_template auto)."""

@@ -39,17 +39,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
-from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, claim_run_folder,
-                    cli, convert, file_digest, need, parse, peak_flops, print0, read_json,
-                    read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
+from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, changed_flags,
+                    claim_run_folder, cli, convert, file_digest, need, parse, peak_flops, print0,
+                    progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
+                    write_jsonl)
 from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, load_pairs,
-                  load_split, make_arith_pairs, pairs_from_samples, preference_batch, row_lengths,
-                  sft_batch, split_pairs)
+                  load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
+                  row_lengths, sft_batch, split_pairs)
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
+import tracking
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Config(Settings):
     # logging / checkpoints
     log_every: int = 10         # print a step's metrics every log_every steps (metrics.jsonl: all)
     ckpt_every: int = 100       # training-state checkpoint interval (steps), to resume mid-stage
+    report_to: str = "none"     # none | tensorboard | wandb | trackio: metrics.jsonl's numbers
+                                # and each stage's evaluation, also sent there (pip install it)
     # comparison harness (see the module docstring)
     compare: str = ""           # variants, e.g. dpo,adpo:static:4,adpo:adaptive:256,ipo,simpo
     seeds: str = "0"            # every variant runs once per seed
@@ -109,7 +113,7 @@ class Config(Settings):
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
 RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
-            "ckpt_every", "activation_checkpointing")
+            "ckpt_every", "activation_checkpointing", "report_to")
 STAGES = ("sft", "pairs", "po")
 
 
@@ -126,6 +130,8 @@ def validate(cfg):
          f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
     need(cfg.chat_template in ("auto", "none"),
          f"--chat_template {cfg.chat_template!r}: expected auto or none")
+    need(cfg.report_to in tracking.REPORT_TO,
+         f"--report_to {cfg.report_to!r}: expected one of {', '.join(tracking.REPORT_TO)}")
     for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
               "eval_batch_size", "n_samples",
               "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
@@ -295,7 +301,9 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
     score = torch.compile(ddp) if cfg.compile else ddp
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
-    for step in range(start, len(order)):
+    steps = range(start, len(order))
+    for step in progress_bar(steps, name, initial=start, total=len(order), unit="step",
+                         disable=not run.master):
         t0 = time.time()
         lr_now = cosine_lr(step, len(order), lr, cfg.warmup_frac)
         for group in optimizer.param_groups:
@@ -341,6 +349,7 @@ def log_step(step, total, logged, lr, tokens_per_s, model, name, cfg, run):
     if run.master:
         record = {"step": step, **logged, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
         append_jsonl(os.path.join(cfg.out_dir, name, "metrics.jsonl"), record)
+        tracking.log(name, step, record)  # --report_to: the same numbers
     if step % cfg.log_every == 0 or step == total:
         shown = " | ".join(f"{k.removeprefix('rewards/')} {v:.4f}" for k, v in logged.items())
         print0(f"[{name}] step {step}/{total} | {shown} | lr {lr:.2e} | "
@@ -432,7 +441,8 @@ def sample_pairs(cfg, run, out):
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
     files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in starts}
-    for c in list(files)[run.rank::run.world]:
+    mine = list(files)[run.rank::run.world]
+    for c in progress_bar(mine, "pairs", unit="chunk", disable=not run.master):
         if os.path.exists(files[c]):
             continue
         part = questions[c:c + chunk]
@@ -464,8 +474,9 @@ def stage_pairs(cfg, run):
         tok = load_tokenizer(sft_ckpt(cfg))
         questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
         pairs = make_arith_pairs(questions, seed=cfg.seed)
-    else:
-        pairs = load_pairs(cfg.pairs_source, split="train")
+    else:  # a pair file: chat messages rendered for the SFT model (its chat template, if any)
+        pairs = render_pairs(load_pairs(cfg.pairs_source, split="train"),
+                             load_tokenizer(sft_ckpt(cfg)), verbose=run.master)
     train_pairs, val_pairs, split = split_pairs(pairs, cfg.val_frac, seed=cfg.seed)
     stats.update(split)
     need(train_pairs or not pairs, f"--val_frac {cfg.val_frac} holds out all {len(val_pairs)} "
@@ -623,7 +634,9 @@ def stage_po(cfg, run, out):
         policy = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
-               f"the reference: loss = T'·ln2 per pair, reward accuracy 0 (ties)")
+               f"the reference: loss T'·ln2 per pair, margins 0, reward accuracy 0 (ties count "
+               f"as wrong), up to float noise: under autocast, on a GPU or with dropout, margins "
+               f"of ~1e-7 tip some ties, and step 1 may log an accuracy above 0")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = batch_order(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None
@@ -730,9 +743,12 @@ def main(argv=None):
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
     claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY,  # new, or a resume
                      defaults=dataclasses.asdict(Config()))
+    tracking.start(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg))  # --report_to
     n_test = check_inputs(cfg)
     print0(f"device {run.device} | dtype {run.dtype} | world size {run.world} | task {cfg.task}: "
            f"{n_test} test questions | torch {torch.__version__}")
+    print0(f"config: {changed_flags(cfg)} (the rest: defaults, see --help; "
+           f"all of it: {os.path.join(cfg.out_dir, 'config.json')})")
     t0 = time.time()
     stage_sft(cfg, run)                   # 1. SFT                    -> sft/
     if cfg.stop_after != "sft":
@@ -744,6 +760,7 @@ def main(argv=None):
             stage_po(variant, run, folder)  # 3. preference stage     -> po/ or compare/<variant>/
     if run.master:                        # 4. summary.json, tables, plots: read from the folders
         report_run(cfg.out_dir, plan, baseline, run, wall_time_s=time.time() - t0)
+    tracking.finish()
     barrier()
     return read_json(os.path.join(cfg.out_dir, "summary.json"))
 

@@ -464,11 +464,15 @@ def test_chat_messages(tmp_path):
     user = {"role": "user", "content": "Hi?"}
     rows = [{"chosen": [user, {"role": "assistant", "content": "Hello."}],
              "rejected": [user, {"role": "assistant", "content": "Go away."}]}]
-    want = dict(prompt="\n\nHuman: Hi?\n\nAssistant:", chosen=" Hello.", rejected=" Go away.")
-    assert data.load_pairs(write_jsonl(tmp_path / "chat.jsonl", rows)) == [want]
+    messages = dict(prompt=[user], chosen=[{"role": "assistant", "content": "Hello."}],
+                    rejected=[{"role": "assistant", "content": "Go away."}])
+    assert data.load_pairs(write_jsonl(tmp_path / "chat.jsonl", rows)) == [messages]
     rows = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "Hello."}],
              "rejected": [{"role": "assistant", "content": "Go away."}]}]
-    assert data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows)) == [want]
+    assert data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows)) == [messages]
+    # a model without a chat template: HH-RLHF's text (a template: see test_usability.py)
+    want = dict(prompt="\n\nHuman: Hi?\n\nAssistant:", chosen=" Hello.", rejected=" Go away.")
+    assert data.render_pairs([messages], get_tokenizer("byte")) == [want]
     rows = [{"chosen": [{"role": "robot", "content": "x"}],
              "rejected": [{"role": "robot", "content": "y"}]}]
     with pytest.raises(ValueError, match="chat3.jsonl row 0: field 'chosen' holds a message"):

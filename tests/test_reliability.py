@@ -392,6 +392,9 @@ CATALOGUE = [
     ("negative-seed", T, ["--seed", "-1"], "--seed must be >= 0, got -1"),
     ("positional", T, ["oops"], "unexpected argument 'oops': flags are --key value"),
     ("unknown-flag", T, ["--bogus", "1"], "unknown flag --bogus"),
+    ("typo-flag", T, ["--po-lr", "1e-4"], "unknown flag --po-lr (expected one of the fields of "
+                                          "Config): did you mean --po_lr"),
+    ("eval-typo-flag", E, ["--ckpt", "x", "--n-test", "5"], "did you mean --n_test?"),
     ("no-value", T, ["--beta"], "--beta needs a value"),
     ("not-a-float", T, ["--beta", "abc"], "--beta expects float, got 'abc'"),
     ("not-a-bool", T, ["--compile", "maybe"], "--compile expects bool, got 'maybe'"),
