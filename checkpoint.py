@@ -21,9 +21,11 @@ from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_pretrained
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer, has_hf_tokenizer
 
-# GPTConfig fields added with the Llama family: stored only where they differ from the defaults
+# GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
+# the defaults
 LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
-                "rope_scaling", "tie_embeddings")
+                "rope_scaling", "tie_embeddings", "layer_types", "sliding_window",
+                "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
 
 # -----------------------------------------------------------------------------
 # our checkpoints: one file, written atomically

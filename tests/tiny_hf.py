@@ -185,3 +185,43 @@ def to_hub_layout(folder):
     cfg.pop("layer_types", None)
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+# Gemma-3 (text): every way it differs from Llama made to matter at this size: a window (8)
+# shorter than the test sequences, local and global layers (pattern 2) with their own rotary
+# bases, linear rope scaling on the global ones, query_pre_attn_scalar != head_dim, soft-capped
+# logits (Gemma-2's knob, kept by Gemma3ForCausalLM), GQA, tied embeddings
+GEMMA3 = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=12,
+              sliding_window_pattern=2, rope_local_base_freq=100.0, rope_theta=1000.0,
+              rope_scaling=dict(rope_type="linear", factor=4.0), final_logit_softcapping=5.0,
+              bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+def hf_gemma3(seed=1, **over):
+    """A random-init transformers Gemma3ForCausalLM (float32, eval mode); `over` edits GEMMA3."""
+    import transformers
+    config = transformers.Gemma3TextConfig(**{**GEMMA3, **over})
+    torch.manual_seed(0)
+    return randomize_(transformers.Gemma3ForCausalLM(config), seed)
+
+
+def gemma3_to_hub_layout(folder):
+    """Rewrite a Gemma-3 config.json from transformers 5's layout (rope_parameters per kind of
+    layer, layer_types) to the one the hub's gemma-3-1b files have: rope_theta, rope_scaling
+    (the global layers'), rope_local_base_freq, sliding_window_pattern, torch_dtype."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    full, local = rope["full_attention"], rope["sliding_attention"]
+    cfg["rope_theta"] = full.pop("rope_theta")
+    cfg["rope_local_base_freq"] = local["rope_theta"]
+    cfg["rope_scaling"] = full if full["rope_type"] != "default" else None
+    kinds = cfg.pop("layer_types")
+    cfg.pop("_sliding_window_pattern", None)
+    cfg["sliding_window_pattern"] = kinds.index("full_attention") + 1
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
