@@ -167,8 +167,13 @@ def load_tokenizer(source, name="auto", chat_template="auto"):
 
 
 def check_vocab(tok, model, source):
-    """Every id the tokenizer makes must have a row in the model's embedding."""
-    if tok.n_vocab > model.config.vocab_size:
+    """Every id the tokenizer makes must have a row in the model's embedding. decision: special
+    tokens past the model's rows are let through while the run never writes them (not its EOS):
+    Gemma-3's tokenizer lists <image_soft_token>, id 262144, for the vision models, one past the
+    text models' 262144 rows (a prompt holding it is refused by generate)."""
+    rows = model.config.vocab_size
+    specials = {tok.encode_single_token(t) for t in tok.special_tokens_set}
+    if not set(range(rows, tok.n_vocab)) <= specials or tok.eot_token >= rows:
         raise ValueError(f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but the model from "
                          f"{source} has a vocabulary of {model.config.vocab_size}: pass the "
                          f"tokenizer the model was trained with (--tokenizer byte | gpt2)")
