@@ -228,3 +228,18 @@ def test_deepseek_math_style_llama_matches_transformers(tmp_path, layout):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert (reloaded(idx).logits - hf(idx).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("preset,task", [("gemma3_270m_gsm8k", "gsm8k"),
+                                         ("gemma3_1b_math500", "math500"),
+                                         ("qwen25_math_15b_math500", "math500")])
+def test_presets_are_valid_runs(preset, task):
+    import train
+    from common import parse
+    from hf import is_hub_id
+    cfg = parse(train.Config, ["--preset", preset], presets=True)
+    train.validate(cfg)
+    plan, baseline = train.variants(cfg)
+    assert cfg.sft_steps == 0 and cfg.task == task and is_hub_id(cfg.init_from)
+    assert cfg.max_new_tokens < cfg.max_len
+    assert {label for label, _, _ in plan} == {"DPO", "ADPO adaptive m=256", "ADPO static k=4"}
