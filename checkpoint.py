@@ -172,8 +172,12 @@ def check_vocab(tok, model, source):
     Gemma-3's tokenizer lists <image_soft_token>, id 262144, for the vision models, one past the
     text models' 262144 rows (a prompt holding it is refused by generate)."""
     rows = model.config.vocab_size
-    specials = {tok.encode_single_token(t) for t in tok.special_tokens_set}
-    if not set(range(rows, tok.n_vocab)) <= specials or tok.eot_token >= rows:
+    specials = {tok.encode_single_token(t): t for t in tok.special_tokens_set}
+    # harmless: a special token that plain text never becomes (the added tokens that are not
+    # special, such as Qwen3's <think>, are matched in plain text)
+    harmless = all(i in specials and tok.encode_ordinary(specials[i]) != [i]
+                   for i in range(rows, tok.n_vocab))
+    if not harmless or tok.eot_token >= rows:
         raise ValueError(f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but the model from "
                          f"{source} has a vocabulary of {model.config.vocab_size}: pass the "
                          f"tokenizer the model was trained with (--tokenizer byte | gpt2)")

@@ -243,3 +243,81 @@ def test_presets_are_valid_runs(preset, task):
     assert cfg.sft_steps == 0 and cfg.task == task and is_hub_id(cfg.init_from)
     assert cfg.max_new_tokens < cfg.max_len
     assert {label for label, _, _ in plan} == {"DPO", "ADPO adaptive m=256", "ADPO static k=4"}
+
+
+# -----------------------------------------------------------------------------
+# the pipeline on a tiny Gemma-3 with a chat template, and the export of its result
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    """A tiny Gemma-3 checkpoint: random weights, a Gemma-style tokenizer trained here (run by the
+    tokenizers library) with its chat template, and, as the real one, a special token one past
+    the model's rows (gemma-3's <image_soft_token>)."""
+    from tiny_hf import train_gemma3_tokenizer
+    folder = tmp_path_factory.mktemp("tiny_gemma3")
+    tok = train_gemma3_tokenizer(folder, vocab_size=400)
+    rows = len(tok)
+    tok.add_tokens(["<image_soft_token>"], special_tokens=True)
+    tok.save_pretrained(folder)
+    randomize_(hf_gemma3(vocab_size=rows), seed=2, std=0.05).save_pretrained(folder)
+    return folder
+
+
+def test_special_tokens_past_the_models_rows_are_let_through_unless_plain(gemma_folder,
+                                                                         tmp_path):
+    import shutil
+    from checkpoint import load_model
+    model, tok = load_model(str(gemma_folder))
+    assert tok.n_vocab == model.config.vocab_size + 1 and tok.chat_template is not None
+    plain = tmp_path / "plain"  # the same extra token, but one text can make: refused
+    shutil.copytree(gemma_folder, plain)
+    spec = read_json(plain / "tokenizer.json")
+    spec["added_tokens"][-1]["special"] = False
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="has a vocabulary of"):
+        load_model(str(plain))
+
+
+@pytest.mark.slow
+def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tmp_path):
+    """sft_steps 0: the checkpoint is the SFT model and the reference; pairs, ADPO and eval run
+    on Gemma's chat prompts (<end_of_turn> closes every response); the result exports as a
+    Hugging Face folder that transformers loads, with the same logits and prompt ids."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from tokenizer import TokenizersTokenizer, get_tokenizer
+    out = tmp_path / "run"
+    flags = ["--init_from", str(gemma_folder), "--sft_steps", "0", "--out_dir", str(out),
+             "--arith_steps", "1", "--arith_max_number", "5", "--n_train", "40", "--n_test", "8",
+             "--pairs_source", "offline", "--n_pair_questions", "12", "--max_len", "160",
+             "--max_new_tokens", "8", "--po_epochs", "1", "--po_batch_size", "4",
+             "--eval_batch_size", "8", "--ckpt_every", "2", "--log_every", "1", "--po_lr", "1e-2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    tok = get_tokenizer(str(gemma_folder))
+    assert isinstance(tok, TokenizersTokenizer) and tok.eot_token == tok.encode_single_token(
+        "<end_of_turn>")
+    pair = json.loads((out / "pairs" / "train.jsonl").read_text().splitlines()[0])
+    assert pair["prompt"].startswith("<bos><start_of_turn>user\n")
+    assert pair["prompt"].endswith("<start_of_turn>model\n")
+    first = json.loads((out / "po" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/accuracy"] == 0 and abs(first["rewards/margin"]) < 1e-4  # step 0: ties
+    sft, po = (load_checkpoint(out / s / "ckpt.pt")["model"] for s in ("sft", "po"))
+    assert max((po[k] - sft[k]).abs().max().item() for k in po) > 1e-3  # it trained
+    export = tmp_path / "hf"
+    code = f"from checkpoint import export; export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120, env=env)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(hf) is transformers.Gemma3ForCausalLM
+    auto = transformers.AutoTokenizer.from_pretrained(export)
+    turn = [{"role": "user", "content": "Ann has 3 pens."}]
+    prompt = auto.apply_chat_template(turn, add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    assert prompt == tok.encode_prompt(tok.render_chat(turn))
+    ours = load_gpt(out / "po" / "ckpt.pt").eval()
+    with torch.no_grad():
+        assert (hf(torch.tensor([prompt])).logits - ours(torch.tensor([prompt]))).abs().max() < 1e-4
