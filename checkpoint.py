@@ -93,7 +93,8 @@ def _our_checkpoint(source):
 def load_gpt(source, **overrides):
     """The network of `source`: one of our checkpoints (a file, or a folder holding ckpt.pt), a
     local Hugging Face folder (config.json + model.safetensors, its shards, or pytorch_model.bin),
-    a hub id of a Llama, Qwen2 or Qwen3 checkpoint (e.g. 'Qwen/Qwen2.5-0.5B-Instruct'), or
+    a hub id of a Llama, Qwen2, Qwen3 or Gemma-3 (text) checkpoint (e.g.
+    'Qwen/Qwen2.5-0.5B-Instruct'), or
     'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'. overrides: dropout=... for fine-tuning
     (default: the checkpoint's), block_size=... smaller than its context (which is cropped)."""
     unknown = set(overrides) - {"dropout", "block_size"}

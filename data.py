@@ -126,8 +126,10 @@ def is_correct(completion, gold, kind="gsm8k"):
     if kind not in GRADERS:
         raise ValueError(f"is_correct: kind must be one of {', '.join(GRADERS)}, got {kind!r}")
     if kind == "math":
-        from math_verify import verify
-        target, pred = _math_gold(str(gold)), _math_answer(completion)
+        from math_verify import LatexExtractionConfig, parse, verify
+        # the gold answer: LaTeX without delimiters (MATH-500's `answer`)
+        target = parse(f"${gold}$", [LatexExtractionConfig()])
+        pred = _math_answer(completion)
         return bool(target and pred) and verify(target, pred)
     pred = extract_answer(completion)
     gold = normalize_number(str(gold)) or extract_answer(str(gold))
@@ -138,7 +140,7 @@ def is_correct(completion, gold, kind="gsm8k"):
 
 GRADERS = ("gsm8k", "math")
 
-def grader(example):  # an example's (or a sampled record's) kind of answer
+def grader(example):  # an example's (or a sampled record's) kind of answer: gsm8k or math
     return example.get("kind", "gsm8k")
 
 def _math_answer(text):
@@ -148,11 +150,6 @@ def _math_answer(text):
     stray = text.find("Question:", 1)
     return parse(text[:stray] if stray != -1 else text,
                  [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()])
-
-def _math_gold(answer):
-    """A gold answer (LaTeX without delimiters, as MATH-500's `answer`) as math-verify reads it."""
-    from math_verify import LatexExtractionConfig, parse
-    return parse(f"${answer}$", [LatexExtractionConfig()])
 
 def _math_example(row, where, i):
     """A MATH-schema row -> an example: the solution is the response, the gold answer MATH-500's
@@ -182,8 +179,9 @@ MATH_TASKS = {"math": dict(train=MATH_TRAIN, test=MATH_TRAIN),
               "math500": dict(train=MATH_TRAIN, test=("HuggingFaceH4/MATH-500", None))}
 
 def _hub_math(name, split):
-    """The hub's MATH rows of a split. decision: a training problem that is also a test problem
-    is left out of training (and said so)."""
+    """The hub's rows of a split. decision: a test problem is left out of training (said so)."""
+    if split not in MATH_TASKS[name]:
+        raise ValueError(f"task {name}: no split {split!r} (expected train or test)")
     source, config = MATH_TASKS[name][split]
     rows, columns, where = _load_table(source, split, config)
     if split == "train":

@@ -23,7 +23,8 @@ What Gemma-3 (text) changes on top of the Llama family:
     a norm after each sublayer too            Block (post_ln_1, post_ln_2)
     SwiGLU -> GeGLU (tanh GELU)               SwiGLU
     embeddings scaled by sqrt(n_embd)         GPT._hidden
-    q/k RMSNorm, scale 1/sqrt(query_pre_attn_scalar)     CausalSelfAttention
+    q/k RMSNorm; scores scaled by             CausalSelfAttention
+      1/sqrt(query_pre_attn_scalar)
     local layers: a sliding window of keys    CausalSelfAttention, window_mask()
     and a rotary base of their own            GPT._hidden, rope_frequencies()
     logits soft-capped (if the config says)   CappedLinear

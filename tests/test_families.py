@@ -158,6 +158,18 @@ def test_activation_checkpointing_and_bf16_autocast(loaded):
     assert mixed.dtype == torch.float32 and (mixed - exact).abs().mean() < 0.1
 
 
+@pytest.mark.slow
+def test_compiles_without_graph_breaks(gemma, tmp_path):
+    """torch.compile, one graph: the banded mask, both kinds of layer, soft-capping."""
+    gemma.save_pretrained(tmp_path)
+    model = load_gpt(tmp_path).eval()
+    idx = ids((2, 20), 10)  # longer than the window
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model(idx))
+        torch.testing.assert_close(compiled(idx, idx, 5), model(idx, idx, 5))
+
+
 def test_hub_defaults_and_the_older_layer_pattern(gemma, tmp_path):
     """gemma-3-1b's config.json: sliding_window_pattern 6 (every 6th layer global), no
     rope_scaling, and head_dim / query_pre_attn_scalar left to transformers' defaults (256)."""
