@@ -78,7 +78,8 @@ def _byte_decoder():
     return table
 
 BYTE_DECODER = _byte_decoder()
-SUPPORTED = ("only byte-level BPE tokenizers are supported (GPT-2, Llama-3.x, Qwen2.5, Qwen3: "
+# why tiktoken cannot run a tokenizer.json (the tokenizers library runs it instead)
+SUPPORTED = ("tiktoken runs only byte-level BPE exactly (GPT-2, Llama-3.x, Qwen2.5, Qwen3: "
              "a BPE model, a ByteLevel pre-tokenizer after at most one Split regex, a ByteLevel "
              "decoder, no normalizer or NFC)")
 
