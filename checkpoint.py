@@ -22,9 +22,11 @@ from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_pretrained
 from model import GPT, GPTConfig
 from tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
 
-# GPTConfig fields added with the Llama family: stored only where they differ from the defaults
+# GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
+# the defaults
 LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
-                "rope_scaling", "tie_embeddings")
+                "rope_scaling", "tie_embeddings", "layer_types", "sliding_window",
+                "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
 
 # -----------------------------------------------------------------------------
 # our checkpoints: one file, written atomically
@@ -92,7 +94,8 @@ def _our_checkpoint(source):
 def load_gpt(source, **overrides):
     """The network of `source`: one of our checkpoints (a file, or a folder holding ckpt.pt), a
     local Hugging Face folder (config.json + model.safetensors, its shards, or pytorch_model.bin),
-    a hub id of a Llama, Qwen2 or Qwen3 checkpoint (e.g. 'Qwen/Qwen2.5-0.5B-Instruct'), or
+    a hub id of a Llama, Qwen2, Qwen3 or Gemma-3 (text) checkpoint (e.g.
+    'Qwen/Qwen2.5-0.5B-Instruct'), or
     'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'. overrides: dropout=... for fine-tuning
     (default: the checkpoint's), block_size=... smaller than its context (which is cropped)."""
     unknown = set(overrides) - {"dropout", "block_size"}
@@ -166,8 +169,17 @@ def load_tokenizer(source, name="auto", chat_template="auto"):
 
 
 def check_vocab(tok, model, source):
-    """Every id the tokenizer makes must have a row in the model's embedding."""
-    if tok.n_vocab > model.config.vocab_size:
+    """Every id the tokenizer makes must have a row in the model's embedding. decision: special
+    tokens past the model's rows are let through while the run never writes them (not its EOS):
+    Gemma-3's tokenizer lists <image_soft_token>, id 262144, for the vision models, one past the
+    text models' 262144 rows (a prompt holding it is refused by generate)."""
+    rows = model.config.vocab_size
+    specials = {tok.encode_single_token(t): t for t in tok.special_tokens_set}
+    # harmless: a special token that plain text never becomes (the added tokens that are not
+    # special, such as Qwen3's <think>, are matched in plain text)
+    harmless = all(i in specials and tok.encode_ordinary(specials[i]) != [i]
+                   for i in range(rows, tok.n_vocab))
+    if not harmless or tok.eot_token >= rows:
         raise ValueError(f"tokenizer '{tok.name}' has {tok.n_vocab} tokens but the model from "
                          f"{source} has a vocabulary of {model.config.vocab_size}: pass the "
                          f"tokenizer the model was trained with (--tokenizer byte | gpt2)")

@@ -6,6 +6,9 @@ Tasks (lists of example dicts: question, prompt, response, answer)
     enough that a tiny byte-level GPT trained from scratch on a laptop CPU learns part of it.
   - "gsm8k": the hub dataset openai/gsm8k (config "main"), or any local/hub table with the same
     `question` / `answer` columns. The `<<48/2=24>>` calculator annotations are stripped.
+  - "math" / "math500": MATH's training problems, tested on MATH's test split or MATH-500; or any
+    table with MATH's columns (problem, solution; answer, subject or type, level where there).
+    The answers are LaTeX, graded by mathematical equivalence: is_correct(..., kind="math").
 
 Prompt format (the same for every task):
     prompt   = "Question: {question}\nAnswer:"
@@ -111,16 +114,86 @@ def extract_answer_ex(text):
     nums = NUM_RE.findall(text)
     return (normalize_number(nums[-1]) if nums else None), True
 
-def extract_answer(text):
-    """extract_answer_ex without the flag: the fallback (last number) IS used; see above."""
+def extract_answer(text, kind="gsm8k"):
+    """The final answer, as text: GSM8K's (extract_answer_ex without the flag: the fallback, the
+    last number, IS used), or MATH's as math-verify reads it (kind "math"), None if none."""
+    if kind == "math":
+        return next((p for p in _math_answer(text) if isinstance(p, str)), None)
     return extract_answer_ex(text)[0]
 
-def is_correct(completion, gold):
-    """Exact numeric match of the completion's final answer with the gold answer
-    ("7.50" == "7.5")."""
+def is_correct(completion, gold, kind="gsm8k"):
+    """Whether the completion's final answer is the gold one. "gsm8k": equal numbers ("7.50" ==
+    "7.5"). "math": LaTeX answers equal mathematically, by math-verify (\\frac{1}{2} = 0.5 =
+    \\dfrac12, intervals, \\sqrt, units and degrees dropped, several answers as a set)."""
+    if kind not in GRADERS:
+        raise ValueError(f"is_correct: kind must be one of {', '.join(GRADERS)}, got {kind!r}")
+    if kind == "math":
+        from math_verify import LatexExtractionConfig, parse, verify
+        # the gold answer: LaTeX without delimiters (MATH-500's `answer`)
+        target = parse(f"${gold}$", [LatexExtractionConfig()])
+        pred = _math_answer(completion)
+        return bool(target and pred) and verify(target, pred)
     pred = extract_answer(completion)
     gold = normalize_number(str(gold)) or extract_answer(str(gold))
     return pred is not None and gold is not None and Decimal(pred) == Decimal(gold)
+
+# -----------------------------------------------------------------------------
+# MATH: LaTeX answers, read and compared by math-verify (what lighteval and open-r1 grade with)
+
+GRADERS = ("gsm8k", "math")
+
+def grader(example):  # an example's (or a sampled record's) kind of answer: gsm8k or math
+    return example.get("kind", "gsm8k")
+
+def _math_answer(text):
+    """math-verify's reading of a completion's final answer ([sympy value, its text], or []): the
+    last \\boxed{} first, then its other anchors; nothing after a stray "Question:"."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    stray = text.find("Question:", 1)
+    return parse(text[:stray] if stray != -1 else text,
+                 [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()])
+
+def _math_example(row, where, i):
+    """A MATH-schema row -> an example: the solution is the response, the gold answer MATH-500's
+    `answer` or else the solution's last \\boxed{}, subject (or MATH's `type`) and level (3 or
+    "Level 3") kept. decision: the plain prompt asks for \\boxed{} too (CHAT_INSTRUCTION)."""
+    from latex2sympy2_extended.math_normalization import extract_boxed_content
+    problem, solution = _text(row, "problem", where, i).strip(), _text(row, "solution", where, i)
+    answer = row.get("answer")
+    if answer is None and "\\boxed" in solution:
+        answer = extract_boxed_content(solution)
+    if not str(answer if answer is not None else "").strip():
+        raise ValueError(f"{where} row {i}: no final answer (an 'answer' field, or a \\boxed{{}} "
+                         f"in 'solution')")
+    example = dict(question=problem, prompt=format_prompt(f"{problem}\n{CHAT_INSTRUCTION}"),
+                   response=" " + solution.strip(), answer=str(answer).strip(), kind="math")
+    subject = row.get("subject") or row.get("type")
+    level = re.search(r"\d+", str(row.get("level")))
+    if subject:
+        example["subject"] = str(subject)
+    if level:
+        example["level"] = int(level.group())
+    return example
+
+# (dataset, config) of each split on the hub: MATH-500 is a subset of MATH's test split
+MATH_TRAIN = ("DigitalLearningGmbH/MATH-lighteval", "default")
+MATH_TASKS = {"math": dict(train=MATH_TRAIN, test=MATH_TRAIN),
+              "math500": dict(train=MATH_TRAIN, test=("HuggingFaceH4/MATH-500", None))}
+
+def _hub_math(name, split):
+    """The hub's rows of a split. decision: a test problem is left out of training (said so)."""
+    if split not in MATH_TASKS[name]:
+        raise ValueError(f"task {name}: no split {split!r} (expected train or test)")
+    source, config = MATH_TASKS[name][split]
+    rows, columns, where = _load_table(source, split, config)
+    if split == "train":
+        test = {row.get("problem") for row in _hub_math(name, "test")[0]}
+        kept = [row for row in rows if row.get("problem") not in test]
+        if len(kept) < len(rows):
+            print(f"{name}: {len(rows) - len(kept)} training problems are also test problems: "
+                  f"left out of training")
+        rows = kept
+    return rows, columns, where
 
 def _example(question, solution, answer):
     return dict(question=question, prompt=format_prompt(question), response=" " + solution,
@@ -421,9 +494,10 @@ def _text(row, field, where, i):
 
 def load_task(name, split="train", n=None, seed=0, **knobs):
     """Examples of a task: "arith" (knobs: see generate_arith), "gsm8k" (openai/gsm8k, config main),
-    or a local file / folder / hub id with question and answer columns (knobs: config, the hub
-    dataset's config). For tables, n takes the first n rows of the split and seed is unused;
-    GSM8K's calculator annotations (<<48/2=24>>) are stripped from the solutions.
+    "math" / "math500" (MATH_TASKS), or a local file / folder / hub id with question and answer
+    columns, or MATH's (knobs: config, the hub dataset's config). For tables, n takes the first n
+    rows of the split and seed is unused; GSM8K's calculator annotations (<<48/2=24>>) are
+    stripped from the solutions.
 
     A single local file holds both splits: a question is a test question when a hash of its text
     says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
@@ -436,23 +510,32 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
         raise ValueError(f"task {name!r}: unknown option(s) {', '.join(knobs)} (expected config)")
     if name == "gsm8k":
         name, config = "openai/gsm8k", config or "main"
-    rows, columns, where = _load_table(name, split, config)
-    _require_columns(columns, ["question", "answer"], where)
+    if name in MATH_TASKS:
+        rows, columns, where = _hub_math(name, split)
+    else:
+        rows, columns, where = _load_table(name, split, config)
+    math = "problem" in columns  # MATH's columns (problem, solution, ...), else GSM8K's
+    _require_columns(columns, ["problem", "solution"] if math else ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
     out, seen = [], set()
     for i, row in enumerate(rows):
-        question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
-        gold, fallback = extract_answer_ex(answer)
-        if gold is None or fallback:
-            raise ValueError(f"{where} row {i}: "
-                             f"field 'answer' has no '#### <number>' final answer line")
+        example = _math_example(row, where, i) if math else _gsm8k_example(row, where, i)
+        question = example["question"]
         if single_file and ((split == "test") != _is_test_question(question) or question in seen):
             continue
         seen.add(question)
-        # the calculator annotations are tool calls, not text a model should learn to write
-        solution = CALC_RE.sub("", answer)
-        out.append(_example(question, solution.strip(), gold))
+        out.append(example)
     return out[:n]
+
+def _gsm8k_example(row, where, i):
+    question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
+    gold, fallback = extract_answer_ex(answer)
+    if gold is None or fallback:
+        raise ValueError(f"{where} row {i}: "
+                         f"field 'answer' has no '#### <number>' final answer line")
+    # the calculator annotations are tool calls, not text a model should learn to write
+    solution = CALC_RE.sub("", answer)
+    return _example(question, solution.strip(), gold)
 
 def load_split(cfg, split, tok=None):
     """The questions of a run's split, from its task settings (a train.py Config, an eval.py
@@ -602,9 +685,9 @@ def load_pairs(source, split="train"):
             raise ValueError(f"{where} row {i}: {e}") from None
     return pairs
 
-def _most_frequent(samples):
+def _most_frequent(samples, kind="gsm8k"):
     """The first sample whose extracted answer is the most frequent one among the samples."""
-    answers = [extract_answer(s) for s in samples]
+    answers = [extract_answer(s, kind) for s in samples]
     return samples[answers.index(Counter(answers).most_common(1)[0][0])]
 
 def pairs_from_samples(records):
@@ -616,14 +699,15 @@ def pairs_from_samples(records):
     pairs, counts = [], Counter()
     for r in records:
         usable = [s for s in r["samples"] if s.strip()]
-        right = [s for s in usable if is_correct(s, r["answer"])]
-        wrong = [s for s in usable if not is_correct(s, r["answer"])]
+        kind = grader(r)
+        right = [s for s in usable if is_correct(s, r["answer"], kind)]
+        wrong = [s for s in usable if s not in right]
         counts.update(samples=len(r["samples"]), empty=len(r["samples"]) - len(usable),
                       right=len(right), no_right=not right, no_wrong=bool(right) and not wrong,
                       prompts_cut=r.get("prompt_cut", False))
         if right and wrong:
-            pairs.append(dict(prompt=r["prompt"], chosen=_most_frequent(right),
-                              rejected=_most_frequent(wrong), answer=r["answer"]))
+            pairs.append(dict(prompt=r["prompt"], chosen=_most_frequent(right, kind),
+                              rejected=_most_frequent(wrong, kind), answer=r["answer"]))
     stats = dict(questions=len(records), samples=counts["samples"],
                  sample_accuracy=counts["right"] / max(1, counts["samples"]),
                  skipped_no_correct=counts["no_right"], skipped_no_wrong=counts["no_wrong"],

@@ -31,7 +31,7 @@ from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli,
                     need, parse, print0, progress_bar, read_json, read_jsonl, read_run_file,
                     setup, write_json, write_jsonl)
 from checkpoint import load_gpt, load_model, load_tokenizer
-from data import (encode_pairs, extract_answer, is_correct, load_pairs, load_split,
+from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
 from tokenizer import encode_prompt
@@ -109,42 +109,78 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
     return out, cut
 
 
-def majority_answer(completions):
-    """The most frequent extracted answer among completions (first seen wins ties), or None."""
-    answers = [a for a in map(extract_answer, completions) if a is not None]
-    return Counter(answers).most_common(1)[0][0] if answers else None
+def majority_answer(completions, kind="gsm8k"):
+    """(The most frequent extracted answer among completions (first seen wins ties), or None;
+    the first completion giving it, which is graded). decision: MATH's answers vote as the text
+    math-verify extracts, so \\frac12 and 0.5 are two votes."""
+    answers = [extract_answer(c, kind) for c in completions]
+    known = [a for a in answers if a is not None]
+    if not known:
+        return None, None
+    top = Counter(known).most_common(1)[0][0]
+    return top, completions[answers.index(top)]
 
 
 def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, temperature=0.7,
           seed=0, ctx=nullcontext(), progress=True):
     """One record per example (dicts with 'prompt' and gold 'answer'): question, greedy
     completion, its extracted answer `pred`, `gold`, `correct`, `prompt_cut` (the prompt did not
-    fit the context and kept its end); and `maj` when maj_k > 1."""
+    fit the context and kept its end), MATH's subject and level where the example has them; and
+    `maj`, `maj_correct` when maj_k > 1. Each example is graded by its kind (data.grader)."""
     prompts = [ex["prompt"] for ex in examples]
     greedy, cut = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                            batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
     records = [dict(question=ex.get("question", ex["prompt"]), completion=c,
-                    pred=extract_answer(c), gold=ex["answer"], correct=is_correct(c, ex["answer"]),
-                    prompt_cut=k) for ex, (c,), k in zip(examples, greedy, cut)]
+                    pred=extract_answer(c, grader(ex)), gold=ex["answer"],
+                    correct=is_correct(c, ex["answer"], grader(ex)), prompt_cut=k,
+                    **{key: ex[key] for key in BREAKDOWNS if key in ex})
+               for ex, (c,), k in zip(examples, greedy, cut)]
     if maj_k > 1:
         samples, _ = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, batch_size=batch_size, ctx=ctx,
                            desc=f"eval maj@{maj_k}", progress=progress)
-        for r, s in zip(records, samples):
-            r["maj"] = majority_answer(s)
+        for r, s, ex in zip(records, samples, examples):
+            r["maj"], voted = majority_answer(s, grader(ex))
+            r["maj_correct"] = voted is not None and is_correct(voted, ex["answer"], grader(ex))
     return records
 
 
+BREAKDOWNS = ("subject", "level")  # what MATH's examples carry: accuracy per value as well
+
+
 def accuracy_of(records, maj_k=1):
-    """{accuracy, correct, n} (+ maj@k) counted from graded records."""
+    """{accuracy, correct, n} (+ maj@k) counted from graded records; with MATH's subjects and
+    levels, by_subject and by_level: {value: {accuracy, correct, n}}."""
     n = len(records)
     correct = sum(r["correct"] for r in records)
     metrics = {"accuracy": correct / max(n, 1), "correct": correct, "n": n,
                "prompts_cut": sum(r["prompt_cut"] for r in records)}
     if maj_k > 1:
-        right = sum(r["maj"] is not None and is_correct(r["maj"], r["gold"]) for r in records)
-        metrics[f"maj@{maj_k}"] = right / max(n, 1)
+        metrics[f"maj@{maj_k}"] = sum(r["maj_correct"] for r in records) / max(n, 1)
+    for key in BREAKDOWNS:
+        groups = {}
+        for r in records:
+            if key in r:
+                groups.setdefault(r[key], []).append(r["correct"])
+        if groups:  # (in sorted order: levels 1..5, subjects alphabetically)
+            metrics[f"by_{key}"] = {str(v): {"accuracy": sum(c) / len(c), "correct": sum(c),
+                                             "n": len(c)} for v, c in sorted(groups.items())}
     return metrics
+
+
+def breakdown_table(tests):
+    """Per-subject and per-level accuracy of each model ({label: test metrics}) side by side,
+    '' when the task has none (only MATH's does)."""
+    tables = []
+    for key in BREAKDOWNS:
+        found = [m[f"by_{key}"] for m in tests.values() if f"by_{key}" in m]
+        if not found:
+            continue
+        rows = [[value, found[0][value]["n"],
+                 *(f"{100 * m[f'by_{key}'][value]['accuracy']:.1f}" for m in tests.values())]
+                for value in found[0]]
+        tables.append(markdown_table([key, "n", *(f"{label} %" for label in tests)], rows))
+    return "\n\n".join(tables)
 
 
 def evaluate_test(model, tok, cfg, run):
@@ -476,6 +512,9 @@ def report_run(out_dir, plan, baseline, run, wall_time_s):
         summary["po"]["test"]["vs_sft"] = dict(zip(("mean", "ci95"), bootstrap(po, sft)))
         plot_curves(out_dir)
         print0("\n" + summary_table(summary, label))
+        breakdown = breakdown_table({"SFT": summary["sft"]["test"], label: summary["po"]["test"]})
+        if breakdown:  # MATH: by subject and by level
+            print0("\n" + breakdown)
     elif done:
         summary["compare"] = compare_stats(runs, baseline, sft_folder)
         print0("\n" + report_comparison(out_dir, summary["compare"]))
@@ -613,6 +652,9 @@ def main(argv=None):
                  if k == "accuracy" or k.startswith("maj@")}
         row = [cfg.ckpt, cfg.task, metrics["n"], *shown.values()]
         print0(markdown_table(["checkpoint", "task", "n", *shown], [row]))
+        breakdown = breakdown_table({cfg.ckpt: metrics})
+        if breakdown:  # MATH: by subject and by level
+            print0(breakdown)
     if pairs:
         kw = dict(device=run.device, ctx=run.ctx, progress=False,
                   eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))

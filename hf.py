@@ -16,8 +16,10 @@ What differs between their layout and ours, each handled where it happens:
     the hub's gpt2* files lack the "transformer." prefix   _gpt2_state_dict
     q, k, v (and gate, up) are separate matrices there     llama_keys: stacked into one matmul
     a tied lm_head is left out of the files                _gpt2_state_dict, _llama_state_dict
-    config.json comes in two layouts (the hub's, and       _llama_config
+    config.json comes in two layouts (the hub's, and       _llama_config, _gemma3_config
     transformers 5's rope_parameters)
+    Gemma-3's post_attention_layernorm follows attention   llama_keys
+    (Llama's is the norm before the MLP)
 """
 
 import json
@@ -35,7 +37,8 @@ from common import atomic_write, read_json
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face's model_type -> its architecture; the model types this mapping knows
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 # GPT-2 checkpoints store these four weights as Conv1D (in, out); nn.Linear wants (out, in).
 # Biases are 1D.
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight",
@@ -123,6 +126,8 @@ def config_kwargs(folder):
     cfg = read_json(config_path)  # a broken file names itself
     if not isinstance(cfg, dict):
         raise ValueError(f"{config_path}: expected a JSON object (a Hugging Face config)")
+    if cfg.get("model_type") == "gemma3_text":
+        return _gemma3_config(cfg, config_path)
     if cfg.get("model_type") in ARCHITECTURES and cfg["model_type"] != "gpt2":
         return _llama_config(cfg, config_path)
 
@@ -166,10 +171,7 @@ def _llama_config(cfg, config_path):
         raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
                          f"by this {cfg['model_type']} model (expected {expected})")
 
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "max_position_embeddings"):
-        if not isinstance(cfg.get(key), int):
-            refuse(key, "an integer")
+    _check_shape(cfg, refuse)
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "'silu' (SwiGLU)")
     for key in ("attention_bias", "mlp_bias", "use_sliding_window"):  # (Qwen2's q/k/v biases are
@@ -178,10 +180,6 @@ def _llama_config(cfg, config_path):
     if any(kind != "full_attention" for kind in cfg.get("layer_types") or ()):
         refuse("layer_types", "full_attention in every layer")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or 0
-    if not isinstance(kv_heads, int) or kv_heads < 0 or (kv_heads and heads % kv_heads):
-        refuse("num_key_value_heads", f"an integer that divides num_attention_heads={heads}")
-    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
-        refuse("hidden_size", f"a multiple of num_attention_heads={heads}, or a head_dim")
     if cfg.get("rope_parameters") is not None:  # transformers 5
         key, rope = "rope_parameters", cfg["rope_parameters"]
     else:  # the hub's files
@@ -204,6 +202,77 @@ def _llama_config(cfg, config_path):
                 tie_embeddings=cfg.get("tie_word_embeddings", False))
 
 
+def _check_shape(cfg, refuse):
+    """The sizes every Llama-family or Gemma config.json needs, and heads that divide evenly."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings"):
+        if not isinstance(cfg.get(key), int):
+            refuse(key, "an integer")
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or 0
+    if not isinstance(kv_heads, int) or kv_heads < 0 or (kv_heads and heads % kv_heads):
+        refuse("num_key_value_heads", f"an integer that divides num_attention_heads={heads}")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        refuse("hidden_size", f"a multiple of num_attention_heads={heads}, or a head_dim")
+
+
+# what transformers' Gemma3TextConfig assumes for a key its config.json leaves out
+GEMMA3_DEFAULTS = dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                       rope_theta=1e6, rope_local_base_freq=1e4, rms_norm_eps=1e-6,
+                       max_position_embeddings=131072, tie_word_embeddings=True,
+                       sliding_window_pattern=6, hidden_activation="gelu_pytorch_tanh")
+
+
+def _gemma3_config(cfg, config_path):
+    """GPTConfig's keyword arguments from a Gemma-3 text config.json (Gemma3ForCausalLM) in
+    either layout: the hub's (rope_theta and rope_scaling for the global layers,
+    rope_local_base_freq for the local ones, layer_types or the older sliding_window_pattern:
+    every n-th layer global) or transformers 5's (rope_parameters per kind of layer)."""
+    def refuse(key, expected):
+        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
+                         f"by this gemma3_text model (expected {expected})")
+
+    cfg = {**GEMMA3_DEFAULTS, **cfg}
+    _check_shape(cfg, refuse)
+    if cfg["hidden_activation"] != "gelu_pytorch_tanh":
+        refuse("hidden_activation", "'gelu_pytorch_tanh' (GeGLU with the tanh GELU)")
+    for key in ("attention_bias", "use_bidirectional_attention", "attn_logit_softcapping"):
+        if cfg.get(key):  # (attention logit soft-capping: Gemma-2's, not Gemma-3's)
+            refuse(key, "false or null")
+    n = cfg["num_hidden_layers"]
+    pattern = cfg.get("_sliding_window_pattern", cfg["sliding_window_pattern"])
+    kinds = cfg.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0
+                                       else "sliding_attention" for i in range(n)]
+    if len(kinds) != n or set(kinds) - {"full_attention", "sliding_attention"}:
+        refuse("layer_types", f"full_attention or sliding_attention for each of the {n} layers")
+    if cfg.get("rope_parameters") is not None:  # transformers 5: one entry per kind of layer
+        key, rope = "rope_parameters", cfg["rope_parameters"]
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    else:  # the hub's: rope_scaling is the global layers'
+        key = "rope_scaling"
+        full = dict(cfg.get("rope_scaling") or {}, rope_theta=cfg["rope_theta"])
+        local = dict(rope_theta=cfg["rope_local_base_freq"])
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "linear") or local.get("rope_type", "default") != "default":
+        refuse(key, "the global layers' rope unscaled or 'linear', the local ones' unscaled")
+    if kind == "linear" and not isinstance(full.get("factor"), (int, float)):
+        refuse(key, "a number for the linear scaling's factor")
+    window = cfg.get("sliding_window")
+    if "sliding_attention" in kinds and not (isinstance(window, int) and window >= 1):
+        refuse("sliding_window", "an integer >= 1")
+    return dict(model_type="gemma3_text", block_size=cfg["max_position_embeddings"],
+                vocab_size=cfg["vocab_size"], n_layer=n, n_head=cfg["num_attention_heads"],
+                n_embd=cfg["hidden_size"], dropout=0.0, bias=False,
+                n_kv_head=cfg.get("num_key_value_heads") or None, head_dim=cfg["head_dim"],
+                n_inner=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+                rope_theta=full.get("rope_theta", 1e6),
+                rope_scaling=dict(rope_type="linear", factor=full["factor"])
+                if kind == "linear" else None,
+                tie_embeddings=cfg["tie_word_embeddings"], layer_types=kinds,
+                sliding_window=window, rope_local_theta=local.get("rope_theta", 1e4),
+                query_pre_attn_scalar=cfg["query_pre_attn_scalar"],
+                final_logit_softcapping=cfg.get("final_logit_softcapping"))
+
+
 def hf_config(config, dtype_name):
     """config.json for transformers, in the hub's layout (transformers 4 and 5 both read it)."""
     c = config
@@ -215,6 +284,18 @@ def hf_config(config, dtype_name):
                     n_head=c.n_head, n_inner=None, activation_function="gelu_new",
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
                     attn_pdrop=c.dropout)
+    if c.gemma:
+        return dict(out, hidden_size=c.n_embd, intermediate_size=c.inner,
+                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                    num_key_value_heads=c.kv_heads, head_dim=c.head_size,
+                    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=c.block_size,
+                    rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                    rope_local_base_freq=c.rope_local_theta, rope_scaling=c.rope_scaling,
+                    layer_types=[c.layer_type(i) for i in range(c.n_layer)],
+                    sliding_window=c.sliding_window, query_pre_attn_scalar=c.query_pre_attn_scalar,
+                    final_logit_softcapping=c.final_logit_softcapping,
+                    attn_logit_softcapping=None, attention_bias=False,
+                    attention_dropout=c.dropout, use_bidirectional_attention=False)
     rope_scaling = dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else None
     out.update(hidden_size=c.n_embd, intermediate_size=c.inner, num_hidden_layers=c.n_layer,
                num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
@@ -269,11 +350,18 @@ def llama_keys(config):
             keys.append((ours + "attn.c_attn.bias", [(hf + "self_attn.q_proj.bias", (q,)),
                                                      (hf + "self_attn.k_proj.bias", (kv,)),
                                                      (hf + "self_attn.v_proj.bias", (kv,))]))
-        if config.model_type == "qwen3":
+        if config.model_type in ("qwen3", "gemma3_text"):
             keys.append((ours + "attn.q_norm.weight", [(hf + "self_attn.q_norm.weight", (hs,))]))
             keys.append((ours + "attn.k_norm.weight", [(hf + "self_attn.k_norm.weight", (hs,))]))
         keys.append((ours + "attn.c_proj.weight", [(hf + "self_attn.o_proj.weight", (C, q))]))
-        keys.append((ours + "ln_2.weight", [(hf + "post_attention_layernorm.weight", (C,))]))
+        if config.gemma:  # four norms: before and after attention, before and after the MLP
+            keys.append((ours + "post_ln_1.weight", [(hf + "post_attention_layernorm.weight",
+                                                      (C,))]))
+            keys.append((ours + "ln_2.weight", [(hf + "pre_feedforward_layernorm.weight", (C,))]))
+            keys.append((ours + "post_ln_2.weight", [(hf + "post_feedforward_layernorm.weight",
+                                                      (C,))]))
+        else:  # (Llama's post_attention_layernorm is the norm before the MLP)
+            keys.append((ours + "ln_2.weight", [(hf + "post_attention_layernorm.weight", (C,))]))
         keys.append((ours + "mlp.c_fc.weight", [(hf + "mlp.gate_proj.weight", (I, C)),
                                                 (hf + "mlp.up_proj.weight", (I, C))]))
         keys.append((ours + "mlp.c_proj.weight", [(hf + "mlp.down_proj.weight", (C, I))]))

@@ -1,6 +1,6 @@
 """
 GPT-2 in one file, for preference optimisation, and the small members of the Llama family
-(Llama-3.x, Qwen2.5, Qwen3) as a handful of switches on the same blocks.
+(Llama-3.x, Qwen2.5, Qwen3, DeepSeek-Math) and Gemma-3 as a handful of switches on the same blocks.
 
 Read top to bottom: config, the three modules of a transformer block, the GPT itself: forward
 (logits, or the per-token log-probabilities every loss uses), generation with a KV cache, and the
@@ -18,12 +18,24 @@ What the Llama family changes, each written down where it happens:
     biases everywhere -> none                 (Qwen2 keeps them on q, k, v; Qwen3 adds q/k RMSNorm)
     tied output layer -> tied or not          GPT.__init__
 
+What Gemma-3 (text) changes on top of the Llama family:
+    RMSNorm's gain w -> (1 + w), in float32   GemmaRMSNorm
+    a norm after each sublayer too            Block (post_ln_1, post_ln_2)
+    SwiGLU -> GeGLU (tanh GELU)               SwiGLU
+    embeddings scaled by sqrt(n_embd)         GPT._hidden
+    q/k RMSNorm; scores scaled by             CausalSelfAttention
+      1/sqrt(query_pre_attn_scalar)
+    local layers: a sliding window of keys    CausalSelfAttention, window_mask()
+    and a rotary base of their own            GPT._hidden, rope_frequencies()
+    logits soft-capped (if the config says)   CappedLinear
+
 Module names mirror the GPT-2 checkpoint keys (transformer.wte, transformer.h.0.attn.c_attn, ...)
 so that loading GPT-2 weights is a copy by name; Llama-family names are mapped in hf.py.
 """
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -46,7 +58,7 @@ class GPTConfig:
     bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
     # The Llama family. The defaults are GPT-2's, so a GPT-2 config (and every checkpoint written
     # before these fields existed) reads as it always did.
-    model_type: str = "gpt2"        # gpt2 | llama | qwen2 | qwen3 (Hugging Face's model_type)
+    model_type: str = "gpt2"        # gpt2 | llama | qwen2 | qwen3 | gemma3_text (HF's model_type)
     n_kv_head: int | None = None    # k/v heads for grouped-query attention (None: n_head)
     head_dim: int | None = None     # None: n_embd // n_head (Qwen3 sets its own)
     n_inner: int | None = None      # MLP width (None: GPT-2's 4 * n_embd)
@@ -55,6 +67,13 @@ class GPTConfig:
     rope_scaling: dict | None = None  # Llama-3.1/3.2's "llama3" frequency scaling: factor,
                                       # low/high_freq_factor, original_max_position_embeddings
     tie_embeddings: bool = True     # lm_head and wte share one (V, C) matrix
+    # Gemma-3 (model_type gemma3_text), on top of the Llama fields. rope_theta and rope_scaling
+    # are its global layers' ({"rope_type": "linear", "factor": f} in the larger Gemma-3s).
+    layer_types: list | None = None  # per layer "sliding_attention" (local) | "full_attention"
+    sliding_window: int | None = None  # a local layer's query sees itself and the window-1 before
+    rope_local_theta: float | None = None  # the local layers' rotary base
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(it) (None: 1/sqrt(hs))
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -66,10 +85,29 @@ class GPTConfig:
         if self.n_head % self.kv_heads != 0:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be a multiple of "
                              f"n_kv_head ({self.n_kv_head})")
+        kinds = self.layer_types
+        if kinds is not None and (len(kinds) != self.n_layer or set(kinds) - set(LAYER_TYPES)):
+            raise ValueError(f"GPTConfig: layer_types must name one of {', '.join(LAYER_TYPES)} "
+                             f"for each of the {self.n_layer} layers, got {kinds}")
+        if self.local_layers and not ((self.sliding_window or 0) >= 1 and self.rope_local_theta):
+            raise ValueError(f"GPTConfig: local (sliding_attention) layers need a sliding_window "
+                             f">= 1 and a rope_local_theta, got {self.sliding_window} and "
+                             f"{self.rope_local_theta}")
 
     @property
     def llama(self):  # RMSNorm, rotary positions, SwiGLU; GPT-2 otherwise
         return self.model_type != "gpt2"
+
+    @property
+    def gemma(self):  # Gemma-3's switches, on top of the Llama family's
+        return self.model_type == "gemma3_text"
+
+    @property
+    def local_layers(self):  # whether some layers are local (sliding-window) ones: Gemma-3
+        return "sliding_attention" in (self.layer_types or ())
+
+    def layer_type(self, i):  # "sliding_attention" (a local layer) or "full_attention"
+        return self.layer_types[i] if self.layer_types else "full_attention"
 
     @property
     def kv_heads(self):
@@ -84,9 +122,11 @@ class GPTConfig:
         return self.n_inner or 4 * self.n_embd
 
 
-MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
+MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
-                "rope_scaling", "tie_embeddings")
+                "rope_scaling", "tie_embeddings", "layer_types", "sliding_window",
+                "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
 
 
 class KVCache:
@@ -117,24 +157,43 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
 
 
+class GemmaRMSNorm(nn.RMSNorm):
+    """Gemma's RMSNorm: the stored gain w scales by (1 + w), so w = 0 (its init) is the identity;
+    computed in float32 and cast back, as Gemma's own code does."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        y = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
 def norm(config, dim=None):
     """GPT-2: LayerNorm (subtract the mean, scale, shift).
-    Llama: RMSNorm (divide by the root mean square, scale; no mean, no bias)."""
+    Llama: RMSNorm (divide by the root mean square, scale; no mean, no bias). Gemma: (1 + w)."""
     dim = dim or config.n_embd
+    if config.gemma:
+        return GemmaRMSNorm(dim, eps=config.norm_eps)
     if config.llama:
         return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_frequencies(config):
+def rope_frequencies(config, local=False):
     """Llama's rotary inverse frequencies theta^(-2i/hs), (head_size/2,) float32. Llama-3.1/3.2
     ("llama3" scaling) stretch them for long contexts: wavelengths beyond the original context
-    are divided by `factor`, short ones kept, those between blended (as transformers does)."""
+    are divided by `factor`, short ones kept, those between blended (as transformers does).
+    Gemma-3: local=True gives its local layers' (their own base, never scaled); the larger
+    Gemma-3s scale the global ones "linear"ly: every frequency divided by `factor`."""
     hs = config.head_size
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float) / hs)
-    s = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, dtype=torch.float) / hs)
+    s = None if local else config.rope_scaling
     if s is None:
         return inv_freq
+    if s.get("rope_type") == "linear":
+        return inv_freq / s["factor"]
     context, factor = s["original_max_position_embeddings"], s["factor"]
     wavelen = 2 * math.pi / inv_freq
     # 0 at the long-wavelength end of the blend, 1 at the short one
@@ -161,6 +220,14 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def window_mask(q_cols, k_cols, window):
+    """Gemma-3's local attention as a mask: (Tq, Tk) True where key column k_cols[j] is at most
+    window-1 columns before query column q_cols[i] (and not after it). Over the KV cache's
+    columns it is exact under left padding too: a row's pads shift its queries and keys alike."""
+    distance = q_cols[:, None] - k_cols[None, :]   # (Tq, Tk)
+    return (distance >= 0) & (distance < window)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
@@ -171,13 +238,20 @@ class CausalSelfAttention(nn.Module):
         qkv_bias = config.bias or config.model_type == "qwen2"
         self.c_attn = nn.Linear(config.n_embd, (nh + 2 * nkv) * hs, bias=qkv_bias)
         self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
-        self.qk_norm = config.model_type == "qwen3"
-        if self.qk_norm:  # Qwen3: an RMSNorm over each head's q and k, before the rotation
+        self.qk_norm = config.model_type in ("qwen3", "gemma3_text")
+        if self.qk_norm:  # Qwen3, Gemma-3: an RMSNorm over each head's q and k, before the rotation
             self.q_norm = norm(config, hs)
             self.k_norm = norm(config, hs)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_kv_head, self.head_size = nh, nkv, hs
         self.dropout, self.layer_idx = config.dropout, layer_idx
+        # Gemma-3: scores scaled by 1/sqrt(query_pre_attn_scalar) (None: SDPA's 1/sqrt(hs))
+        self.scale = None
+        if config.query_pre_attn_scalar:
+            self.scale = config.query_pre_attn_scalar ** -0.5
+        # Gemma-3's local layers see only the last `window` keys (None: all of them)
+        self.layer_type = config.layer_type(layer_idx)
+        self.window = config.sliding_window if self.layer_type == "sliding_attention" else None
 
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
@@ -190,19 +264,31 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             # Llama: the position enters here, as a rotation of q and k
-            # (so q·k depends on the distance between the tokens)
-            q, k = rotate(q, *rope), rotate(k, *rope)
+            # (so q·k depends on the distance between the tokens); this layer's kind's angles
+            q, k = rotate(q, *rope[self.layer_type]), rotate(k, *rope[self.layer_type])
         gqa = nkv != nh  # SDPA lets each k/v head serve its group of query heads
         if kv_cache is None:
-            # training / scoring: plain causal attention, flash kernel on CUDA
-            y = F.scaled_dot_product_attention(q, k, v,
+            # training / scoring: plain causal attention, flash kernel on CUDA; a local layer
+            # longer than its window: the banded causal mask (exact, without the flash kernel)
+            band = None
+            if self.window is not None and T > self.window:
+                cols = torch.arange(T, device=x.device)
+                band = window_mask(cols, cols, self.window)           # (T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
                                                dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True, enable_gqa=gqa)
+                                               is_causal=band is None, scale=self.scale,
+                                               enable_gqa=gqa)
         else:
             # generation: attend to everything cached so far;
             # the explicit mask hides the left padding
+            first = kv_cache.pos  # the cache column of the first new token
             k, v = kv_cache.update(self.layer_idx, k, v)             # (B, nkv, pos+T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            if self.window is not None:  # a local layer: the window over the cache's columns
+                band = window_mask(first + torch.arange(T, device=x.device),
+                                   torch.arange(k.size(2), device=x.device), self.window)
+                attn_mask = band if attn_mask is None else attn_mask & band  # (B, 1, T, pos+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -223,17 +309,19 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Llama's MLP: down(silu(gate(x)) * up(x)), no biases, n_inner wide. Where GPT-2 passes
     one projection through GELU, a second projection multiplies it (a gated linear unit).
-    gate and up are one matmul here (c_fc, 2 * n_inner wide)."""
+    gate and up are one matmul here (c_fc, 2 * n_inner wide). Gemma-3: GeGLU, the
+    tanh-approximated GELU in place of SiLU (its gelu_pytorch_tanh)."""
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 2 * config.inner, bias=False)
         self.c_proj = nn.Linear(config.inner, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = partial(F.gelu, approximate="tanh") if config.gemma else F.silu
 
     def forward(self, x):
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # 2 x (B, T, n_inner)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        return self.dropout(self.c_proj(self.act(gate) * up))
 
 
 class Block(nn.Module):
@@ -244,11 +332,27 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = norm(config)
         self.mlp = SwiGLU(config) if config.llama else MLP(config)
+        # Gemma-3 also normalises each sublayer's output before it joins the residual stream
+        self.post_ln_1 = norm(config) if config.gemma else nn.Identity()
+        self.post_ln_2 = norm(config) if config.gemma else nn.Identity()
 
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, attn_mask, kv_cache)  # pre-norm residual stream
-        x = x + self.mlp(self.ln_2(x))
+        # pre-norm residual stream
+        x = x + self.post_ln_1(self.attn(self.ln_1(x), rope, attn_mask, kv_cache))
+        x = x + self.post_ln_2(self.mlp(self.ln_2(x)))
         return x
+
+
+class CappedLinear(nn.Linear):
+    """Gemma's output layer where the config sets final_logit_softcapping: the logits squashed
+    smoothly into (-cap, cap), cap * tanh(logits / cap)."""
+
+    def __init__(self, in_features, out_features, cap):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x):
+        return self.cap * torch.tanh(super().forward(x) / self.cap)
 
 
 # default log-prob chunk: ~32M float32 logits (128 MiB) alive at a time
@@ -263,6 +367,9 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.llama:  # no position table: the rotation angles are computed from positions
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+            if config.local_layers:  # Gemma-3's local layers
+                self.register_buffer("inv_freq_local", rope_frequencies(config, local=True),
+                                     persistent=False)
         else:
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
@@ -272,6 +379,9 @@ class GPT(nn.Module):
             ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.final_logit_softcapping:
+            self.lm_head = CappedLinear(config.n_embd, config.vocab_size,
+                                        config.final_logit_softcapping)
         if config.tie_embeddings:  # as in GPT-2 (and the small Llamas/Qwens): one (V, C) matrix
             self.transformer.wte.weight = self.lm_head.weight
         # recompute each block's activations in backward instead of keeping them (set by train.py)
@@ -308,9 +418,15 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.gemma:  # Gemma: embeddings times sqrt(n_embd), rounded to their dtype
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         rope = None
         if self.config.llama:  # Llama: every layer rotates q and k by position-dependent angles
-            rope = rotary(self.inv_freq, pos)  # cos, sin: (1 or B, 1, T, hs) float32
+            # cos, sin: (1 or B, 1, T, hs) float32, for each kind of layer (Gemma-3's local
+            # layers rotate with a base of their own)
+            rope = {"full_attention": rotary(self.inv_freq, pos)}
+            if self.config.local_layers:
+                rope["sliding_attention"] = rotary(self.inv_freq_local, pos)
         else:  # GPT-2: a learned vector per position, added once
             x = x + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)

@@ -43,7 +43,7 @@ from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, c
                     claim_run_folder, cli, convert, file_digest, need, parse, peak_flops, print0,
                     progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
                     write_jsonl)
-from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, load_pairs,
+from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
@@ -452,7 +452,8 @@ def sample_pairs(cfg, run, out):
                            seed=seed_for(cfg.seed, "pairs", c),
                            batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
         write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
-                          samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
+                          kind=grader(q), samples=s, prompt_cut=k)
+                     for q, s, k in zip(part, samples, cut)],
                     files[c])
         print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
     barrier()
@@ -520,7 +521,7 @@ def contrastive_examples(cfg, train_pairs):
     for name in sorted(f for f in os.listdir(folder) if f.startswith("samples_")):
         for r in read_jsonl(os.path.join(folder, name)):
             for sample in (s for s in r["samples"] if s.strip() and r["prompt"] in prompts):
-                group = right if is_correct(sample, r["answer"]) else wrong
+                group = right if is_correct(sample, r["answer"], grader(r)) else wrong
                 group.append(dict(prompt=r["prompt"], response=sample))
     return right, wrong
 

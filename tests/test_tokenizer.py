@@ -1,9 +1,11 @@
 """
-Tests for tokenizer.py's Hugging Face tokenizers: a byte-level BPE tokenizer.json (trained here with the
-`tokenizers` library in the styles of Qwen2.5, Qwen3 and Llama-3) read as a tiktoken Encoding gives
-the ids of Hugging Face's tokenizers and decodes back to the text; chat templates render as
-transformers' apply_chat_template; end-of-text / end-of-turn ids; what is refused; chat prompts in
-the data pipeline; grading of instruct models' answers.
+Tests for tokenizer.py's Hugging Face tokenizers, trained here with the `tokenizers` library in the
+styles of Qwen2.5, Qwen3 and Llama-3 (byte-level BPE, read as a tiktoken Encoding), Gemma-3
+(SentencePiece-style BPE with byte fallback) and DeepSeek-Math (several split rules), the last two
+run by the `tokenizers` library: every kind gives the ids of Hugging Face's tokenizers and decodes
+back to the text; chat templates render as transformers' apply_chat_template; end-of-text /
+end-of-turn ids; what falls back from tiktoken to the library; chat prompts in the data pipeline;
+grading of instruct models' answers.
 """
 
 import json
@@ -19,8 +21,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 import data
-from tiny_hf import STYLES, corpus, train_tokenizer
-from tokenizer import get_tokenizer, has_hf_tokenizer, uses_chat
+from tiny_hf import END_OF_TURN, NFC, STYLES, corpus, train_tokenizer
+from tokenizer import HFTokenizer, TokenizersTokenizer, get_tokenizer, has_hf_tokenizer, uses_chat
 
 pytest.importorskip("transformers")
 
@@ -33,13 +35,15 @@ TEXTS = [
     "it's they're WE'LL I'M",                                     # contractions, case-insensitive
     "<|im_start|>user\nhi<|im_end|>\n<think>\nx\n</think> <tool_call>",  # special and added tokens
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+    "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "never seen: 🦀 Ω ж ♞ \x00\x7f",                                # byte fallback (Gemma)
     "",
     " ",
     "a" * 300,
 ]
 
 
-@pytest.fixture(scope="module", params=sorted(STYLES))
+@pytest.fixture(scope="module", params=sorted(END_OF_TURN))
 def tok_folder(request, tmp_path_factory):
     """(style, folder holding tokenizer.json + tokenizer_config.json + chat_template.jinja)"""
     folder = tmp_path_factory.mktemp(request.param.replace(".", ""))
@@ -53,11 +57,12 @@ def test_ids_match_hugging_face_and_decode_back(tok_folder):
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok = get_tokenizer(str(folder))
     assert tok.n_vocab == hf.get_vocab_size()
+    # tiktoken where its conversion is exact, the tokenizers library for the other kinds
+    assert isinstance(tok, TokenizersTokenizer) == (style not in STYLES)
     for text in TEXTS:
         ids = tok.encode(text, allowed_special="all")  # Hugging Face matches special tokens too
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
-        assert tok.decode(ids) == (unicodedata.normalize("NFC", text) if style != "llama3"
-                                   else text)
+        assert tok.decode(ids) == (unicodedata.normalize("NFC", text) if style in NFC else text)
     # random pieces of the training text and of text it never saw (this file's source)
     rng = random.Random(0)
     source = "".join(corpus()[-5:]) + open(data.__file__, encoding="utf-8").read()
@@ -68,7 +73,12 @@ def test_ids_match_hugging_face_and_decode_back(tok_folder):
         assert tok.encode(text, allowed_special="all") == want, text
         if "<|" not in text:  # no special token to treat as text: encode_ordinary is the same
             assert tok.encode_ordinary(text) == want, text
-    assert len(tok.encode_ordinary("<|im_end|>")) > 1  # special tokens: only when allowed
+    end = END_OF_TURN[style]
+    assert len(tok.encode_ordinary(end)) > 1  # special tokens: only when allowed
+    with pytest.raises(ValueError):  # tiktoken's rule: a special token in encode() is an error
+        tok.encode(f"a {end}")
+    want = hf.encode(f"a {end} b", add_special_tokens=False).ids
+    assert tok.encode(f"a {end} b", allowed_special={end}) == want
     if style == "qwen3":  # added tokens that are not special are matched, as Hugging Face does
         assert tok.encode_ordinary("<think>") == [hf.token_to_id("<think>")]
 
@@ -78,13 +88,15 @@ def test_prompt_ids_and_special_ids_match_transformers(tok_folder):
     style, folder = tok_folder
     auto = AutoTokenizer.from_pretrained(folder)
     tok = get_tokenizer(str(folder))
+    bos = tok.decode(tok.bos)  # Llama-3's, Gemma-3's, DeepSeek's; Qwen has none
+    assert bool(bos) == (style in ("llama3", "gemma3", "deepseek"))
     for text in TEXTS:  # the BOS Llama-3 puts in front...
-        if not text.startswith("<|begin_of_text|>"):
+        if not (bos and text.startswith(bos)):
             assert tok.encode_prompt(text) == auto(text).input_ids, text
-    if style == "llama3":  # ...once (a rendered chat template starts with it: see below)
-        assert tok.encode_prompt("<|begin_of_text|>hi") == tok.encode_prompt("hi")
+    if bos:  # ...once (a rendered chat template starts with it: see below)
+        assert tok.encode_prompt(bos + "hi") == tok.encode_prompt("hi")
     assert tok.eos_token_id == auto.eos_token_id
-    end_of_turn = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
+    end_of_turn = END_OF_TURN[style]
     assert tok.eot_token == tok.end_of_turn_id == auto.convert_tokens_to_ids(end_of_turn)
     plain = get_tokenizer(str(folder), chat_template="none")
     assert plain.chat_template is None and not uses_chat(plain)
@@ -149,28 +161,45 @@ def edited(folder, tmp_path, edit):
     return str(out)
 
 
-REFUSED = {  # tokenizers that are not byte-level BPE, or that tiktoken cannot reproduce
-    "wordpiece": lambda s: s["model"].update(type="WordPiece"),
+NOT_TIKTOKEN = {  # byte-level BPE tokenizers edited into what tiktoken cannot reproduce
     "byte_fallback": lambda s: s["model"].update(byte_fallback=True),
-    "metaspace": lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}),
+    "metaspace": lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁",
+                                                   "prepend_scheme": "always", "split": True}),
     "lowercase": lambda s: s.update(normalizer={"type": "Lowercase"}),
     "two_splits": lambda s: s["pre_tokenizer"]["pretokenizers"].insert(
         0, {"type": "Split", "pattern": {"Regex": "\\d"}, "behavior": "Isolated",
             "invert": False}),
-    "sentencepiece_vocab": lambda s: s["model"]["vocab"].update({"▁the": 10 ** 6}),
-    "lstrip": lambda s: s["added_tokens"][0].update(lstrip=True),
+    "lstrip": lambda s: s["added_tokens"][1].update(lstrip=True),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(REFUSED))
-def test_refuses_what_is_not_byte_level_bpe(tok_folder, tmp_path, kind):
+@pytest.mark.parametrize("kind", sorted(NOT_TIKTOKEN))
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_what_tiktoken_cannot_reproduce_runs_in_the_tokenizers_library(tmp_path, style, kind):
+    """Not refused, not approximated: the `tokenizers` library runs it, Hugging Face's ids."""
+    from tokenizers import Tokenizer
+    train_tokenizer(style, tmp_path / "base", vocab_size=400)
+    folder = edited(tmp_path / "base", tmp_path, NOT_TIKTOKEN[kind])
+    tok = get_tokenizer(folder)
+    assert isinstance(tok, TokenizersTokenizer)
+    hf = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    for text in TEXTS:
+        assert tok.encode(text, allowed_special="all") == \
+            hf.encode(text, add_special_tokens=False).ids, text
+    assert tok.chat_template is not None and tok.eot_token == tok.end_of_turn_id
+    assert isinstance(get_tokenizer(str(tmp_path / "base")), HFTokenizer)  # the original: tiktoken
+    assert not isinstance(get_tokenizer(str(tmp_path / "base")), TokenizersTokenizer)
+
+
+def test_a_tokenizer_json_the_library_cannot_read_is_one_line(tok_folder, tmp_path):
     _, folder = tok_folder
-    with pytest.raises(ValueError, match=r"tokenizer\.json: .*only byte-level BPE tokenizers"):
-        get_tokenizer(edited(folder, tmp_path, REFUSED[kind]))
+    broken = edited(folder, tmp_path, lambda s: s["model"].update(type="NoSuchModel"))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the tokenizers library cannot read"):
+        get_tokenizer(broken)
 
 
 def test_missing_files_and_offline_hub(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json; only byte-level BPE"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         get_tokenizer(str(tmp_path))
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # real client, empty cache
