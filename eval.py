@@ -32,6 +32,7 @@ from common import (all_gather, atomic_write, barrier, cli, markdown_table, need
 from checkpoint import load_gpt, load_model
 from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
 from loss import LOSSES, eos_padded, preference_metrics
+from parallel import gathered, place
 from tokenizer import encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -43,6 +44,7 @@ class Settings:
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
+    fsdp: bool = False          # torchrun: the model sharded over the ranks (FSDP2), not copied
     # tokenizer
     tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
     chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
@@ -146,9 +148,10 @@ def evaluate_test(model, tok, cfg, run):
     """Greedy accuracy (and maj@k) on the test split cfg describes, the questions split over the
     ranks -> (metrics, records in test order). cfg: a train.py Config or an EvalConfig."""
     test = load_split(cfg, getattr(cfg, "split", "test"), tok)
-    mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
-                 batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
-                 progress=run.master)
+    with gathered(model):  # (sharded: each rank decodes its own questions, no collective inside)
+        mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
+                     batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
+                     progress=run.master)
     records = [None] * len(test)
     for rank, part in enumerate(all_gather(mine)):  # rank r graded test[r::world]
         records[rank::run.world] = part
@@ -210,7 +213,7 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     if os.path.exists(path):
         return read_run_file(path)
     model, tok = load_model(os.path.join(stage_dir, "ckpt.pt"))
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp).eval()
     metrics, records = evaluate_test(model, tok, cfg, run)
     result = {"metrics": metrics}
     if pairs is not None:
@@ -487,7 +490,7 @@ def main(argv=None):
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
     model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp).eval()
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
     if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
         context = model.config.block_size
@@ -496,7 +499,7 @@ def main(argv=None):
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
-        ref = load_gpt(ref_path).to(run.device).eval()
+        ref = place(load_gpt(ref_path), run, cfg.fsdp).eval()
         need(ref.config.vocab_size == model.config.vocab_size,
              f"--ref {ref_path} has a vocabulary of {ref.config.vocab_size} but --ckpt {cfg.ckpt} "
              f"has {model.config.vocab_size} (expected the same tokenizer for both)")

@@ -48,7 +48,8 @@ from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, 
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, apply_lora
+from parallel import gathered, load_state, place
 from tokenizer import get_tokenizer
 
 
@@ -64,6 +65,14 @@ class Config(Settings):
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
                                 # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
+    lora_rank: int = 0          # LoRA: train rank-r adapters, the weights frozen (0 = off: all)
+    lora_alpha: float = 16.0    # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # attn, mlp, or projections by HF name: q_proj,v_proj,...
+    lora_dropout: float = 0.0   # dropout on the adapters' input (PEFT's lora_dropout)
+    fsdp: bool = False          # torchrun: shard weights, grads, AdamW states over ranks (FSDP2)
+    plan: bool = False          # print the memory plan (plan.py) per stage and GPU; no training
+    plan_gpus: int = 8          # the N of the plan's fsdp<N> mode
+    gpu_gib: float = 0.0        # the GPU memory the plan checks against (0: this run's GPU, or 80)
     n_layer: int = 4            # scratch only
     n_head: int = 4
     n_embd: int = 96
@@ -109,7 +118,7 @@ class Config(Settings):
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
 RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
-            "ckpt_every", "activation_checkpointing")
+            "ckpt_every", "activation_checkpointing", "plan", "plan_gpus", "gpu_gib")
 STAGES = ("sft", "pairs", "po")
 
 
@@ -139,6 +148,11 @@ def validate(cfg):
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    need(cfg.lora_rank >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+         f"--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1) (got "
+         f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
+    need(cfg.plan_gpus >= 1 and cfg.gpu_gib >= 0,
+         f"--plan_gpus must be >= 1, --gpu_gib >= 0 (got {cfg.plan_gpus}, {cfg.gpu_gib})")
     need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
     need(cfg.n_embd % cfg.n_head == 0,
          f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
@@ -236,9 +250,8 @@ def resume(state_path, metrics_path, model, optimizer, scaler, run):
     """The step to start from: 0, or that of the training state a killed run left behind."""
     step = 0
     if os.path.exists(state_path):
-        state = load_checkpoint(state_path, map_location=run.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(state_path, mmap=True)
+        load_state(model, optimizer, state["model"], state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
     if run.master and os.path.exists(metrics_path):  # lines past that step will be logged again
@@ -289,7 +302,7 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
     if start:
         print0(f"[{name}] resuming at step {start}/{len(order)} from {state_path}")
     ddp = model  # the module the losses call: DDP synchronises gradients only through forward
-    if run.world > 1:
+    if run.world > 1 and not cfg.fsdp:  # (a sharded model syncs in its own hooks: parallel.py)
         device_ids = [model.lm_head.weight.device.index] if run.device_type == "cuda" else None
         ddp = DDP(model, device_ids=device_ids)
     score = torch.compile(ddp) if cfg.compile else ddp
@@ -327,10 +340,8 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = totals[0] / (time.time() - t0)
         log_step(step + 1, len(order), logged, lr_now, tokens_per_s, model, name, cfg, run)
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):
-            if run.master:
-                save_checkpoint(state_path, model, optimizer, step=step + 1,
-                                scaler=scaler.state_dict())
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):  # (rank 0 writes it)
+            save_checkpoint(state_path, model, optimizer, step=step + 1, scaler=scaler.state_dict())
             barrier()  # every rank goes on once the training state is on disk
     model.eval()
 
@@ -383,6 +394,26 @@ def build_model(cfg):
     return model, tok
 
 
+def lora_base(cfg):
+    """Under LoRA, the frozen weights every checkpoint's adapters sit on (one adapter for the
+    whole run: SFT trains it from B = 0, later stages continue it): --init_from, or for a model
+    from scratch its initial weights, DIR/sft/base.pt. Local paths are stored absolute."""
+    if not cfg.lora_rank:
+        return None
+    if cfg.init_from == "scratch":
+        return os.path.abspath(os.path.join(cfg.out_dir, "sft", "base.pt"))
+    return os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
+
+
+def with_lora(model, tok, cfg):
+    """The SFT model under LoRA: adapters on --lora_targets, the rest frozen (the initial
+    weights of a model from scratch saved first as its base)."""
+    if cfg.init_from == "scratch":
+        save_checkpoint(lora_base(cfg), model, tokenizer=tok.name, chat_template=cfg.chat_template)
+    return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
+                      seed=seed_for(cfg.seed, "lora"))
+
+
 def drop_training_state(stage_dir, run):
     """Once the stage's ckpt.pt is written its training state is not needed (also after a kill
     that came between the two)."""
@@ -405,9 +436,8 @@ def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
         return {**batch, "n": batch["loss_mask"].sum().item()}  # the loss is per response token
 
     train(model, out, order, make_batch, sft_loss, lr, cfg, run)
-    if run.master:
-        save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name,
-                        chat_template=cfg.chat_template)
+    save_checkpoint(os.path.join(out, "ckpt.pt"), model, base=lora_base(cfg), tokenizer=tok.name,
+                    chat_template=cfg.chat_template)
 
 
 def stage_sft(cfg, run):
@@ -415,7 +445,9 @@ def stage_sft(cfg, run):
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         model, tok = build_model(cfg)
-        finetune(model.to(run.device), load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
+        if cfg.lora_rank:
+            model = with_lora(model, tok, cfg)
+        finetune(place(model, run, cfg.fsdp), load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
                  cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
@@ -427,24 +459,25 @@ def sample_pairs(cfg, run, out):
     of its own: a killed run keeps what it sampled, and chunk c is sampled with
     seed_for(seed, "pairs", c) whichever rank and run samples it."""
     model, tok = load_model(sft_ckpt(cfg))
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp).eval()
     questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
     files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in starts}
-    for c in list(files)[run.rank::run.world]:
-        if os.path.exists(files[c]):
-            continue
-        part = questions[c:c + chunk]
-        samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k or None, top_p=cfg.top_p,
-                           seed=seed_for(cfg.seed, "pairs", c),
-                           batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
-        write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
-                          samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
-                    files[c])
-        print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
+    with gathered(model):  # (sharded: each rank samples its own chunks, no collective inside)
+        for c in list(files)[run.rank::run.world]:
+            if os.path.exists(files[c]):
+                continue
+            part = questions[c:c + chunk]
+            samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                    top_p=cfg.top_p, seed=seed_for(cfg.seed, "pairs", c),
+                                    batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
+            write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
+                              samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
+                        files[c])
+            print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
     barrier()
     records = [r for path in files.values() for r in read_jsonl(path)]
     return pairs_from_samples(records)
@@ -548,11 +581,11 @@ def stage_contrastive(cfg, run):
                        f"none: sample more (--n_samples, --n_pair_questions, --temperature)")
         folder = os.path.join(out, name)
         if not os.path.exists(os.path.join(folder, "ckpt.pt")):
-            start = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
+            start = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
             finetune(start, examples, tok, folder, cfg.cdpo_steps, cfg.cdpo_batch_size,
                      cfg.cdpo_lr, cfg, run)
         drop_training_state(folder, run)
-        models[name] = load_gpt(os.path.join(folder, "ckpt.pt")).to(run.device).eval()
+        models[name] = place(load_gpt(os.path.join(folder, "ckpt.pt")), run, cfg.fsdp).eval()
     rows, _ = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=False)
     weights = [torch.zeros(0) for _ in train_pairs]
     for row, w in zip(rows, token_weights(models["positive"], models["negative"], rows, cfg, run,
@@ -592,7 +625,7 @@ def reference_logps(cfg, run, rows, val_rows, out):
     if os.path.exists(path):
         return read_run_file(path)
     sft, tok = load_model(sft_ckpt(cfg))
-    sft = sft.to(run.device).eval()
+    sft = place(sft, run, cfg.fsdp).eval()
     eot = tok.eot_token
     kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=run.master,
               eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
@@ -620,7 +653,7 @@ def stage_po(cfg, run, out):
                f"within --max_len {cfg.max_len} ({stats})")
     reference = reference_logps(cfg, run, rows, val_rows, out)
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        policy = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
+        policy = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
                f"the reference: loss = T'·ln2 per pair, reward accuracy 0 (ties)")
@@ -635,9 +668,8 @@ def stage_po(cfg, run, out):
             None if weights is None else [weights[i] for i in ix])
         train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
               cfg, run)
-        if run.master:
-            save_checkpoint(os.path.join(out, "ckpt.pt"), policy, tokenizer=tok.name,
-                            chat_template=cfg.chat_template)
+        save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg),
+                        tokenizer=tok.name, chat_template=cfg.chat_template)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run, pairs=(rows, val_rows, reference))
 
