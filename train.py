@@ -336,7 +336,7 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         scaler.step(optimizer)  # (under fp16: skipped when the gradients overflowed)
         scaler.update()
-        check_numbers(logged["loss"], gnorm.item(), scaler, step, len(order), name, cfg, run)
+        check_numbers(logged["loss"], float(gnorm), scaler, step, len(order), name, cfg, run)
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = totals[0] / (time.time() - t0)
         log_step(step + 1, len(order), logged, lr_now, tokens_per_s, model, name, cfg, run)
@@ -760,6 +760,8 @@ def main(argv=None):
     validate(cfg)
     plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
+    need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "
+         "torchrun's processes in bf16 or float32: torchrun --nproc_per_node=N (N >= 2) train.py")
     claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY,  # new, or a resume
                      defaults=dataclasses.asdict(Config()))
     n_test = check_inputs(cfg)
