@@ -48,7 +48,7 @@ from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, 
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
-from model import GPT, GPTConfig, apply_lora
+from model import GPT, GPTConfig, apply_lora, lora_targets
 from parallel import gathered, load_state, place
 from tokenizer import get_tokenizer
 
@@ -408,6 +408,7 @@ def lora_base(cfg):
 def with_lora(model, tok, cfg):
     """The SFT model under LoRA: adapters on --lora_targets, the rest frozen (the initial
     weights of a model from scratch saved first as its base)."""
+    lora_targets(model.config, cfg.lora_targets)  # (a bad name fails before base.pt is written)
     if cfg.init_from == "scratch":
         save_checkpoint(lora_base(cfg), model, tokenizer=tok.name, chat_template=cfg.chat_template)
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
