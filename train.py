@@ -238,12 +238,14 @@ def batch_order(rows, batch_size, steps, seed):
 
 def my_share(batch, cfg, run):
     """This rank's rows of a global batch (every world-th row), cut into up to cfg.grad_accum
-    micro-batches, each with a weight. A rank left without rows (a short last batch) runs one row
-    with weight 0: under DDP every rank must join every gradient all-reduce."""
+    micro-batches, each with a weight. Every rank runs as many as rank 0 (the busiest), padding
+    with one row of weight 0 (a short last batch): under DDP every rank must join every gradient
+    all-reduce, under FSDP every gather and reduce-scatter of every micro-batch."""
     mine = batch[run.rank::run.world]
     k = min(cfg.grad_accum, len(mine))
     parts = [(mine[len(mine) * a // k:len(mine) * (a + 1) // k], 1.0) for a in range(k)]
-    return parts or [(batch[:1], 0.0)]
+    busiest = min(cfg.grad_accum, len(batch[::run.world]))
+    return parts + [(batch[:1], 0.0)] * (busiest - k)
 
 
 def resume(state_path, metrics_path, model, optimizer, scaler, run):
