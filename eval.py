@@ -32,7 +32,7 @@ from common import (all_gather, atomic_write, barrier, cli, markdown_table, need
 from checkpoint import load_gpt, load_model
 from data import encode_pairs, extract_answer, is_correct, load_pairs, load_split, preference_batch
 from loss import LOSSES, eos_padded, preference_metrics
-from parallel import gathered, place
+from parallel import place
 from tokenizer import encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -148,10 +148,9 @@ def evaluate_test(model, tok, cfg, run):
     """Greedy accuracy (and maj@k) on the test split cfg describes, the questions split over the
     ranks -> (metrics, records in test order). cfg: a train.py Config or an EvalConfig."""
     test = load_split(cfg, getattr(cfg, "split", "test"), tok)
-    with gathered(model):  # (sharded: each rank decodes its own questions, no collective inside)
-        mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
-                     batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
-                     progress=run.master)
+    mine = grade(model, tok, test[run.rank::run.world], max_new_tokens=cfg.max_new_tokens,
+                 batch_size=cfg.eval_batch_size, maj_k=cfg.maj_k, seed=cfg.seed, ctx=run.ctx,
+                 progress=run.master)
     records = [None] * len(test)
     for rank, part in enumerate(all_gather(mine)):  # rank r graded test[r::world]
         records[rank::run.world] = part
@@ -213,7 +212,7 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     if os.path.exists(path):
         return read_run_file(path)
     model, tok = load_model(os.path.join(stage_dir, "ckpt.pt"))
-    model = place(model, run, cfg.fsdp).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank decodes its own)
     metrics, records = evaluate_test(model, tok, cfg, run)
     result = {"metrics": metrics}
     if pairs is not None:
@@ -490,7 +489,7 @@ def main(argv=None):
     pairs = load_pairs(cfg.pairs) if cfg.pairs else None  # a bad file fails before the (long) eval
     run = setup(cfg.device, cfg.dtype)
     model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
-    model = place(model, run, cfg.fsdp).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank decodes its own)
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
     if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
         context = model.config.block_size
@@ -499,7 +498,7 @@ def main(argv=None):
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
-        ref = place(load_gpt(ref_path), run, cfg.fsdp).eval()
+        ref = place(load_gpt(ref_path), run, cfg.fsdp, whole=True).eval()
         need(ref.config.vocab_size == model.config.vocab_size,
              f"--ref {ref_path} has a vocabulary of {ref.config.vocab_size} but --ckpt {cfg.ckpt} "
              f"has {model.config.vocab_size} (expected the same tokenizer for both)")

@@ -434,8 +434,8 @@ def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5
 
 def peft_module(config, ours, target):
     """The Hugging Face module of one adapter: our fused projection `ours` (e.g.
-    transformer.h.3.attn.c_attn) and the target it holds (q_proj) -> model.layers.3.self_attn.q_proj.
-    GPT-2's modules have our names."""
+    transformer.h.3.attn.c_attn) and the target it holds (q_proj) ->
+    model.layers.3.self_attn.q_proj. GPT-2's modules have our names."""
     if not config.llama:
         return ours
     layer = ours.split(".")[2]
@@ -462,7 +462,8 @@ def save_adapter(model, folder, base):
         raise ValueError("save_adapter: the model has no LoRA adapters")
     rank, alpha, dropout = settings
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=rank,
-                  lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets), bias="none",
+                  lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets),
+                  bias="none",
                   fan_in_fan_out=not model.config.llama,  # GPT-2's Conv1D stores W as (in, out)
                   use_rslora=False, init_lora_weights=True, inference_mode=True)
     blob = save(state)

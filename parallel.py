@@ -4,7 +4,7 @@ whose training state does not fit one GPU (`torchrun --nproc_per_node=8 train.py
 PyTorch's own engine (torch.distributed.fsdp.fully_shard); this file only puts it in place.
 
     model = place(model, run, fsdp)           # on this rank's device, or sharded over the ranks
-    with gathered(model): model.generate(...) # sampling: each rank decodes its own prompts
+    model = place(model, run, fsdp, whole=True)  # to score and sample: gathered for good
     weights, optim = full_state(model, opt)   # whole, on rank 0: what a checkpoint holds
     load_state(model, opt, weights, optim)    # and back, into a model on one device or sharded
 
@@ -12,12 +12,10 @@ What sharding changes, each handled where it happens:
     each parameter is a DTensor holding 1/N of it; a unit's      place(): fully_shard per block
     forward hook gathers it, so a sharded module must be called   and on the root; generate() is
     (model(x)), never .forward-ed                                 registered as a forward too
-    ranks sample different prompts for different numbers of       gathered(): every unit gathered
-    steps, but each gather is a collective all ranks must join    once, no collective inside
+    ranks sample different prompts for different numbers of       place(whole=True): every unit
+    steps, but each gather is a collective all ranks must join    gathered once, none after
     state dicts of DTensors                                       full_state(), load_state()
 """
-from contextlib import contextmanager
-
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -29,12 +27,22 @@ from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shar
 from model import lora_settings
 
 
-def place(model, run, fsdp=False):
+def place(model, run, fsdp=False, whole=False):
     """The model on this rank's device; with fsdp, sharded over the ranks: fully_shard on every
     block (gathered for its forward and backward, freed after) and on the root (embeddings, ln_f,
     lm_head). On a GPU the gathered copies are in the compute dtype (bf16) and gradients are
     reduced in float32; the shards stay float32, the optimizer's master weights. The model is
-    moved block by block from the CPU, so no GPU ever holds all of it."""
+    moved block by block from the CPU, so no GPU ever holds all of it in float32.
+
+    whole=True, for a model that only scores and samples: every unit gathered once and kept
+    whole (no reshard after a forward), so that each rank can run its own number of forwards
+    (its own prompts, stopping when they do) with no collective in between. decision: this
+    costs the whole model in bf16 on every rank (16 GB for an 8B model), and decoding never
+    waits for a gather per block per token. Such a model also takes no gradients: autocast keeps
+    a bf16 copy of every weight that requires grad for as long as its region lasts (a whole
+    generate() call), 2 bytes per parameter that scoring and sampling do not need."""
+    if whole:
+        model.requires_grad_(False)
     if not fsdp:
         return model.to(run.device)
     policy = MixedPrecisionPolicy()  # CPU (gloo) or float32: everything in float32
@@ -45,29 +53,20 @@ def place(model, run, fsdp=False):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "generate")  # its pre-forward gathers the root's weights
+    if whole:
+        keep_gathered(model)
     return model
+
+
+def keep_gathered(model):
+    """Every FSDP unit of `model` gathered now and never resharded after a forward."""
+    for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
 
 
 def is_sharded(model):
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
-
-
-@contextmanager
-def gathered(model):
-    """Every FSDP unit of `model` gathered once and kept whole until the block ends, so that each
-    rank can run its own number of forwards (sampling its own prompts, stopping when they do) with
-    no collective in between. Costs the whole model in the compute dtype on every rank (16 GB for
-    an 8B model in bf16) for the time of the block. A no-op for a model that is not sharded."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield model
-    finally:
-        for unit in units:  # (True: what fully_shard set; these models only sample and score)
-            unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def full_state(model, optimizer=None):

@@ -49,7 +49,8 @@ from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
 from model import GPT, GPTConfig, apply_lora, lora_targets
-from parallel import gathered, load_state, place
+from parallel import load_state, place
+from plan import check_fits, print_plan
 from tokenizer import get_tokenizer
 
 
@@ -148,11 +149,9 @@ def validate(cfg):
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
-    need(cfg.lora_rank >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
-         f"--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1) (got "
-         f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
-    need(cfg.plan_gpus >= 1 and cfg.gpu_gib >= 0,
-         f"--plan_gpus must be >= 1, --gpu_gib >= 0 (got {cfg.plan_gpus}, {cfg.gpu_gib})")
+    need(min(cfg.lora_rank, cfg.plan_gpus - 1, cfg.gpu_gib, cfg.lora_dropout) >= 0
+         and cfg.lora_alpha > 0 and cfg.lora_dropout < 1, f"--lora_rank and --gpu_gib must be >= "
+         f"0, --plan_gpus >= 1, --lora_alpha > 0, --lora_dropout in [0, 1)")
     need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
     need(cfg.n_embd % cfg.n_head == 0,
          f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
@@ -448,10 +447,9 @@ def stage_sft(cfg, run):
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         model, tok = build_model(cfg)
-        if cfg.lora_rank:
-            model = with_lora(model, tok, cfg)
-        finetune(place(model, run, cfg.fsdp), load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
-                 cfg.sft_batch_size, cfg.sft_lr, cfg, run)
+        model = with_lora(model, tok, cfg) if cfg.lora_rank else model
+        finetune(place(model, run, cfg.fsdp), load_split(cfg, "train", tok), tok, out,
+                 cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
 
@@ -462,25 +460,24 @@ def sample_pairs(cfg, run, out):
     of its own: a killed run keeps what it sampled, and chunk c is sampled with
     seed_for(seed, "pairs", c) whichever rank and run samples it."""
     model, tok = load_model(sft_ckpt(cfg))
-    model = place(model, run, cfg.fsdp).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank samples its own)
     questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
     files = {c: os.path.join(out, f"samples_{c:06d}.jsonl") for c in starts}
-    with gathered(model):  # (sharded: each rank samples its own chunks, no collective inside)
-        for c in list(files)[run.rank::run.world]:
-            if os.path.exists(files[c]):
-                continue
-            part = questions[c:c + chunk]
-            samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                    top_p=cfg.top_p, seed=seed_for(cfg.seed, "pairs", c),
-                                    batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
-            write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
-                              samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
-                        files[c])
-            print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
+    for c in list(files)[run.rank::run.world]:
+        if os.path.exists(files[c]):
+            continue
+        part = questions[c:c + chunk]
+        samples, cut = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_k=cfg.top_k or None, top_p=cfg.top_p,
+                           seed=seed_for(cfg.seed, "pairs", c),
+                           batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
+        write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
+                          samples=s, prompt_cut=k) for q, s, k in zip(part, samples, cut)],
+                    files[c])
+        print0(f"[pairs] sampled {min(c + chunk, len(questions))}/{len(questions)} questions")
     barrier()
     records = [r for path in files.values() for r in read_jsonl(path)]
     return pairs_from_samples(records)
@@ -588,7 +585,8 @@ def stage_contrastive(cfg, run):
             finetune(start, examples, tok, folder, cfg.cdpo_steps, cfg.cdpo_batch_size,
                      cfg.cdpo_lr, cfg, run)
         drop_training_state(folder, run)
-        models[name] = place(load_gpt(os.path.join(folder, "ckpt.pt")), run, cfg.fsdp).eval()
+        model = load_gpt(os.path.join(folder, "ckpt.pt"))
+        models[name] = place(model, run, cfg.fsdp, whole=True).eval()
     rows, _ = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=False)
     weights = [torch.zeros(0) for _ in train_pairs]
     for row, w in zip(rows, token_weights(models["positive"], models["negative"], rows, cfg, run,
@@ -628,7 +626,7 @@ def reference_logps(cfg, run, rows, val_rows, out):
     if os.path.exists(path):
         return read_run_file(path)
     sft, tok = load_model(sft_ckpt(cfg))
-    sft = place(sft, run, cfg.fsdp).eval()
+    sft = place(sft, run, cfg.fsdp, whole=True).eval()
     eot = tok.eot_token
     kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=run.master,
               eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
@@ -761,6 +759,10 @@ def check_inputs(cfg):
 def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
+    losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
+    if cfg.plan:                          # memory per stage and GPU, from config.json; no work
+        return print_plan(cfg, losses)
+    check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here
     plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
     need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "

@@ -69,8 +69,8 @@ def test_at_init_the_adapted_model_is_the_base(kind, targets, tmp_path):
 
 
 def test_the_update_is_the_equation_part_by_part():
-    """A fused c_attn with adapters on q and v only: y = x Wᵀ + b + (α/r) [B_q A_q x; 0; B_v A_v x],
-    each part computed alone from its own A_i, B_i (a slow loop over the parts)."""
+    """A fused c_attn with adapters on q and v only:
+    y = x Wᵀ + b + (α/r) [B_q A_q x; 0; B_v A_v x], each part from its own A_i, B_i."""
     config = GPTConfig(model_type="qwen2", block_size=32, vocab_size=V, n_layer=1, n_head=4,
                        n_kv_head=2, n_embd=32, n_inner=48, bias=False)
     model = randomize_adapters_(apply_lora(GPT(config), 3, 6.0, "q_proj,v_proj", seed=2))
@@ -202,7 +202,8 @@ def test_a_lora_run_resumes_exactly_and_trains_only_its_adapter(tmp_path):
         a, b = (load_checkpoint(d / stage / "ckpt.pt") for d in (one, two))
         assert a["lora"] == b["lora"] == dict(rank=4, alpha=8.0, dropout=0.1,
                                                targets="c_attn,attn.c_proj,c_fc,mlp.c_proj")
-        assert a["base"] == str(one / "sft" / "base.pt") and b["base"] == str(two / "sft" / "base.pt")
+        assert (a["base"], b["base"]) == (str(one / "sft" / "base.pt"),
+                                          str(two / "sft" / "base.pt"))
         assert a["model"].keys() == b["model"].keys()
         assert all(".lora_" in k and torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         ma, mb = ([{k: v for k, v in r.items() if k not in UNTIMED}
