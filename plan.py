@@ -263,10 +263,10 @@ def check_fits(cfg, losses):
     memory, mode = gpu_gib(cfg), run_mode(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     config = model_config(cfg)
     for stage in run_stages(cfg):
-        peak = stage_plan(cfg, config, mode, stage, losses)["peak"] / GiB
-        need(peak <= HEADROOM * memory,
-             f"plan: the {stage} stage needs ~{peak:.1f} GiB per GPU in mode {mode}, more than "
-             f"{HEADROOM:.0%} of the GPU's {memory:.0f} GiB: lower --{stage_batch(stage)} (or "
+        peak = stage_plan(cfg, config, mode, stage, losses)["peak"]
+        need(peak <= HEADROOM * memory * GiB,
+             f"plan: the {stage} stage needs ~{gib(peak)} GiB per GPU in mode {mode}, more than "
+             f"{HEADROOM:.0%} of the GPU's {memory:g} GiB: lower --{stage_batch(stage)} (or "
              f"raise --grad_accum), or use --activation_checkpointing true, --lora_rank 16 or "
              f"--fsdp true (see --plan true)")
 
