@@ -219,3 +219,27 @@ def test_a_lora_run_resumes_exactly_and_trains_only_its_adapter(tmp_path):
     sft = load_checkpoint(one / "sft" / "ckpt.pt")["model"]
     po_adapters = load_checkpoint(one / "po" / "ckpt.pt")["model"]
     assert max((sft[k] - po_adapters[k]).abs().max().item() for k in sft) > 1e-4  # PO trained
+
+
+@pytest.mark.slow
+def test_lora_under_compile_and_activation_checkpointing_gives_the_eager_gradients():
+    """The adapters through torch.compile and activation checkpointing: the loss and adapter
+    gradients of the plain eager model (float32: to float rounding)."""
+    config = GPTConfig(model_type="qwen3", block_size=32, vocab_size=V, n_layer=2, n_head=4,
+                       n_kv_head=2, head_dim=8, n_embd=32, n_inner=48, bias=False)
+    torch.manual_seed(0)
+    eager = randomize_adapters_(apply_lora(GPT(config), 4, 8, seed=1))
+    other = apply_lora(GPT(config), 4, 8, seed=1)
+    other.load_state_dict(eager.state_dict())
+    other.activation_checkpointing = True
+    batch = preference_batch()
+    losses, grads = [], []
+    for model, wrap in ((eager, lambda m: m), (other, torch.compile)):
+        loss, _ = train.preference_loss(wrap(model), batch, PO_CFG)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and all(".lora_" in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
