@@ -48,7 +48,7 @@ from data import (encode_pairs, encode_sft, is_correct, length_grouped_batches, 
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
-from model import GPT, GPTConfig, apply_lora, lora_targets
+from model import GPT, GPTConfig, apply_lora, lora_settings, lora_targets
 from parallel import load_state, place
 from plan import check_fits, print_plan
 from tokenizer import get_tokenizer
@@ -396,11 +396,9 @@ def build_model(cfg):
 
 
 def lora_base(cfg):
-    """Under LoRA, the frozen weights every checkpoint's adapters sit on (one adapter for the
-    whole run: SFT trains it from B = 0, later stages continue it): --init_from, or for a model
-    from scratch its initial weights, DIR/sft/base.pt. Local paths are stored absolute."""
-    if not cfg.lora_rank:
-        return None
+    """The frozen weights a LoRA run's adapters sit on (one adapter for the run: SFT trains it
+    from B = 0, later stages continue it): --init_from (a local path made absolute), or for a
+    model from scratch its initial weights, DIR/sft/base.pt."""
     if cfg.init_from == "scratch":
         return os.path.abspath(os.path.join(cfg.out_dir, "sft", "base.pt"))
     return os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
@@ -408,7 +406,11 @@ def lora_base(cfg):
 
 def with_lora(model, tok, cfg):
     """The SFT model under LoRA: adapters on --lora_targets, the rest frozen (the initial
-    weights of a model from scratch saved first as its base)."""
+    weights of a model from scratch saved first as its base); without LoRA the model itself."""
+    need(lora_settings(model) is None, f"--init_from {cfg.init_from} holds LoRA adapters: start "
+                                       f"from its merged export (checkpoint.export) instead")
+    if not cfg.lora_rank:
+        return model
     lora_targets(model.config, cfg.lora_targets)  # (a bad name fails before base.pt is written)
     if cfg.init_from == "scratch":
         save_checkpoint(lora_base(cfg), model, tokenizer=tok.name, chat_template=cfg.chat_template)
@@ -447,7 +449,7 @@ def stage_sft(cfg, run):
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         model, tok = build_model(cfg)
-        model = with_lora(model, tok, cfg) if cfg.lora_rank else model
+        model = with_lora(model, tok, cfg)
         finetune(place(model, run, cfg.fsdp), load_split(cfg, "train", tok), tok, out,
                  cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
