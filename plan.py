@@ -76,7 +76,8 @@ def model_config(cfg):
     checkpoint's config, or an HF folder's / hub repo's config.json (only that file is fetched)."""
     source = cfg.init_from
     if source == "scratch":
-        return GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer,
+        vocab = 50257 if cfg.tokenizer == "gpt2" else 257  # (the byte tokenizer's otherwise)
+        return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd)
     if _our_checkpoint(source):
         return GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
@@ -108,19 +109,20 @@ def exact_bytes(model, gpus):
     return sum(map(on_one, params)), grads, 2 * grads + 4 * len(trainable)
 
 
-def fake_batch(config, stage, rows, T):
+def fake_batch(config, rows, T):  # a batch of `rows` sequences of T tokens, every one scored
     idx = torch.randint(0, config.vocab_size, (rows, T))
     return dict(input_ids=idx, targets=idx, loss_mask=torch.ones(rows, T, dtype=torch.bool),
                 reference_logps=torch.zeros(rows, T), rejected_weights=torch.ones(rows // 2, T),
                 n=rows)
 
 
-def build(config, mode, mesh, lora_rank, dtype, training):
-    """The model of a mode, on fake tensors; for fsdp sharded over `mesh` (a fake group's)."""
+def build(config, mode, mesh, lora, dtype, training):
+    """The model of a mode, on fake tensors: lora = (rank, targets); for fsdp sharded over
+    `mesh` (a fake group's)."""
     model = GPT(config)
     model.activation_checkpointing = mode != "full"
     if mode == "lora":
-        apply_lora(model, lora_rank, 2 * lora_rank)
+        apply_lora(model, lora[0], 2 * lora[0], lora[1])
     if not training:  # (as parallel.place does for a model that only scores)
         model.requires_grad_(False)
     if mode.startswith("fsdp"):
@@ -148,16 +150,16 @@ def fake_group(gpus):
         dist.destroy_process_group()
 
 
-def trace(config, mode, stage, rows, T, losses, grad_accum=1, gpus=1, lora_rank=16,
+def trace(config, mode, stage, rows, T, losses, grad_accum=1, gpus=1, lora=(16, "attn,mlp"),
           kv_len=0):
     """One stage's step in one mode on fake tensors -> {params, grads, optimizer, activations,
     peak} in bytes on one GPU, and `exact`: the counted (params, grads, optimizer)."""
     sharded = mode.startswith("fsdp")
     with fake_group(gpus) if sharded else nullcontext() as mesh, FakeTensorMode():
         training = stage in losses
-        model = build(config, mode, mesh, lora_rank, torch.bfloat16, training)
+        model = build(config, mode, mesh, lora, torch.bfloat16, training)
         exact = exact_bytes(model, gpus if sharded else 1)
-        batch = fake_batch(config, stage, rows, T)
+        batch = fake_batch(config, rows, T)
         tracker = PeakTracker()
         if training:  # fused AdamW, as on a GPU
             optimizer = model.configure_optimizers(0.1, 1e-5, (0.9, 0.95), "cuda")
@@ -205,7 +207,8 @@ def stage_plan(cfg, config, mode, stage, losses):
     kv_len = min(config.block_size, cfg.max_len + cfg.max_new_tokens)
     return trace(config, mode, stage, micro_rows(cfg, stage, gpus), cfg.max_len, losses,
                  grad_accum=cfg.grad_accum if stage in losses else 1, gpus=gpus,
-                 lora_rank=cfg.lora_rank or 16, kv_len=kv_len if stage == "generate" else 0)
+                 lora=(cfg.lora_rank or 16, cfg.lora_targets),
+                 kv_len=kv_len if stage == "generate" else 0)
 
 
 def run_stages(cfg):  # the stages a run's flags run (no SFT training with --sft_steps 0)

@@ -44,7 +44,7 @@ def by_hand(config, mode, gpus):
 def test_traced_parameter_gradient_and_optimizer_bytes_are_the_exact_counts(config, mode):
     cfg = train.Config()
     for stage in ("sft", "po"):
-        r = plan.trace(config, mode, stage, 4, 24, losses(cfg), gpus=4, lora_rank=4)
+        r = plan.trace(config, mode, stage, 4, 24, losses(cfg), gpus=4, lora=(4, "attn,mlp"))
         assert (r["params"], r["grads"], r["optimizer"]) == r["exact"] == by_hand(config, mode, 4)
         assert r["activations"] > 0 and r["peak"] >= sum(r["exact"])
 
@@ -54,7 +54,7 @@ def test_checkpointing_sharding_and_lora_shrink_what_they_should():
     cfg = train.Config(loss="dpo")
     config = GPTConfig(block_size=128, vocab_size=300, n_layer=6, n_head=2, n_embd=64)
     full, ckpt, lora, fsdp = (plan.trace(config, m, "po", 8, 128, losses(cfg), gpus=4,
-                                         lora_rank=4)
+                                         lora=(4, "attn,mlp"))
                               for m in ("full", "full_checkpointed", "lora", "fsdp4"))
     assert ckpt["activations"] < 0.7 * full["activations"]  # only block inputs kept
     assert lora["grads"] + lora["optimizer"] < 0.1 * (full["grads"] + full["optimizer"])
@@ -74,7 +74,7 @@ def test_the_fake_trace_is_the_real_cpu_step():
     tracker = plan.PeakTracker()
     tracker.track_external(model, optimizer)
     with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = train.preference_loss(model.train(), plan.fake_batch(config, "po", 4, 24), cfg)
+        loss, _ = train.preference_loss(model.train(), plan.fake_batch(config, 4, 24), cfg)
         loss.backward()
     real = tracker.bytes("peak")["Total"]
     # fake: the forward/backward peak plus the optimizer's states (allocated at the first step)
@@ -133,7 +133,7 @@ def test_the_plan_is_within_15_percent_of_a_real_gpu_step():
     model.activation_checkpointing = True
     optimizer = model.configure_optimizers(0.1, 1e-6, (0.9, 0.95), "cuda")
     batch = {k: v.cuda() if torch.is_tensor(v) else v
-             for k, v in plan.fake_batch(config, "po", 16, 512).items()}
+             for k, v in plan.fake_batch(config, 16, 512).items()}
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         with torch.autocast("cuda", dtype=torch.bfloat16):
