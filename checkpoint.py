@@ -5,6 +5,7 @@ whatever a run starts from.
     model, tok = load_model("out/default/po/ckpt.pt")    # ours; or an HF folder, a hub id, gpt2
     save_checkpoint("ckpt.pt", model, optimizer, step=7, tokenizer=tok.name)
     export("out/default/po/ckpt.pt", "out/hf")           # a Hugging Face folder (hf.py)
+    export("out/lora/po/ckpt.pt", "out/peft", adapter=True)  # LoRA adapters for peft
 
 A checkpoint records the name of its tokenizer ("byte", "gpt2", an HF folder or hub id) and the
 chat-template setting it was trained with, so load_model gives back the pair a run used.
@@ -17,9 +18,10 @@ from dataclasses import asdict, fields
 import torch
 
 from common import atomic_write, write_json
-from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_pretrained, state_dict,
-                weight_files)
-from model import GPT, GPTConfig
+from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
+                state_dict, weight_files)
+from model import GPT, GPTConfig, apply_lora, lora_settings
+from parallel import full_state
 from tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
 
 # GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
@@ -32,19 +34,27 @@ LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "r
 # our checkpoints: one file, written atomically
 
 
-def save_checkpoint(path, model, optimizer=None, **extra):
+def save_checkpoint(path, model, optimizer=None, base=None, **extra):
     """torch.save {'format': 'nanoadpo', 'config', 'model', 'optimizer'?, **extra} to `path`,
     atomically (common.atomic_write: an interrupted save leaves the previous checkpoint intact).
-    Keep extras to tensors and plain Python values (load_checkpoint reads weights_only)."""
+    Keep extras to tensors and plain Python values (load_checkpoint reads weights_only).
+    Every rank calls it (a sharded model is gathered first: parallel.full_state); rank 0 writes.
+    A LoRA model's checkpoint holds its adapters, their settings ('lora') and `base`, the source
+    (load_gpt's) of the frozen weights they sit on."""
     path = os.fspath(path)
-    clash = {"format", "config", "model", "optimizer"} & set(extra)
+    clash = {"format", "config", "model", "optimizer", "lora", "base"} & set(extra)
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
+    weights, optim = full_state(model, optimizer)  # (a collective for a sharded model)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    state = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
     ckpt = {"format": "nanoadpo", "config": _config_dict(raw.config), "model": state}
     if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["optimizer"] = optim
+    if lora_settings(raw) is not None:
+        ckpt.update(lora=lora_settings(raw), base=base)
     ckpt.update(extra)
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
@@ -106,6 +116,8 @@ def load_gpt(source, **overrides):
     path = _our_checkpoint(src)
     if path is not None:
         ckpt = load_checkpoint(path)
+        if "lora" in ckpt:  # adapters on a base of their own
+            return _lora_model(ckpt, path, overrides)
         names = {f.name for f in fields(GPTConfig)}
         if not isinstance(ckpt["config"], dict) or set(ckpt["config"]) - names:
             raise ValueError(f"{path}: checkpoint config has fields GPTConfig does not know: "
@@ -135,9 +147,34 @@ def load_gpt(source, **overrides):
     return model
 
 
+def _lora_model(ckpt, path, overrides):
+    """A LoRA checkpoint's model: its base (load_gpt of ckpt['base']) with the adapters put back;
+    the base frozen, the adapters trainable."""
+    base = ckpt.get("base")
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: LoRA adapters without the name of their base model")
+    try:
+        model = load_gpt(base, **overrides)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: its LoRA adapters sit on {base}, which cannot be loaded "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    ours = {k: v for k, v in _config_dict(model.config).items() if k != "dropout"}
+    if ours != {k: v for k, v in ckpt["config"].items() if k != "dropout"}:
+        raise ValueError(f"{path}: its base {base} is not the model these adapters were "
+                         f"trained on (config {_config_dict(model.config)}, expected "
+                         f"{ckpt['config']})")
+    apply_lora(model, **ckpt["lora"])
+    adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    _copy_weights_into(adapters, ckpt["model"], path)
+    return model
+
+
 def _copy_weights(model, state, source):
     """Copy `state` into `model` by name; every key must match in name and shape."""
-    ours = model.state_dict()
+    _copy_weights_into(model.state_dict(), state, source)
+
+
+def _copy_weights_into(ours, state, source):
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
     for what, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -194,13 +231,22 @@ def load_model(source, tokenizer="auto", chat_template="auto", **overrides):
     return model, tok
 
 
-def export(source, folder, dtype=None, max_shard_size="5GB"):
+def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     """A model (e.g. a run's ckpt.pt) as a Hugging Face folder with its tokenizer's files, for
-    transformers, vLLM or lm-evaluation-harness (hf.save_pretrained). Offline, from what the
-    run has: GPT-2's tokenizer files are made from tiktoken's (gpt2_tokenizer_files)."""
+    transformers, vLLM or lm-evaluation-harness (hf.save_pretrained; LoRA adapters merged into
+    the weights). Offline, from what the run has: GPT-2's tokenizer files are made from
+    tiktoken's (gpt2_tokenizer_files). adapter=True: a LoRA checkpoint's adapters alone, in
+    PEFT's format (hf.save_adapter), for peft to load onto their base, an HF folder or hub id (a
+    base that is one of our checkpoints exports to one first: export(base, folder))."""
     model, tok = load_model(source)
+    ours = _our_checkpoint(os.fspath(source))
+    if adapter:
+        if ours is None or lora_settings(model) is None:
+            raise ValueError(f"{source}: not a LoRA checkpoint (expected a ckpt.pt of a run with "
+                             f"--lora_rank); export the whole model with adapter=False")
+        return save_adapter(model, folder, base=load_checkpoint(ours, mmap=True)["base"])
     # the tokenizer's files: where our checkpoint's tokenizer lives, else the source's own
-    files = tok.name if _our_checkpoint(os.fspath(source)) else os.fspath(source)
+    files = tok.name if ours else os.fspath(source)
     with tempfile.TemporaryDirectory() as made:
         if is_gpt2(files):
             files = gpt2_tokenizer_files(made)

@@ -34,6 +34,7 @@ from checkpoint import load_gpt, load_model, load_tokenizer
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
+from parallel import place
 from tokenizer import encode_prompt
 import tracking
 
@@ -47,6 +48,7 @@ class Settings:
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
+    fsdp: bool = False          # torchrun: the model sharded over the ranks (FSDP2), not copied
     # tokenizer
     tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
     chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
@@ -252,7 +254,7 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
     if os.path.exists(path):
         return read_run_file(path)
     model, tok = load_model(os.path.join(stage_dir, "ckpt.pt"))
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank decodes its own)
     metrics, records = evaluate_test(model, tok, cfg, run)
     result = {"metrics": metrics}
     if pairs is not None:
@@ -631,7 +633,7 @@ def main(argv=None):
     print0(f"device {run.device} | dtype {run.dtype} | torch {torch.__version__} | config: "
            f"{changed_flags(cfg)}")
     model, tok = load_model(cfg.ckpt, cfg.tokenizer, cfg.chat_template)
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank decodes its own)
     result = {"ckpt": cfg.ckpt, "task": cfg.task}
     if pairs:  # encoded before the accuracy eval, so a bad file or flag fails at once
         context = model.config.block_size
@@ -641,7 +643,7 @@ def main(argv=None):
         rows, stats = encode_pairs(pairs, tok, max_len=cfg.max_len)
         need(rows, f"{cfg.pairs}: no pair to score ({stats})")
         ref_path = cfg.ref or (os.path.join(folder, "sft", "ckpt.pt") if folder else cfg.ckpt)
-        ref = load_gpt(ref_path).to(run.device).eval()
+        ref = place(load_gpt(ref_path), run, cfg.fsdp, whole=True).eval()
         need(ref.config.vocab_size == model.config.vocab_size,
              f"--ref {ref_path} has a vocabulary of {ref.config.vocab_size} but --ckpt {cfg.ckpt} "
              f"has {model.config.vocab_size} (expected the same tokenizer for both)")

@@ -459,7 +459,8 @@ def _llama_state_dict(raw, config, source):
 def hf_state_dict(model, dtype=None):
     """The model's weights under Hugging Face's names and layouts (the inverse of loading), in
     `dtype` (default: the weights' own); a tied lm_head is left out, as transformers saves it."""
-    ours = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.state_dict().items()}
+    # (LoRA adapters folded into their weights: GPT.merged_state_dict)
+    ours = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.merged_state_dict().items()}
     config = model.config
     if config.llama:
         state = {}
@@ -512,4 +513,50 @@ def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5
     ids = {k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = json.dumps(dict(hf_config(model.config, dtype_name), **ids), indent=2).encode()
     atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters in PEFT's format: adapter_config.json + adapter_model.safetensors
+
+
+def peft_module(config, ours, target):
+    """The Hugging Face module of one adapter: our fused projection `ours` (e.g.
+    transformer.h.3.attn.c_attn) and the target it holds (q_proj) ->
+    model.layers.3.self_attn.q_proj. GPT-2's modules have our names."""
+    if not config.llama:
+        return ours
+    layer = ours.split(".")[2]
+    kind = "self_attn" if ".attn." in ours else "mlp"
+    return f"model.layers.{layer}.{kind}.{target}"
+
+
+def save_adapter(model, folder, base):
+    """The model's LoRA adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained(<the Hugging Face base>, folder)` loads onto `base`:
+    one lora_A (r, in) and lora_B (out, r) per adapted Hugging Face module, cut from our fused
+    ones (model.LoRALinear.adapters)."""
+    from safetensors.torch import save
+    state, targets, settings = {}, set(), None
+    for name, module in model.named_modules():
+        if hasattr(module, "adapters"):  # a model.LoRALinear
+            settings = settings or (module.rank, module.alpha, module.lora_dropout.p)
+            for target, A, B in module.adapters():
+                hf = peft_module(model.config, name.replace("_orig_mod.", ""), target)
+                state[f"base_model.model.{hf}.lora_A.weight"] = A.detach().cpu().contiguous()
+                state[f"base_model.model.{hf}.lora_B.weight"] = B.detach().cpu().contiguous()
+                targets.add(".".join(hf.split(".")[-2:]))  # self_attn.q_proj, attn.c_attn, ...
+    if settings is None:
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    rank, alpha, dropout = settings
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=rank,
+                  lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets),
+                  bias="none",
+                  fan_in_fan_out=not model.config.llama,  # GPT-2's Conv1D stores W as (in, out)
+                  use_rslora=False, init_lora_weights=True, inference_mode=True)
+    blob = save(state)
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda f: f.write(blob))
+    text = json.dumps(config, indent=2).encode()
+    atomic_write(os.path.join(folder, "adapter_config.json"), lambda f: f.write(text))
     return folder

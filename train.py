@@ -49,7 +49,9 @@ from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_b
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, apply_lora, lora_settings, lora_targets
+from parallel import load_state, place
+from plan import check_fits, print_plan
 from tokenizer import get_tokenizer
 import tracking
 
@@ -66,6 +68,14 @@ class Config(Settings):
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
                                 # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
+    lora_rank: int = 0          # LoRA: train rank-r adapters, the weights frozen (0 = off: all)
+    lora_alpha: float = 16.0    # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # attn, mlp, or projections by HF name: q_proj,v_proj,...
+    lora_dropout: float = 0.0   # dropout on the adapters' input (PEFT's lora_dropout)
+    fsdp: bool = False          # torchrun: shard weights, grads, AdamW states over ranks (FSDP2)
+    plan: bool = False          # print the memory plan (plan.py) per stage and GPU; no training
+    plan_gpus: int = 8          # the N of the plan's fsdp<N> mode
+    gpu_gib: float = 0.0        # the GPU memory the plan checks against (0: this run's GPU, or 80)
     n_layer: int = 4            # scratch only
     n_head: int = 4
     n_embd: int = 96
@@ -113,7 +123,8 @@ class Config(Settings):
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
 RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
-            "ckpt_every", "activation_checkpointing", "report_to")
+            "ckpt_every", "activation_checkpointing", "report_to", "plan", "plan_gpus",
+            "gpu_gib")
 STAGES = ("sft", "pairs", "po")
 
 
@@ -133,18 +144,19 @@ def validate(cfg):
     need(cfg.report_to in tracking.REPORT_TO,
          f"--report_to {cfg.report_to!r}: expected one of {', '.join(tracking.REPORT_TO)}")
     for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
-              "eval_batch_size", "n_samples",
+              "eval_batch_size", "n_samples", "plan_gpus",
               "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
               "n_embd", "block_size"):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
     for k in ("sft_steps", "n_train", "n_test", "n_pair_questions", "top_k", "seed", "task_seed",
-              "weight_decay", "grad_clip", "nll_weight"):
+              "weight_decay", "grad_clip", "nll_weight", "lora_rank", "gpu_gib"):
         need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
-    for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs"):
+    for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs", "lora_alpha"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
     need(cfg.n_embd % cfg.n_head == 0,
          f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
@@ -230,21 +242,22 @@ def batch_order(rows, batch_size, steps, seed):
 
 def my_share(batch, cfg, run):
     """This rank's rows of a global batch (every world-th row), cut into up to cfg.grad_accum
-    micro-batches, each with a weight. A rank left without rows (a short last batch) runs one row
-    with weight 0: under DDP every rank must join every gradient all-reduce."""
+    micro-batches, each with a weight. Every rank runs as many as rank 0 (the busiest), padding
+    with one row of weight 0 (a short last batch): under DDP every rank must join every gradient
+    all-reduce, under FSDP every gather and reduce-scatter of every micro-batch."""
     mine = batch[run.rank::run.world]
     k = min(cfg.grad_accum, len(mine))
     parts = [(mine[len(mine) * a // k:len(mine) * (a + 1) // k], 1.0) for a in range(k)]
-    return parts or [(batch[:1], 0.0)]
+    busiest = min(cfg.grad_accum, len(batch[::run.world]))
+    return parts + [(batch[:1], 0.0)] * (busiest - k)
 
 
 def resume(state_path, metrics_path, model, optimizer, scaler, run):
     """The step to start from: 0, or that of the training state a killed run left behind."""
     step = 0
     if os.path.exists(state_path):
-        state = load_checkpoint(state_path, map_location=run.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(state_path, mmap=True)
+        load_state(model, optimizer, state["model"], state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
     if run.master and os.path.exists(metrics_path):  # lines past that step will be logged again
@@ -295,7 +308,7 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
     if start:
         print0(f"[{name}] resuming at step {start}/{len(order)} from {state_path}")
     ddp = model  # the module the losses call: DDP synchronises gradients only through forward
-    if run.world > 1:
+    if run.world > 1 and not cfg.fsdp:  # (a sharded model syncs in its own hooks: parallel.py)
         device_ids = [model.lm_head.weight.device.index] if run.device_type == "cuda" else None
         ddp = DDP(model, device_ids=device_ids)
     score = torch.compile(ddp) if cfg.compile else ddp
@@ -331,14 +344,12 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         scaler.step(optimizer)  # (under fp16: skipped when the gradients overflowed)
         scaler.update()
-        check_numbers(logged["loss"], gnorm.item(), scaler, step, len(order), name, cfg, run)
+        check_numbers(logged["loss"], float(gnorm), scaler, step, len(order), name, cfg, run)
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = totals[0] / (time.time() - t0)
         log_step(step + 1, len(order), logged, lr_now, tokens_per_s, model, name, cfg, run)
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):
-            if run.master:
-                save_checkpoint(state_path, model, optimizer, step=step + 1,
-                                scaler=scaler.state_dict())
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):  # (rank 0 writes it)
+            save_checkpoint(state_path, model, optimizer, step=step + 1, scaler=scaler.state_dict())
             barrier()  # every rank goes on once the training state is on disk
     model.eval()
 
@@ -392,6 +403,29 @@ def build_model(cfg):
     return model, tok
 
 
+def lora_base(cfg):
+    """The frozen weights a LoRA run's adapters sit on (one adapter for the run: SFT trains it
+    from B = 0, later stages continue it): --init_from (a local path made absolute), or for a
+    model from scratch its initial weights, DIR/sft/base.pt."""
+    if cfg.init_from == "scratch":
+        return os.path.abspath(os.path.join(cfg.out_dir, "sft", "base.pt"))
+    return os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
+
+
+def with_lora(model, tok, cfg):
+    """The SFT model under LoRA: adapters on --lora_targets, the rest frozen (the initial
+    weights of a model from scratch saved first as its base); without LoRA the model itself."""
+    need(lora_settings(model) is None, f"--init_from {cfg.init_from} holds LoRA adapters: start "
+                                       f"from its merged export (checkpoint.export) instead")
+    if not cfg.lora_rank:
+        return model
+    lora_targets(model.config, cfg.lora_targets)  # (a bad name fails before base.pt is written)
+    if cfg.init_from == "scratch":
+        save_checkpoint(lora_base(cfg), model, tokenizer=tok.name, chat_template=cfg.chat_template)
+    return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
+                      seed=seed_for(cfg.seed, "lora"))
+
+
 def drop_training_state(stage_dir, run):
     """Once the stage's ckpt.pt is written its training state is not needed (also after a kill
     that came between the two)."""
@@ -414,9 +448,8 @@ def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
         return {**batch, "n": batch["loss_mask"].sum().item()}  # the loss is per response token
 
     train(model, out, order, make_batch, sft_loss, lr, cfg, run)
-    if run.master:
-        save_checkpoint(os.path.join(out, "ckpt.pt"), model, tokenizer=tok.name,
-                        chat_template=cfg.chat_template)
+    save_checkpoint(os.path.join(out, "ckpt.pt"), model, base=lora_base(cfg), tokenizer=tok.name,
+                    chat_template=cfg.chat_template)
 
 
 def stage_sft(cfg, run):
@@ -424,8 +457,9 @@ def stage_sft(cfg, run):
     out = os.path.join(cfg.out_dir, "sft")
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         model, tok = build_model(cfg)
-        finetune(model.to(run.device), load_split(cfg, "train", tok), tok, out, cfg.sft_steps,
-                 cfg.sft_batch_size, cfg.sft_lr, cfg, run)
+        model = with_lora(model, tok, cfg)
+        finetune(place(model, run, cfg.fsdp), load_split(cfg, "train", tok), tok, out,
+                 cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg, run)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run)
 
@@ -436,7 +470,7 @@ def sample_pairs(cfg, run, out):
     of its own: a killed run keeps what it sampled, and chunk c is sampled with
     seed_for(seed, "pairs", c) whichever rank and run samples it."""
     model, tok = load_model(sft_ckpt(cfg))
-    model = model.to(run.device).eval()
+    model = place(model, run, cfg.fsdp, whole=True).eval()  # (each rank samples its own)
     questions = load_split(cfg, "train", tok)[:cfg.n_pair_questions or None]
     chunk = max(1, cfg.eval_batch_size // cfg.n_samples)  # questions per batch of samples
     starts = range(0, len(questions), chunk)
@@ -560,11 +594,12 @@ def stage_contrastive(cfg, run):
                        f"none: sample more (--n_samples, --n_pair_questions, --temperature)")
         folder = os.path.join(out, name)
         if not os.path.exists(os.path.join(folder, "ckpt.pt")):
-            start = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
+            start = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
             finetune(start, examples, tok, folder, cfg.cdpo_steps, cfg.cdpo_batch_size,
                      cfg.cdpo_lr, cfg, run)
         drop_training_state(folder, run)
-        models[name] = load_gpt(os.path.join(folder, "ckpt.pt")).to(run.device).eval()
+        model = load_gpt(os.path.join(folder, "ckpt.pt"))
+        models[name] = place(model, run, cfg.fsdp, whole=True).eval()
     rows, _ = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=False)
     weights = [torch.zeros(0) for _ in train_pairs]
     for row, w in zip(rows, token_weights(models["positive"], models["negative"], rows, cfg, run,
@@ -604,7 +639,7 @@ def reference_logps(cfg, run, rows, val_rows, out):
     if os.path.exists(path):
         return read_run_file(path)
     sft, tok = load_model(sft_ckpt(cfg))
-    sft = sft.to(run.device).eval()
+    sft = place(sft, run, cfg.fsdp, whole=True).eval()
     eot = tok.eot_token
     kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=run.master,
               eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
@@ -632,7 +667,7 @@ def stage_po(cfg, run, out):
                f"within --max_len {cfg.max_len} ({stats})")
     reference = reference_logps(cfg, run, rows, val_rows, out)
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
-        policy = load_gpt(sft_ckpt(cfg), dropout=cfg.dropout).to(run.device)
+        policy = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
                f"the reference: loss T'·ln2 per pair, margins 0, reward accuracy 0 (ties count "
@@ -649,9 +684,8 @@ def stage_po(cfg, run, out):
             None if weights is None else [weights[i] for i in ix])
         train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
               cfg, run)
-        if run.master:
-            save_checkpoint(os.path.join(out, "ckpt.pt"), policy, tokenizer=tok.name,
-                            chat_template=cfg.chat_template)
+        save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg),
+                        tokenizer=tok.name, chat_template=cfg.chat_template)
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run, pairs=(rows, val_rows, reference))
 
@@ -740,8 +774,14 @@ def check_inputs(cfg):
 def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
+    losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
+    if cfg.plan:                          # memory per stage and GPU, from config.json; no work
+        return print_plan(cfg, losses)
+    check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here
     plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
+    need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "
+         "torchrun's processes in bf16 or float32: torchrun --nproc_per_node=N (N >= 2) train.py")
     claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY,  # new, or a resume
                      defaults=dataclasses.asdict(Config()))
     tracking.start(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg))  # --report_to

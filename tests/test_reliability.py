@@ -466,6 +466,15 @@ CATALOGUE = [
      "vocab100.pt has a vocabulary of 100: pass the tokenizer the model was trained with"),
     ("loaded-context-too-short", T, ["--init_from", "{d}/ok.pt", "--max_len", "128"],
      "--max_len 128 exceeds the model's context of 64 tokens"),
+    # LoRA, FSDP, the memory plan
+    ("lora-negative-rank", T, ["--lora_rank", "-1"], "--lora_rank must be >= 0, got -1"),
+    ("lora-unknown-target", T, ["--lora_rank", "4", "--lora_targets", "q_proj"],
+     "--lora_targets: 'q_proj' is not a projection of this gpt2 model (expected attn, mlp or "
+     "some of c_attn, attn.c_proj, c_fc, mlp.c_proj)"),
+    ("fsdp-without-torchrun", T, ["--fsdp", "true"],
+     "--fsdp true shards over torchrun's processes in bf16 or float32"),
+    ("plan-does-not-fit", T, ["--gpu_gib", "0.0001"],
+     "GiB per GPU in mode full, more than 90% of the GPU's 0.0001 GiB: lower --sft_batch_size"),
     # eval.py
     ("eval-no-ckpt", E, [],
      "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)"),
