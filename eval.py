@@ -48,7 +48,8 @@ class Settings:
     seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
     device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
-    fsdp: bool = False          # torchrun: the model sharded over the ranks (FSDP2), not copied
+    fsdp: bool = False          # under torchrun, shard the weights (training: and grads, AdamW
+                                # states) over the ranks (FSDP2) instead of copying them (DDP)
     # tokenizer
     tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
     chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none

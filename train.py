@@ -72,7 +72,6 @@ class Config(Settings):
     lora_alpha: float = 16.0    # the adapters' update is scaled by lora_alpha / lora_rank
     lora_targets: str = "attn,mlp"  # attn, mlp, or projections by HF name: q_proj,v_proj,...
     lora_dropout: float = 0.0   # dropout on the adapters' input (PEFT's lora_dropout)
-    fsdp: bool = False          # torchrun: shard weights, grads, AdamW states over ranks (FSDP2)
     plan: bool = False          # print the memory plan (plan.py) per stage and GPU; no training
     plan_gpus: int = 8          # the N of the plan's fsdp<N> mode
     gpu_gib: float = 0.0        # the GPU memory the plan checks against (0: this run's GPU, or 80)
