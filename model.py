@@ -561,11 +561,17 @@ class GPT(nn.Module):
                                  fused=(device_type == "cuda"))
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6N + 12*L*H*Q*T."""
+        """Training FLOPs per token (forward + backward) in sequences of seq_len tokens, PaLM's
+        (appendix B) 6N + 12·L·H·Q·T as in nanoGPT, with N the weights of the matmuls: every
+        Linear, so the LM head once, tied or not; no biases, norms or embedding lookups.
+        decision: model FLOPs, as MFU defines them: recomputation is not counted (flash
+        attention's scores recomputed in backward, the chunked log-probs' LM head recomputed in
+        backward, activation checkpointing); a causal attention counts all T² scores, as
+        torch.utils.flop_counter does."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * L * H * Q * T
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak

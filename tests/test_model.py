@@ -456,13 +456,74 @@ def test_cuda_autocast_fused_adamw_and_logps():
 
 def test_mfu_helpers_never_invent_a_peak():
     model = tiny_gpt()
-    cfg = model.config
-    assert (model.flops_per_token()
-            == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
     assert model.estimate_mfu(1000, peak_flops("cpu")) is None
     assert peak_flops("cpu") is None
     assert (model.estimate_mfu(1000, 1e12)
             == pytest.approx(model.flops_per_token() * 1000 / 1e12))
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA B200", 2250e12), ("Some Future GPU", None)])
+def test_the_peak_is_the_dense_bf16_figure_of_the_gpu_by_name(monkeypatch, name, peak):
+    """Dense bf16 (the datasheets' sparse figures are twice these), the most specific name first;
+    an unknown GPU has no peak rather than a guessed one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda:0") == peak
+
+
+QWEN25_05B = dict(model_type="qwen2", block_size=32768, vocab_size=151936, n_layer=24, n_head=14,
+                  n_kv_head=2, n_embd=896, n_inner=4864, norm_eps=1e-6, rope_theta=1e6,
+                  bias=False, tie_embeddings=True)
+
+
+def counted_flops(model, idx, targets=None):
+    """FLOPs torch.utils.flop_counter counts in one training forward+backward -> {op: FLOPs}."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        out = model(idx) if targets is None else model(idx, targets)
+        out.float().sum().backward()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.slow  # ~10 s: the real shapes, traced op by op
+@pytest.mark.parametrize("config", [{}, QWEN25_05B], ids=["gpt2-124M", "qwen2.5-0.5B"])
+def test_flops_per_token_is_what_a_flop_counter_counts(config):
+    """GPT-2 124M and Qwen2.5-0.5B at their real shapes (on the meta device: shapes, no data),
+    through the real forward+backward of the log-probs: FlopCounterMode counts exactly
+    flops_per_token (6N + 12·L·H·Q·T, the LM head included) per token, plus the LM head that the
+    chunked log-probs recompute in backward, which MFU leaves out. Attention here is SDPA's math
+    path: its matmuls are the bmm."""
+    B, T = 2, 256
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+        idx = torch.zeros(B, T, dtype=torch.long)
+    cfg = model.config
+    recomputed_lm_head = 2 * cfg.n_embd * cfg.vocab_size  # one more forward matmul per token
+    flops = counted_flops(model, idx, idx)
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+    assert flops["aten.bmm"] == attention * B * T  # QKᵀ and AV, forward and backward
+    assert sum(flops.values()) == (model.flops_per_token(T) + recomputed_lm_head) * B * T
+    # the logits alone, nothing recomputed: exactly the formula
+    assert sum(counted_flops(model, idx).values()) == model.flops_per_token(T) * B * T
+    # N: the matrices, the tied (V, C) LM head once; GPT-2's position table is only looked up
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    lookups = 0 if cfg.llama else cfg.block_size * cfg.n_embd
+    assert model.flops_per_token(T) == 6 * (matrices - lookups) + attention
+
+
+def test_flash_attention_backward_recomputes_the_scores_and_mfu_leaves_them_out():
+    """On real tensors (CPU: the fused flash-attention kernel, as on CUDA) the counter also counts
+    the scores QKᵀ that flash attention recomputes in backward: 2·L·H·Q·T more per token."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32))
+    cfg, (B, T) = model.config, (2, 64)
+    idx = torch.randint(0, 101, (B, T))
+    flops = counted_flops(model, idx)
+    recomputed_scores = 2 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+    assert sum(flops.values()) == (model.flops_per_token(T) + recomputed_scores) * B * T
+    assert any("flash_attention" in op for op in flops), flops
 
 
 # -----------------------------------------------------------------------------
