@@ -418,20 +418,20 @@ class GPT(nn.Module):
                 or (top_p is not None and not 0 < top_p <= 1)):
             raise ValueError(f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1 "
                              f"(got {temperature}, {top_k}, {top_p})")
-        step = GPT.decode_step
+        decode = GPT.decode_step
         if compile:  # (compiling the growing dynamic cache would recompile at every step)
             static_cache = True
-            step = compiled_decode_step(self.lm_head.weight.device.type)
+            decode = compiled_decode_step(self.lm_head.weight.device.type)
         was_training = self.training
         self.eval()  # no dropout while decoding; the caller's mode is restored below
         try:
             return self._generate(prompts, P, max_new_tokens, temperature, top_k, top_p,
-                                  eos_token_id, seed, static_cache, step)
+                                  eos_token_id, seed, static_cache, decode)
         finally:
             self.train(was_training)
 
     def _generate(self, prompts, P, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                  static, step_fn):
+                  static, decode):
         device = self.lm_head.weight.device
         B, L = len(prompts), P + max_new_tokens  # L: cache length
         if static:  # a few cache lengths, not one per longest prompt: each is a graph of its own
@@ -492,7 +492,7 @@ class GPT(nn.Module):
             mask = (key_ok & (cols <= col))[:, None, None, :width]  # (b, 1, 1, width)
             if static:  # a new step for CUDA graphs: last step's logits were read
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(self, tok[:, None], (col - pad)[:, None], mask, cache)  # (b, V)
+            logits = decode(self, tok[:, None], (col - pad)[:, None], mask, cache)  # (b, V)
         return out
 
     def decode_step(self, tok, pos, mask, cache):

@@ -396,7 +396,7 @@ def test_preference_step_runs_in_bf16_with_activation_checkpointing():
     assert math.isfinite(loss) and tokens_per_s > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_qwen25_05b_shape_preference_step_in_bf16():
     """One GPU: 8 pairs x 512 tokens per step (the micro-batch of the qwen25_05b_gsm8k preset).
     Prints tokens/s, MFU and peak memory (pytest -s to see them)."""

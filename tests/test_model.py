@@ -407,7 +407,7 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
 # 5. CUDA mixed precision (skipped without a GPU)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_autocast_fused_adamw_and_logps():
     torch.manual_seed(0)
     model = tiny_gpt(std=0.05, vocab_size=8192, block_size=256, n_embd=128, n_head=4).cuda().train()
