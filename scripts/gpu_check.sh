@@ -12,10 +12,13 @@
 #   install               the README's way: pip install -r requirements.txt -r requirements-dev.txt
 #                         -r requirements-bench.txt (already satisfied: a no-op)
 #   gpu-tests             the GPU-only tests (pytest -m cuda), their printed numbers kept (-s)
-#   bench-gpt2            bench.py --device cuda --quick on GPT-2 124M, compiled (preference step
-#                         and decode step): tokens/s, MFU, peak memory vs TRL and HF generate
-#   bench-gpt2-medium     the same on gpt2-medium, and on a Qwen2.5-0.5B shape: the preference
-#   bench-qwen2.5-0.5b    step and sampling, eager (compiling each would not fit the time)
+#   bench-gpt2            bench.py --device cuda --quick on GPT-2 124M: the preference step
+#                         (compiled) vs TRL: tokens/s, MFU, peak memory; the log-probs' memory
+#   sampling-gpt2         its sampling vs HF generate: eager, and the compiled decode step
+#   bench-gpt2-medium,    the same on gpt2-medium and on a Qwen2.5-0.5B shape, eager (compiling
+#   sampling-gpt2-medium, each would not fit the time)
+#   bench-qwen2.5-0.5b,
+#   sampling-qwen2.5-0.5b
 #   qwen-preference-step  the Qwen2.5-0.5B-shaped preference step of the qwen25_05b_gsm8k preset
 #   arith-gpu-sweep       a shortened arith_gpu sweep and its projected full time
 #                         (scripts/sweep_timing.py)
@@ -109,32 +112,39 @@ if (( DRY )); then  # resolve against what is installed, download nothing
     [[ -z $WHEELS ]] && PIP+=(--no-index)
     PIP+=(--dry-run)
     DEVICE=(--device cpu --toy)
-    GPT2=(--models toy --parts sampling,logps --compile true)  # (compiled: the decode step)
-    MEDIUM=(--models toy --parts pref,sampling --compile false)
-    QWEN=(--models llama-toy --parts pref,sampling --compile false)
+    SHAPES=(toy toy llama-toy)  # at CPU size: toy shapes in the GPU shapes' places
+    COMPILE=(false true false false false false)  # (the decode step compiles; the rest is eager)
     QWEN_STEP=preference_step_runs_in_bf16_with_activation_checkpointing
     SWEEP=(--n_layer 1 --n_head 2 --n_embd 32 --block_size 128 --max_len 128 --arith_steps 1
            --arith_max_number 5 --n_train 200 --n_test 16 --sft_steps 8 --sft_batch_size 16
            --n_pair_questions 16 --max_new_tokens 32 --po_batch_size 4 --eval_batch_size 64
            --dtype float32 --compile false --pairs_source offline)
+    BOX=(20 60 120 150 200 120 120 120 120 60 240)
 else
     DEVICE=(--device cuda --quick)
-    GPT2=(--models gpt2)
-    MEDIUM=(--models gpt2-medium --parts pref,sampling --compile false)
-    QWEN=(--models qwen2.5-0.5b --parts pref,sampling --compile false)
+    SHAPES=(gpt2 gpt2-medium qwen2.5-0.5b)
+    COMPILE=(true true false false false false)  # compiling the larger two would not fit
     QWEN_STEP=qwen25_05b_shape_preference_step_in_bf16
     SWEEP=(--sft_steps 300 --n_test 500 --n_pair_questions 512)
+    BOX=(15 30 50 90 70 45 35 55 40 30 80)
 fi
-(( DRY )) && BOX=(20 60 120 240 150 150 60 240) || BOX=(20 40 70 120 70 80 40 100)
 
 step environment "${BOX[0]}" "$PY" - <<< "$ENVIRONMENT"  # (the report above, on stdin)
 step install "${BOX[1]}" "${PIP[@]}"
 step gpu-tests "${BOX[2]}" "$PY" -m pytest -q -rs -s -m cuda -k "not qwen25_05b_shape" tests
-step bench-gpt2 "${BOX[3]}" "$PY" bench.py "${DEVICE[@]}" "${GPT2[@]}"
-step bench-gpt2-medium "${BOX[4]}" "$PY" bench.py "${DEVICE[@]}" "${MEDIUM[@]}"
-step bench-qwen2.5-0.5b "${BOX[5]}" "$PY" bench.py "${DEVICE[@]}" "${QWEN[@]}"
-step qwen-preference-step "${BOX[6]}" "$PY" -m pytest -q -rs -s tests/test_llama.py -k "$QWEN_STEP"
-step arith-gpu-sweep "${BOX[7]}" "$PY" scripts/sweep_timing.py --preset arith_gpu \
+# each shape's preference step (and log-probs) and its sampling are steps of their own: a time-out
+# costs one report, not both
+NAMES=(gpt2 gpt2-medium qwen2.5-0.5b)
+for i in 0 1 2; do
+    parts=pref
+    (( i == 0 )) && parts=pref,logps
+    step "bench-${NAMES[i]}" "${BOX[3 + 2 * i]}" "$PY" bench.py "${DEVICE[@]}" \
+        --models "${SHAPES[i]}" --parts "$parts" --compile "${COMPILE[2 * i]}"
+    step "sampling-${NAMES[i]}" "${BOX[4 + 2 * i]}" "$PY" bench.py "${DEVICE[@]}" \
+        --models "${SHAPES[i]}" --parts sampling --compile "${COMPILE[2 * i + 1]}"
+done
+step qwen-preference-step "${BOX[9]}" "$PY" -m pytest -q -rs -s tests/test_llama.py -k "$QWEN_STEP"
+step arith-gpu-sweep "${BOX[10]}" "$PY" scripts/sweep_timing.py --preset arith_gpu \
     --out_dir "$WORK/arith" --compare dpo,adpo:adaptive:256 --seeds 0 "${SWEEP[@]}"
 
 printf '\n---\ntotal: %ss of wall time (budget %ss)\n' "$(( $(date +%s) - START ))" "$BUDGET" \

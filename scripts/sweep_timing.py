@@ -18,10 +18,12 @@ is then its counts times those unit times:
 where a run is a variant and seed of --compare, and the full run's pairs (hence its PO steps:
 po_epochs x pairs / po_batch_size) are the short run's pairs per question times its questions.
 Compiles are counted once, as in the short run; the cDPO stage is not projected. Prints
-`name: value` lines; a part the short run did not reach (e.g. no pairs to train on) reads n/a.
+`name: value` lines; a part the short run did not reach (no pairs to train on, or a SIGTERM from a
+time box, which stops the run and still prints) reads n/a.
 """
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -53,11 +55,15 @@ def run_timed(argv):
 
     for name, fn in originals.items():
         setattr(train, name, timing(name, fn))
+    def stop(signum, frame):  # a time box's SIGTERM: stop and report what was measured
+        raise TimeoutError(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     t0, error = time.perf_counter(), None
     try:
         train.main(argv)
-    except (ValueError, RuntimeError, FloatingPointError) as e:  # measured so far still counts
-        error = str(e).splitlines()[0]
+    except (ValueError, RuntimeError, FloatingPointError, TimeoutError) as e:  # what was
+        error = str(e).splitlines()[0]                                          # measured counts
     finally:
         for name, fn in originals.items():
             setattr(train, name, fn)

@@ -90,11 +90,13 @@ def test_the_gpu_command_runs_every_step_at_cpu_size(tmp_path):
     text = results.read_text()
     steps = re.findall(r"^## (\S+): (ok|FAILED|TIMED OUT|SKIPPED)", text, flags=re.M)
     names = [name for name, _ in steps]
-    assert names == ["environment", "install", "gpu-tests", "bench-gpt2", "bench-gpt2-medium",
-                     "bench-qwen2.5-0.5b", "qwen-preference-step", "arith-gpu-sweep"], text
+    assert names == ["environment", "install", "gpu-tests", "bench-gpt2", "sampling-gpt2",
+                     "bench-gpt2-medium", "sampling-gpt2-medium", "bench-qwen2.5-0.5b",
+                     "sampling-qwen2.5-0.5b", "qwen-preference-step", "arith-gpu-sweep"], text
     # on a CPU the install check may find the bench-only peers missing; all else must run
     assert all(status == "ok" for name, status in steps if name != "install"), text
-    for number in ("sampling_speedup_vs_hf_generate:", "pref_step_tokens_per_s:",
+    for number in ("sampling_speedup_vs_hf_generate:", "compiled_sampling_speedup_vs_hf_generate:",
+                   "pref_step_tokens_per_s:", "logps_peak_memory_ratio_vs_naive:",
                    "projected_full_sweep_s:", "torch "):
         assert number in text, (number, text)
     assert time.time() - t0 < 900
