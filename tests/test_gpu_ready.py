@@ -9,6 +9,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -85,7 +86,8 @@ def test_the_gpu_command_runs_every_step_at_cpu_size(tmp_path):
     results = tmp_path / "results.md"
     t0 = time.time()
     p = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(results)],
-                       capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=900)
+                       capture_output=True, text=True, cwd=ROOT, env=cli_env(PYTHON=sys.executable),
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = results.read_text()
     steps = re.findall(r"^## (\S+): (ok|FAILED|TIMED OUT|SKIPPED)", text, flags=re.M)
@@ -150,7 +152,8 @@ def test_cuda_sampling_follows_the_softmax_and_the_static_cache_matches():
 
 def test_cuda_tests_are_collected_under_their_marker():
     """`pytest -m cuda` (what gpu_check.sh runs) selects the GPU-only tests of every file."""
-    p = subprocess.run(["python", "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "tests"],
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
+                        "tests"],
                        capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
     collected = [line for line in p.stdout.splitlines() if "::" in line]
     files = {line.split("::")[0] for line in collected}
