@@ -1,30 +1,33 @@
 """
-Benchmark nanoADPO against its peers, on the same random GPT-2 weights, in one run:
+Benchmark nanoADPO against its peers, on the same random weights, in one run:
 
   1. preference step  policy forward+backward on chosen+rejected, loss, AdamW step; reference
                       log-probs precomputed on both sides. This project (train.py's step) vs TRL's
                       DPOTrainer.
-  2. sampling         n samples for many ragged prompts (the pairs stage's workload):
-                      model.generate (KV cache) vs Hugging Face generate, and vs this project
-                      without the KV cache.
+  2. sampling         the pairs stage's workload: n samples of each of many ragged prompts, at its
+                      temperature, each row stopping at its EOS: model.generate (KV cache; with
+                      --compile also its compiled static-cache decode step) vs Hugging Face
+                      generate, and vs this project without the KV cache.
   3. log-probs        peak memory of model(idx, targets) forward+backward vs the naive full float32
                       log-softmax.
 
-    python bench.py --device cpu --quick    # small shapes, about 1.5 min on a 2-core CPU
+    python bench.py --device cpu --quick    # a tiny GPT and a tiny Llama, ~3 min on a 2-core CPU
     python bench.py --device cuda           # GPT-2 124M and gpt2-medium shapes, bf16, torch.compile
+    python bench.py --device cuda --quick --models qwen2.5-0.5b   # one shape (bench_tools.py's)
 
 Every flag is a field of `BenchConfig` below. The peers are bench-only dependencies (pip install
 -r requirements-bench.txt; without trl its columns read n/a). No downloads: a random transformers
-GPT2LMHeadModel saved to a temporary folder is loaded by both sides: identical weights.
+model (GPT-2, Llama or Qwen2) saved to a temporary folder is loaded by both sides: identical
+weights (bench_tools.py, with the clock and the memory readings).
 
 Every measurement runs in a fresh subprocess, one at a time, so that its peak memory is its own. On
 CUDA peak memory is torch.cuda.max_memory_allocated. On CPU it is read from the process's resident
-set: the children run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so every tensor of that
-size has its own mapping, returned to the system when freed, and the resident set follows the live
-tensors; the Linux high-water mark (VmHWM) is reset just before the measured region. A training
-peak is then the weights + optimizer state plus the rise of the resident set during the timed
-epochs (what max_memory_allocated counts on CUDA), a log-prob peak the rise above the model and
-inputs already held.
+set: the children that measure memory run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so
+every tensor of that size has its own mapping, returned to the system when freed, and the resident
+set follows the live tensors; the Linux high-water mark (VmHWM) is reset just before the measured
+region. A training peak is then the weights + optimizer state plus the rise of the resident set
+during the timed epochs (what max_memory_allocated counts on CUDA), a log-prob peak the rise above
+the model and inputs already held.
 
 The markdown table is followed by machine-readable `name: value` lines; a speedup > 1 is faster
 than the peer, a memory ratio < 1 less memory.
@@ -44,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 import train
+from bench_tools import (MODEL_SHAPES, clock, make_pairs, mem, pair_tokens, random_prompts,
+                         reset_peak, save_random_model, state_bytes, sync, training_peak)
 from checkpoint import load_gpt
 from common import cli, markdown_table, need, parse, peak_flops, setup
 from data import length_grouped_batches, row_lengths
@@ -58,8 +63,11 @@ RESULT = "BENCH_RESULT "  # a child's last stdout line: this prefix, then its me
 class BenchConfig:
     device: str = "auto"     # auto (cuda when available, else cpu) | cpu | cuda
     quick: bool = False      # fewer steps and smaller shapes (CPU: ~1.5 min on 2 cores)
-    compile: str = "auto"    # torch.compile our preference step: auto (on for cuda) | true | false
+    compile: str = "auto"    # torch.compile our preference step and decode step: auto (on for
+                             # cuda) | true | false
     parts: str = "pref,sampling,logps"  # a comma-separated subset of pref,sampling,logps
+    models: str = ""         # comma-separated shapes (bench_tools.MODEL_SHAPES) for every part;
+                             # empty: the device's own
     threads: int = 0         # CPU threads per measurement; 0: 1 with --quick or --toy on CPU (so
                              # that a busy shared machine does not stall every op), else torch's
     toy: bool = False        # toy shapes and vocab, for the test suite
@@ -71,159 +79,43 @@ class BenchConfig:
 # -----------------------------------------------------------------------------
 # what to run: shapes and sizes per device and mode
 
-# name -> (n_layer, n_head, n_embd); the vocab stays GPT-2's 50257: it is what makes logits costly
-GPT2_SHAPES = {
-    "toy": (1, 2, 32),
-    "tiny": (2, 4, 128),
-    "small": (4, 4, 256),
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-}
-
-
 def settings(device, quick, toy=False):
     """Everything a run measures. Lengths are (low, high) token counts, drawn uniformly per row.
     The preference step trains `epochs` + 1 epochs of `steps` steps over the same pairs: the first
     warms up (and compiles), the best of the others counts; sampling takes the best of `reps` runs
-    after a warm-up."""
+    after a warm-up, at the pairs stage's temperature, EOS likely enough (eos_rate per step) that
+    rows stop at ragged lengths, about new_tokens / 2 on average."""
+    temperature = train.Config.temperature
     if toy:  # the test suite's: tiny shapes and vocab, seconds per part
-        return dict(vocab=512, models=["toy"], pairs_per_step=2, steps=2, epochs=1,
-                    prompt=(4, 8), response=(4, 12),
-                    logps_model="toy", logps_rows=4, logps_len=64,
-                    sample_model="toy", sample_prompts=2, n_samples=2, sample_prompt=(4, 8),
-                    new_tokens=8, reps=1)
+        return dict(vocab=512, pref_models=["toy"], pairs_per_step=2, steps=2, epochs=1,
+                    prompt=(4, 8), response=(4, 12), logps_model="toy", logps_rows=4,
+                    logps_len=64, sample_models=["toy", "llama-toy"], sample_prompts=2,
+                    n_samples=2, sample_prompt=(4, 8), new_tokens=8, reps=1,
+                    temperature=temperature, eos_rate=0.25)
     if device == "cpu":  # the vocab stays 50257, so the log-prob memory has GPT-2's proportions
-        s = dict(vocab=50257, models=["tiny"], pairs_per_step=4, steps=2, epochs=2,
-                 prompt=(8, 24), response=(8, 40),
-                 logps_model="tiny", logps_rows=8, logps_len=256,
-                 sample_model="tiny", sample_prompts=4, n_samples=4, sample_prompt=(32, 96),
-                 new_tokens=32, reps=2)
+        s = dict(vocab=50257, pref_models=["tiny"], pairs_per_step=4, steps=2, epochs=2,
+                 prompt=(8, 24), response=(8, 40), logps_model="tiny", logps_rows=8,
+                 logps_len=256, sample_models=["tiny", "llama-tiny"], sample_prompts=16,
+                 n_samples=4, sample_prompt=(32, 96), new_tokens=96, reps=2)
         if not quick:
-            s.update(models=["small"], pairs_per_step=8, steps=4, epochs=3,
+            s.update(pref_models=["small"], pairs_per_step=8, steps=4, epochs=3,
                      prompt=(16, 64), response=(16, 128),
                      logps_model="small", logps_rows=16, logps_len=512,
-                     sample_model="small", sample_prompts=8, n_samples=8,
-                     sample_prompt=(32, 128), new_tokens=64, reps=3)
-        return s
-    # CUDA: ~512-token sequences, 8 pairs (16 rows) per step, 64 sampled rows
-    s = dict(vocab=50257, models=["gpt2", "gpt2-medium"], pairs_per_step=8, steps=8, epochs=3,
-             prompt=(128, 255), response=(192, 255),
-             logps_model="gpt2", logps_rows=16, logps_len=512,
-             sample_model="gpt2", sample_prompts=16, n_samples=4, sample_prompt=(32, 128),
-             new_tokens=256, reps=3)
-    if quick:
-        s.update(steps=4, epochs=2, new_tokens=128, reps=2)
-    return s
+                     sample_models=["small", "llama-small"], sample_prompts=32, n_samples=4,
+                     sample_prompt=(32, 128), new_tokens=128, reps=3)
+    else:  # CUDA: ~512-token sequences, 8 pairs (16 rows) per step, 64 sampled rows
+        s = dict(vocab=50257, pref_models=["gpt2", "gpt2-medium"], pairs_per_step=8, steps=8,
+                 epochs=3, prompt=(128, 255), response=(192, 255), logps_model="gpt2",
+                 logps_rows=16, logps_len=512, sample_models=["gpt2"], sample_prompts=16,
+                 n_samples=4, sample_prompt=(32, 128), new_tokens=256, reps=3)
+        if quick:  # every row pads to 512 tokens: one compiled shape
+            s.update(steps=4, epochs=1, prompt=(224, 255), response=(224, 255), new_tokens=128,
+                     reps=2)
+    return dict(s, temperature=temperature, eos_rate=2 / s["new_tokens"])
 
 
-BLOCK_SIZE = 1024  # GPT-2's context
 LR, BETA, WEIGHT_DECAY = 1e-4, 0.1, 0.1  # train.py's PO defaults, but beta 0.1 (common for LLMs)
 BETAS, GRAD_CLIP = (0.9, 0.95), 1.0
-
-# -----------------------------------------------------------------------------
-# memory: the same three calls on both devices
-
-
-def _proc_bytes(field):
-    """/proc/self/status's VmRSS or VmHWM in bytes; without /proc (not Linux) the never-reset
-    high-water mark."""
-    try:
-        with open("/proc/self/status") as f:
-            return 1024 * next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        import resource
-        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def mem(device, peak=False):
-    """Bytes in use now, or with peak=True the most since reset_peak: allocated tensors on CUDA,
-    the resident set on CPU."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
-    return _proc_bytes("VmHWM" if peak else "VmRSS")
-
-
-def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 to clear_refs resets this process's VmHWM to its current resident set
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # the peak then counts from process start; each measurement has its own process anyway
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def clock():
-    """Seconds for timing. On CPU with one thread: this process's CPU time (user + system), which
-    other processes on a shared machine cannot inflate by taking the core away; otherwise wall
-    time."""
-    if torch.get_num_threads() == 1 and not torch.cuda.is_initialized():
-        return time.process_time()
-    return time.perf_counter()
-
-
-def state_bytes(model, optimizer):
-    """Bytes of the tensors a training run holds between steps: the weights (tied ones once) and
-    the optimizer state. Gradients are freed after every step on both sides
-    (zero_grad(set_to_none=True))."""
-    params = {id(p): p for p in model.parameters()}.values()
-    # getattr: unwrap accelerate's AcceleratedOptimizer
-    state = getattr(optimizer, "optimizer", optimizer).state.values()
-    return (sum(p.numel() * p.element_size() for p in params)
-            + sum(t.numel() * t.element_size() for st in state for t in st.values()
-                  if torch.is_tensor(t)))
-
-
-def training_peak(device, at_start, state):
-    """Peak memory of a timed training epoch: on CUDA every allocated tensor
-    (max_memory_allocated); on CPU the weights + optimizer state plus the resident set's rise above
-    its level at the start of the epoch."""
-    return mem(device, peak=True) if device == "cuda" else state + mem(device, peak=True) - at_start
-
-# -----------------------------------------------------------------------------
-# the shared inputs: random token pairs, a random GPT-2 checkpoint
-
-
-def make_pairs(s):
-    """n random preference pairs as encode_pairs rows (responses end with EOS = vocab-1, which
-    never occurs inside them). Deterministic, so every process rebuilds exactly the same pairs."""
-    g = torch.Generator().manual_seed(1234)
-    eos = s["vocab"] - 1
-    draw = lambda lohi: int(torch.randint(lohi[0], lohi[1] + 1, (1,), generator=g))
-    ids = lambda n: torch.randint(0, eos, (n,), generator=g).tolist()
-    return [dict(prompt_ids=ids(draw(s["prompt"])),
-                 chosen_ids=ids(draw(s["response"])) + [eos],
-                 rejected_ids=ids(draw(s["response"])) + [eos])
-            for _ in range(s["pairs_per_step"] * s["steps"])]
-
-
-def pair_tokens(rows):
-    """Non-pad tokens of a pass over the pairs, counted the same way for both sides:
-    prompt+chosen+prompt+rejected."""
-    return sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
-               for r in rows)
-
-
-def save_random_gpt2(folder, shape, vocab):
-    """A randomly initialised transformers GPT2LMHeadModel, saved as an ordinary HF folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-    logging.disable_progress_bar()
-    n_layer, n_head, n_embd = GPT2_SHAPES[shape]
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=BLOCK_SIZE, n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    model = GPT2LMHeadModel(cfg)
-    model.save_pretrained(folder)  # (transformers' own)
-    return sum(p.numel() for p in model.parameters())
 
 # -----------------------------------------------------------------------------
 # 1. the preference step
@@ -333,7 +225,7 @@ def child_pref_trl(s):
     the best of `epochs` timed epochs."""
     device = s["device"]
     from datasets import Dataset
-    from transformers import GPT2LMHeadModel, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOTrainer
     rows, tok = make_pairs(s), word_tokenizer(s["vocab"])
     words = lambda ids: " ".join(f"t{i}" for i in ids)
@@ -341,7 +233,7 @@ def child_pref_trl(s):
                                    chosen=" " + words(r["chosen_ids"][:-1]),  # TRL adds EOS
                                    rejected=" " + words(r["rejected_ids"][:-1]))
                               for r in rows])
-    model = GPT2LMHeadModel.from_pretrained(s["ckpt"])
+    model = AutoModelForCausalLM.from_pretrained(s["ckpt"])
     per_epoch = s["steps"]
 
     class Clock(TrainerCallback):  # epoch times from step end to step end, after the warm-up epoch
@@ -383,84 +275,93 @@ def child_pref_trl(s):
 # 2. sampling
 
 
-def random_prompts(s):
-    g = torch.Generator().manual_seed(99)
-    lo, hi = s["sample_prompt"]
-    lengths = torch.randint(lo, hi + 1, (s["sample_prompts"],), generator=g).tolist()
-    prompts = [torch.randint(0, s["vocab"] - 1, (n,), generator=g).tolist() for n in lengths]
-    # n samples of every prompt, as eval.complete does
-    return [p for p in prompts for _ in range(s["n_samples"])]
+def until_eos(row, eos):
+    """A generated row up to and including its first EOS (HF generate pads the rest)."""
+    return row[:row.index(eos) + 1] if eos in row else row
 
 
 @torch.no_grad()
-def generate_no_cache(model, prompts, max_new_tokens, seed=None):
+def generate_no_cache(model, prompts, max_new_tokens, temperature, eos, seed):
     """model.generate without its KV cache: every new token re-runs the transformer over the whole
-    sequence (left-padded, same positions and padding mask, same sampler), keeping only the last
-    position's logits."""
+    sequence (left-padded, same positions and padding mask, same sampler and uniforms), keeping
+    only the last position's logits; a row that emitted its EOS leaves the batch, as in
+    generate."""
     device = model.lm_head.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     P = max(len(p) for p in prompts)
     idx = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long,
                        device=device)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    rows, out = list(range(len(prompts))), [[] for _ in prompts]  # rows[j]: batch row j's prompt
     for _ in range(max_new_tokens):
         L = idx.size(1)
         cols = torch.arange(L, device=device)
-        key_ok = cols[None, :] >= pad[:, None]                                   # (B, L)
-        pos = (cols[None, :] - pad[:, None]).clamp(min=0)                        # (B, L)
+        key_ok = cols[None, :] >= pad[:, None]                                   # (b, L)
+        pos = (cols[None, :] - pad[:, None]).clamp(min=0)                        # (b, L)
         eye = torch.eye(L, dtype=torch.bool, device=device)                      # (L, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()        # (L, L)
-        mask = (causal & (key_ok[:, None, :] | eye))[:, None]                    # (B, 1, L, L)
+        mask = (causal & (key_ok[:, None, :] | eye))[:, None]                    # (b, 1, L, L)
         cache = KVCache(model.config.n_layer, L)  # scratch space for this one pass, thrown away
         h = model._hidden(idx, pos=pos, attn_mask=mask, kv_cache=cache)
-        tok = GPT._sample(model.lm_head(h[:, -1]), 1.0, None, None, generator)
-        idx = torch.cat([idx, tok[:, None]], dim=1)
-    return [row[P:] for row in idx.tolist()]
+        uniform = torch.rand(len(prompts), generator=generator, device=device)[rows]  # (b,)
+        tok = GPT._sample(model.lm_head(h[:, -1]), temperature, None, None, uniform)
+        live = [j for j, t in enumerate(tok.tolist()) if t != eos]
+        for i, t in zip(rows, tok.tolist()):
+            out[i].append(t)
+        if not live:
+            break
+        rows = [rows[j] for j in live]
+        keep = torch.tensor(live, device=device)
+        idx, pad = torch.cat([idx, tok[:, None]], dim=1)[keep], pad[keep]
+    return out
 
 
 def child_sampling(s):
-    """tokens/s of three samplers on the same weights, prompts and settings (temperature 1, no
-    top-k: the pairs stage's defaults). No EOS stops a row, so every sampler generates exactly
-    new_tokens per row."""
-    from transformers import GPT2LMHeadModel
-    device, N = s["device"], s["new_tokens"]
+    """tokens/s of each sampler on the same weights, prompts and settings: n samples of every
+    prompt at the pairs stage's temperature, no top-k/top-p (its defaults), each row stopping at
+    its EOS; tokens/s counts every new token up to it. Ours: generate (KV cache), with compile
+    also generate(compile=True); HF generate; with no_cache, ours without the KV cache."""
+    from transformers import AutoModelForCausalLM
+    device, N, T, eos = s["device"], s["new_tokens"], s["temperature"], s["vocab"] - 1
     ctx = setup(device).ctx
     ours = load_gpt(s["ckpt"]).to(device).eval()
-    hf = GPT2LMHeadModel.from_pretrained(s["ckpt"]).to(device).eval()
-    hf.generation_config.eos_token_id = None  # never stop early: identical work for every sampler
-    eos = s["vocab"] - 1
+    hf = AutoModelForCausalLM.from_pretrained(s["ckpt"]).to(device).eval()
     prompts = random_prompts(s)
     P = max(len(p) for p in prompts)
     hf_ids = torch.tensor([[eos] * (P - len(p)) + p for p in prompts], device=device)  # left pad
     hf_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
 
-    def run_ours(n):
-        return ours.generate(prompts, n, temperature=1.0, eos_token_id=None, seed=0)
-
-    def run_no_cache(n):
-        return generate_no_cache(ours, prompts, n, seed=0)
-
     def run_hf(n):
         out = hf.generate(input_ids=hf_ids, attention_mask=hf_mask, do_sample=True,
-                          max_new_tokens=n, temperature=1.0, top_k=0, top_p=1.0,
-                          pad_token_id=eos, eos_token_id=None)
-        return out[:, P:].tolist()
+                          max_new_tokens=n, temperature=T, top_k=0, top_p=1.0,
+                          pad_token_id=eos, eos_token_id=eos)
+        return [until_eos(row, eos) for row in out[:, P:].tolist()]
 
+    samplers = {"ours": lambda n: ours.generate(prompts, n, temperature=T, eos_token_id=eos,
+                                                seed=0),
+                "hf": run_hf}
+    if s["compile"]:
+        samplers["ours_compiled"] = lambda n: ours.generate(prompts, n, temperature=T,
+                                                            eos_token_id=eos, seed=0, compile=True)
+    if s["no_cache"]:
+        samplers["no_cache"] = lambda n: generate_no_cache(ours, prompts, n, T, eos, seed=0)
     result = {}
-    for name, fn in (("ours", run_ours), ("hf", run_hf), ("no_cache", run_no_cache)):
+    for name, fn in samplers.items():
+        torch.manual_seed(0)  # HF generate draws from the global generator
+        runs = []
         with ctx:
-            fn(min(N, 4))  # warm-up
-            best = float("inf")
-            for _ in range(s["reps"] if name != "no_cache" else 1):  # no cache: slow, timed once
+            fn(N if name == "ours_compiled" else min(N, 4))  # warm-up (and the compiled graph)
+            for _ in range(1 if name == "no_cache" else s["reps"]):  # no cache: slow, timed once
                 sync(device)
                 t0 = clock()
                 out = fn(N)
                 sync(device)
-                best = min(best, clock() - t0)
-        tokens = sum(len(o) for o in out)
-        if tokens != len(prompts) * N:
-            raise RuntimeError(f"{name} generated {tokens} tokens, expected {len(prompts)} x {N}")
-        result[name] = dict(seconds=best, tokens=tokens)
+                runs.append((clock() - t0, sum(map(len, out)), out))
+        seconds, tokens, out = min(runs, key=lambda r: r[0] / r[1])  # the best tokens/s
+        if not all(o and eos not in o[:-1] and (len(o) == N or o[-1] == eos) for o in out):
+            raise RuntimeError(f"{name}: a row neither ran to {N} tokens nor stopped at its EOS")
+        result[name] = dict(seconds=seconds, tokens=tokens,
+                            stopped=sum(o[-1] == eos for o in out) / len(out))
     result["hf_attention"] = hf.config._attn_implementation
     return result
 
@@ -524,9 +425,10 @@ def run_child(kind, spec, label):
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_DATASETS_CACHE=os.path.join(spec["workdir"], "datasets"))
-    if spec["device"] == "cpu":
+    if spec["device"] == "cpu" and kind != "sampling":
         # glibc: every allocation >= 128 KiB gets its own mapping, returned on free, so the
-        # resident set follows the live tensors (see mem)
+        # resident set follows the live tensors (see mem). Not for sampling, which is timed
+        # alone: a fresh mapping for every step's (rows, vocab) tensors costs it ~40 %.
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     command = [sys.executable, os.path.join(HERE, "bench.py"),
                "--child", kind, "--spec", json.dumps(spec)]
@@ -566,9 +468,16 @@ def ratio(a, b):
 
 
 def describe(s, m):
-    n_layer, n_head, n_embd = GPT2_SHAPES[m]
-    return (f"{m} (n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, vocab {s['vocab']}, "
+    shape = MODEL_SHAPES[m]
+    kv = f", {shape['n_kv_head']} k/v heads" if "n_kv_head" in shape else ""
+    return (f"{m} ({shape['family']}: n_layer {shape['n_layer']}, n_head {shape['n_head']}{kv}, "
+            f"n_embd {shape['n_embd']}, vocab {shape.get('vocab', s['vocab'])}, "
             f"{s['n_params'][m] / 1e6:.1f}M params, random weights)")
+
+
+def suffix(s, m, part):
+    """The machine-readable names' suffix: none for a part's first shape, _<shape> after it."""
+    return "" if m == s[part][0] else "_" + m.replace("-", "_").replace(".", "_")
 
 
 def describe_pref(s):
@@ -592,8 +501,8 @@ def describe_pref(s):
           f"{GRAD_CLIP}, lr {LR} constant, weight decay {WEIGHT_DECAY}, betas {BETAS}, max_length "
           f"= longest row, its default random sampler, no torch.compile")
     if cuda:
-        print("  MFU: model FLOPs per token (6N + 12·L·H·Q·T, T = longest row) x non-pad tokens/s "
-              "/ the GPU's dense bf16 peak")
+        print("  MFU: model FLOPs per token (model.flops_per_token: 6N + 12·L·H·Q·T, N the matmul "
+              "weights, T = longest row) x non-pad tokens/s / the GPU's dense bf16 peak")
     print("  peak memory: " + ("torch.cuda.max_memory_allocated over the timed epochs" if cuda else
                                "weights + optimizer state + the resident set's rise during the "
                                "timed epochs"))
@@ -624,7 +533,7 @@ def bench_pref(s):
     describe_pref(s)
     rows, values = [], {}
     pct = lambda x: None if x is None else 100 * x
-    for i, m in enumerate(s["models"]):
+    for m in s["pref_models"]:
         print(f"  model: {describe(s, m)}")
         ours, trl = measure_pref(s, m)
         tps = ours["tokens"] / ours["seconds"]
@@ -639,39 +548,55 @@ def bench_pref(s):
                   fmt(pct(mfu(trl_tps)), 1, "%"), fmt(ratio(mfu(tps), mfu(trl_tps)), 2, "x")],
                  [f"preference step peak memory, MiB ({m})", fmt(mib), fmt(trl_mib),
                   fmt(ratio(mib, trl_mib), 2, "x")]]
-        suffix = "" if i == 0 else "_" + m.replace("-", "_")  # the first shape: the plain names
-        values.update({f"pref_step_speedup_vs_trl{suffix}": ratio(tps, trl_tps),
-                       f"pref_step_memory_ratio_vs_trl{suffix}": ratio(mib, trl_mib),
-                       f"pref_step_pad_fraction{suffix}":
-                           1 - ours["tokens"] / ours["padded_tokens"]})
+        end = suffix(s, m, "pref_models")  # the first shape: the plain names
+        values.update({f"pref_step_speedup_vs_trl{end}": ratio(tps, trl_tps),
+                       f"pref_step_memory_ratio_vs_trl{end}": ratio(mib, trl_mib),
+                       f"pref_step_pad_fraction{end}": 1 - ours["tokens"] / ours["padded_tokens"]})
         for name, mine, theirs in (("tokens_per_s", tps, trl_tps), ("mfu", mfu(tps), mfu(trl_tps)),
                                    ("peak_memory_mib", mib, trl_mib)):
-            values[f"pref_step_{name}{suffix}"] = mine
-            values[f"trl_pref_step_{name}{suffix}"] = theirs
+            values[f"pref_step_{name}{end}"] = mine
+            values[f"trl_pref_step_{name}{end}"] = theirs
     return rows, values
 
 
 def bench_sampling(s):
-    """Sampling: model.generate vs HF generate vs ours without KV cache. -> (table rows, values)"""
-    m = s["sample_model"]
+    """Sampling, per model shape: model.generate vs HF generate (and its compiled decode step with
+    --compile), vs ours without KV cache on the first shape. -> (table rows, values)"""
     n_rows = s["sample_prompts"] * s["n_samples"]
     print(f"sampling: {s['sample_prompts']} prompts x {s['n_samples']} samples = {n_rows} rows, "
-          f"prompts of {s['sample_prompt'][0]}-{s['sample_prompt'][1]} tokens (left-padded), "
-          f"{s['new_tokens']} new tokens per row (no EOS stop), temperature 1, no top-k/top-p, "
-          f"best of {s['reps']} after a warm-up; tokens/s = new tokens / s")
-    print(f"  model: {describe(s, m)}")
-    r = run_child("sampling", dict(s, ckpt=s["ckpts"][m]), f"sampling ({m})")
-    print(f"  HF generate: {r.pop('hf_attention')} attention, its default dynamic KV cache, the "
-          f"same weights in float32 under the same autocast as nanoADPO's generate")
-    tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
-    rows = [[f"sampling tokens/s vs HF generate ({m})", fmt(tps["ours"], 0), fmt(tps["hf"], 0),
-             fmt(ratio(tps["ours"], tps["hf"]), 2, "x")],
-            [f"sampling tokens/s vs nanoADPO without KV cache ({m})", fmt(tps["ours"], 0),
-             fmt(tps["no_cache"], 0), fmt(ratio(tps["ours"], tps["no_cache"]), 2, "x")]]
-    return rows, {"sampling_speedup_vs_hf_generate": ratio(tps["ours"], tps["hf"]),
-                  "sampling_speedup_vs_no_kv_cache": ratio(tps["ours"], tps["no_cache"]),
-                  "sampling_tokens_per_s": tps["ours"], "hf_generate_tokens_per_s": tps["hf"],
-                  "no_kv_cache_tokens_per_s": tps["no_cache"]}
+          f"prompts of {s['sample_prompt'][0]}-{s['sample_prompt'][1]} tokens (left-padded), up "
+          f"to {s['new_tokens']} new tokens per row, each row stopping at its EOS (made likely: "
+          f"{s['eos_rate']:.3f} a step), temperature {s['temperature']}, no top-k/top-p; best "
+          f"tokens/s of {s['reps']} runs after a warm-up; tokens/s = new tokens (EOS included) / s")
+    rows, values = [], {}
+    for m in s["sample_models"]:
+        print(f"  model: {describe(s, m)}")
+        first = m == s["sample_models"][0]
+        r = run_child("sampling", dict(s, ckpt=s["ckpts"][m], no_cache=first), f"sampling ({m})")
+        attention = r.pop("hf_attention")
+        stopped = ", ".join(f"{k} {100 * v['stopped']:.0f}%" for k, v in r.items())
+        print(f"  HF generate: {attention} attention, its default dynamic KV cache, "
+              f"the same weights in float32 under the same autocast as nanoADPO's generate; rows "
+              f"stopped by EOS: {stopped}")
+        tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
+        end = suffix(s, m, "sample_models")
+        peers = [("hf", "HF generate", "hf_generate")]
+        if first:
+            peers.append(("no_cache", "nanoADPO without KV cache", "no_kv_cache"))
+        for key, label, name in peers:
+            rows.append([f"sampling tokens/s vs {label} ({m})", fmt(tps["ours"], 0),
+                         fmt(tps[key], 0), fmt(ratio(tps["ours"], tps[key]), 2, "x")])
+            values[f"sampling_speedup_vs_{name}{end}"] = ratio(tps["ours"], tps[key])
+            values[f"{name}_tokens_per_s{end}"] = tps[key]
+        values[f"sampling_tokens_per_s{end}"] = tps["ours"]
+        if "ours_compiled" in tps:
+            rows.append([f"sampling tokens/s, compiled decode step vs HF generate ({m})",
+                         fmt(tps["ours_compiled"], 0), fmt(tps["hf"], 0),
+                         fmt(ratio(tps["ours_compiled"], tps["hf"]), 2, "x")])
+            values[f"compiled_sampling_speedup_vs_hf_generate{end}"] = ratio(tps["ours_compiled"],
+                                                                             tps["hf"])
+            values[f"compiled_sampling_tokens_per_s{end}"] = tps["ours_compiled"]
+    return rows, values
 
 
 def bench_logps(s):
@@ -716,6 +641,9 @@ def parse_flags(argv):
     unknown = sorted(set(parts) - set(PARTS))
     need(parts and not unknown, f"--parts {cfg.parts!r}: unknown {unknown or 'none given'}; "
                                 f"expected a comma-separated subset of {','.join(PARTS)}")
+    shapes = [x.strip() for x in cfg.models.split(",") if x.strip()]
+    need(all(m in MODEL_SHAPES for m in shapes),
+         f"--models {cfg.models!r}: expected a comma-separated subset of {','.join(MODEL_SHAPES)}")
     return cfg, parts
 
 
@@ -727,6 +655,9 @@ def plan(cfg, device):
         threads = 1  # two threads on two cores stall on every op as soon as anything else runs
     compile_step = device == "cuda" if cfg.compile == "auto" else cfg.compile == "true"
     s.update(device=device, compile=compile_step, threads=threads, inprocess=cfg.inprocess)
+    shapes = [x.strip() for x in cfg.models.split(",") if x.strip()]
+    if shapes:  # --models: these shapes for every part
+        s.update(pref_models=shapes, sample_models=shapes, logps_model=shapes[0])
     return s
 
 
@@ -752,11 +683,11 @@ def measure(s, parts):
     rows, values = [], {}
     with tempfile.TemporaryDirectory(prefix="nanoadpo-bench-") as work:
         s["workdir"], s["ckpts"], s["n_params"] = work, {}, {}
-        needed = {"pref": s["models"], "sampling": [s["sample_model"]],
+        needed = {"pref": s["pref_models"], "sampling": s["sample_models"],
                   "logps": [s["logps_model"]]}
         for m in dict.fromkeys(m for part in parts for m in needed[part]):
             s["ckpts"][m] = os.path.join(work, m)
-            s["n_params"][m] = save_random_gpt2(s["ckpts"][m], m, s["vocab"])
+            s["n_params"][m] = save_random_model(s["ckpts"][m], m, s)
         for part in parts:
             part_rows, part_values = PARTS[part](s)
             rows += part_rows

@@ -257,12 +257,15 @@ def setup(device="auto", dtype="auto"):
     return Run(device, device_type, dtype, ctx, rank, world)
 
 
-# dense (no sparsity) bf16 tensor-core peak FLOP/s by GPU name, for MFU; fp16 for V100, which has
-# no bf16. More specific names first: "H100 PCIe" must win over "H100".
+# dense bf16 tensor-core peak FLOP/s by GPU name, for MFU: the datasheets' figures without 2:4
+# sparsity, which doubles them (H100 SXM: 989 TFLOP/s dense, 1,979 sparse); fp32 accumulation on
+# the GeForce cards; fp16 for V100, which has no bf16. More specific names first: "H100 PCIe" must
+# win over "H100", "GH200" over "H200".
 GPU_PEAK_FLOPS = (
     ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("gh200", 989e12),
-    ("h200", 989e12), ("a100", 312e12), ("a10g", 125e12), ("l40s", 362e12), ("l4", 121e12),
-    ("rtx 4090", 165e12), ("rtx 3090", 71e12), ("v100", 125e12),
+    ("h200 nvl", 835e12), ("h200", 989e12), ("b200", 2250e12), ("a100", 312e12),
+    ("a10g", 125e12), ("l40s", 362e12), ("l40", 181e12), ("l4", 121e12), ("rtx 4090", 165e12),
+    ("rtx 3090", 71e12), ("v100", 125e12),
 )
 
 

@@ -33,6 +33,7 @@ Module names mirror the GPT-2 checkpoint keys (transformer.wte, transformer.h.0.
 so that loading GPT-2 weights is a copy by name; Llama-family names are mapped in hf.py.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -134,11 +135,21 @@ class KVCache:
 
     k[layer], v[layer]: (B, n_kv_head, max_len, head_size), only the k/v heads (grouped-query
     attention shares them between query heads). `pos` counts the filled columns; a forward pass
-    writes its T new columns at [pos, pos+T) in every layer, then the model advances `pos` by T."""
+    writes its T new columns at [pos, pos+T) in every layer, then the model advances `pos` by T.
 
-    def __init__(self, n_layer, max_len):
+    static=True is the layout torch.compile and CUDA graphs need, one graph for every decoding
+    step: `pos` is a 0-d tensor on the device, the new columns are written with index_copy_ at
+    tensor positions, and update returns the whole buffers (B, nkv, max_len, hs), whose columns
+    not yet written the caller's attn_mask hides. The buffers never move (marked static for
+    dynamo), so a CUDA graph recorded on them replays on them."""
+
+    def __init__(self, n_layer, max_len, static=False, device=None):
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.max_len, self.pos = max_len, 0
+        self.max_len, self.static = max_len, static
+        self.pos = 0
+        if static:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+            torch._dynamo.mark_static_address(self.pos)  # the compiled step advances it in place
 
     def update(self, layer, k, v):  # k, v: (B, nkv, T, hs) for the new tokens
         if self.k[layer] is None:
@@ -147,6 +158,14 @@ class KVCache:
             B, nkv, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nkv, self.max_len, hs)
             self.v[layer] = v.new_zeros(B, nkv, self.max_len, hs)
+            if self.static:
+                torch._dynamo.mark_static_address(self.k[layer])
+                torch._dynamo.mark_static_address(self.v[layer])
+        if self.static:
+            cols = self.pos + torch.arange(k.size(2), device=k.device)  # (T,) tensor columns
+            self.k[layer].index_copy_(2, cols, k)
+            self.v[layer].index_copy_(2, cols, v)
+            return self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -357,6 +376,8 @@ class CappedLinear(nn.Linear):
 
 # default log-prob chunk: ~32M float32 logits (128 MiB) alive at a time
 LOGPS_CHUNK_ELEMS = 2 ** 25
+# the static cache's length is a multiple of this (capped at block_size)
+STATIC_CACHE_BUCKET = 64
 
 
 class GPT(nn.Module):
@@ -482,14 +503,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, seed=None):
+                 eos_token_id=None, seed=None, static_cache=False, compile=False):
         """Continue every prompt (a list of token-id lists, lengths may differ)
         by up to max_new_tokens.
 
         Returns one list of NEW token ids per prompt. A row stops after emitting eos_token_id
         (kept in its output) while the others go on. temperature=0 is greedy; top_k / top_p
         restrict sampling; a seed makes sampling reproducible. Prompts are left-padded and
-        decoded together with a preallocated KV cache."""
+        decoded together with a preallocated KV cache.
+
+        static_cache: fixed shapes, what CUDA graphs need (the batch keeps its finished rows, the
+        cache has one of a few lengths and is written at tensor positions); the same tokens.
+        compile: the decoding step through torch.compile (CUDA graphs on CUDA:
+        mode="reduce-overhead"), on the static cache."""
         V, block_size = self.config.vocab_size, self.config.block_size
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise ValueError("generate: prompts must be a non-empty list of token-id lists")
@@ -508,17 +534,25 @@ class GPT(nn.Module):
                 or (top_p is not None and not 0 < top_p <= 1)):
             raise ValueError(f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1 "
                              f"(got {temperature}, {top_k}, {top_p})")
+        decode = GPT.decode_step
+        if compile:  # (compiling the growing dynamic cache would recompile at every step)
+            static_cache = True
+            decode = compiled_decode_step(self.lm_head.weight.device.type)
         was_training = self.training
         self.eval()  # no dropout while decoding; the caller's mode is restored below
         try:
             return self._generate(prompts, P, max_new_tokens, temperature, top_k, top_p,
-                                  eos_token_id, seed)
+                                  eos_token_id, seed, static_cache, decode)
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, P, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed):
+    def _generate(self, prompts, P, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                  static, decode):
         device = self.lm_head.weight.device
         B, L = len(prompts), P + max_new_tokens  # L: cache length
+        if static:  # a few cache lengths, not one per longest prompt: each is a graph of its own
+            buckets = math.ceil(L / STATIC_CACHE_BUCKET)
+            L = min(self.config.block_size, buckets * STATIC_CACHE_BUCKET)
         out = [[] for _ in range(B)]
         if max_new_tokens <= 0:
             return out
@@ -541,37 +575,63 @@ class GPT(nn.Module):
         # and NaN would leak into the cache
         eye = torch.eye(P, dtype=torch.bool, device=device)
         mask = (causal & (key_ok[:, None, :P] | eye))[:, None]  # (B, 1, P, P) broadcast over heads
-        cache = KVCache(self.config.n_layer, L)
+        if static:  # the static cache returns all L columns: those not written yet are hidden
+            mask = F.pad(mask, (0, L - P), value=False)         # (B, 1, P, L)
+        cache = KVCache(self.config.n_layer, L, static=static, device=device)
         h = self._hidden(idx, pos=pos, attn_mask=mask, kv_cache=cache)  # prefill: (B, P, C)
         logits = self.lm_head(h[:, -1])                         # (B, V) next-token logits
-        rows = list(range(B))  # rows[j]: which prompt batch row j still decodes
+        rows = list(range(B))  # rows[j]: which prompt batch row j decodes
+        index = torch.arange(B, device=device)  # the same, as a tensor
+        done = [False] * B     # per prompt: its EOS is out
         for step in range(max_new_tokens):
-            tok = self._sample(logits, temperature, top_k, top_p, generator)  # (b,)
-            done = []
-            for j, t in enumerate(tok.tolist()):
-                out[rows[j]].append(t)
-                done.append(t == eos_token_id)
+            uniform = None
+            if temperature > 0:
+                # one uniform per prompt and step, drawn for all B prompts: a row's sample is the
+                # same whichever other rows have stopped, with or without the static cache
+                uniform = torch.rand(B, generator=generator, device=device)[index]  # (b,)
+            tok = self._sample(logits, temperature, top_k, top_p, uniform)  # (b,)
+            for i, t in zip(rows, tok.tolist()):
+                if not done[i]:  # (static: a finished row decodes on, its tokens unread)
+                    out[i].append(t)
+                    done[i] = t == eos_token_id
             if step == max_new_tokens - 1 or all(done):
                 break
-            if any(done):  # shrink the batch: finished rows cost nothing from here on
-                keep = [j for j, d in enumerate(done) if not d]
+            if not static and any(done[i] for i in rows):
+                # shrink the batch: finished rows cost nothing from here on
+                keep = [j for j, i in enumerate(rows) if not done[i]]
                 rows = [rows[j] for j in keep]
                 keep = torch.tensor(keep, device=device)
                 cache.keep(keep)
-                tok, pad, key_ok = tok[keep], pad[keep], key_ok[keep]
+                tok, pad, key_ok, index = tok[keep], pad[keep], key_ok[keep], index[keep]
             col = P + step  # cache column of the token fed now
-            mask = key_ok[:, None, None, :col + 1]  # (b, 1, 1, col+1)
-            h = self._hidden(tok[:, None], pos=(col - pad)[:, None], attn_mask=mask,
-                             kv_cache=cache)  # (b, 1, C)
-            logits = self.lm_head(h[:, -1])  # (b, V)
+            width = L if static else col + 1  # the columns the cache returns
+            mask = (key_ok & (cols <= col))[:, None, None, :width]  # (b, 1, 1, width)
+            if static:  # a new step for CUDA graphs: last step's logits were read
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = decode(self, tok[:, None], (col - pad)[:, None], mask, cache)  # (b, V)
         return out
 
+    def decode_step(self, tok, pos, mask, cache):
+        """One decoding step, the unit torch.compile compiles: new tokens tok (b, 1) at positions
+        pos (b, 1), attending to the cache columns mask (b, 1, 1, L) allows -> the next-token
+        logits (b, V)."""
+        h = self._hidden(tok, pos=pos, attn_mask=mask, kv_cache=cache)  # (b, 1, C)
+        return self.lm_head(h[:, -1])
+
     @staticmethod
-    def _sample(logits, temperature, top_k, top_p, generator):  # logits (b, V) -> token ids (b,)
+    def _sample(logits, temperature, top_k, top_p, uniform):
+        """Next tokens (b,) from logits (b, V), with one uniform in [0, 1) per row (b,).
+
+        Inverse-CDF sampling: a row's token is the first whose cumulative probability exceeds its
+        uniform. decision: one uniform per row, not torch.multinomial, which draws an exponential
+        for every vocabulary entry (most of a CPU decoding step at GPT-2's vocabulary). The
+        cumulative sum is float32: a token's probability is resolved to about 6e-8 of the row's
+        mass (bf16 logits round it far more), and a token of probability 0 is never drawn."""
         logits = logits.float()
         if temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / temperature
+        if temperature != 1:
+            logits = logits / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (b, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -584,8 +644,14 @@ class GPT(nn.Module):
             # the top token always survives
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (b, V)
+        total = cdf[:, -1:]                          # (b, 1): 1 up to rounding
+        if not torch.isfinite(total).all():
+            raise ValueError("generate: the model's logits are not finite (NaN or inf): its "
+                             "weights are broken")
+        # u < total strictly, so the token found has cdf[i] > u >= cdf[i-1]: a nonzero probability
+        u = torch.minimum(uniform[:, None] * total, total.nextafter(torch.zeros_like(total)))
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
     # -------------------------------------------------------------------------
     # training helpers
@@ -611,11 +677,17 @@ class GPT(nn.Module):
                                  fused=(device_type == "cuda"))
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6N + 12*L*H*Q*T."""
+        """Training FLOPs per token (forward + backward) in sequences of seq_len tokens, PaLM's
+        (appendix B) 6N + 12·L·H·Q·T as in nanoGPT, with N the weights of the matmuls: every
+        Linear, so the LM head once, tied or not; no biases, norms or embedding lookups.
+        decision: model FLOPs, as MFU defines them: recomputation is not counted (flash
+        attention's scores recomputed in backward, the chunked log-probs' LM head recomputed in
+        backward, activation checkpointing); a causal attention counts all T² scores, as
+        torch.utils.flop_counter does."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * L * H * Q * T
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak
@@ -628,6 +700,15 @@ class GPT(nn.Module):
         """state_dict() with every LoRA adapter folded into its weight (merged_state_dict below):
         the keys and shapes of a plain GPT, what an export writes. Without LoRA, state_dict()."""
         return merged_state_dict(self)
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """GPT.decode_step through torch.compile, once per process and device type: one graph per
+    (batch, cache length), no graph break (fullgraph), static shapes. On CUDA mode
+    "reduce-overhead" replays each graph as a CUDA graph (one launch for the whole step)."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(GPT.decode_step, mode=mode, fullgraph=True, dynamic=False)
 
 
 # -----------------------------------------------------------------------------

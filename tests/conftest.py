@@ -6,6 +6,7 @@ checking their one-line errors, killing a run at a chosen point, random ragged l
     python -m pytest -q -m "not slow" tests    # the unit tests, under a minute
 
 `slow` marks the end-to-end tests: whole pipelines, real processes, torchrun, torch.compile.
+`cuda` marks the GPU-only tests (skipped without a GPU; `-m cuda` selects them).
 """
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # tests import the top-level modules (model, loss, data, train, eval) as a user would
@@ -29,6 +31,17 @@ import train  # noqa: E402  (die_at patches it from the outside: production code
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end (pipelines, processes, compile); "
                                        "-m 'not slow' runs the unit tests alone")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one; "
+                                       "-m cuda runs them alone (scripts/gpu_check.sh does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 # -----------------------------------------------------------------------------
 # running train.py / eval.py

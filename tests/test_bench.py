@@ -38,7 +38,8 @@ def test_logps_and_sampling_parts(capsys):
     out, v = run_bench(capsys, "--parts", "logps,sampling")
     for name in ("sampling_speedup_vs_hf_generate", "sampling_speedup_vs_no_kv_cache",
                  "logps_speedup_vs_naive", "sampling_tokens_per_s", "hf_generate_tokens_per_s",
-                 "no_kv_cache_tokens_per_s", "bench_wall_s"):
+                 "no_kv_cache_tokens_per_s", "sampling_speedup_vs_hf_generate_llama_toy",
+                 "bench_wall_s"):
         assert v.get(name) is not None and math.isfinite(v[name]) and v[name] > 0, (name, out)
     # in one process, at toy sizes, the allocator may reuse freed memory: the memory numbers only
     # have to parse
@@ -64,6 +65,7 @@ def test_preference_step_vs_trl(capsys):
                                           (["--compile", "maybe"], "--compile"),
                                           (["--threads", "-1"], "--threads"),
                                           (["--threads", "two"], "--threads"),
+                                          (["--models", "gpt2,gpt5"], "--models"),
                                           (["--quik"], "--quik")])
 def test_a_bad_flag_is_one_line_naming_it(flags, named):
     with pytest.raises(ValueError) as e:  # (cli() prints it as one `error:` line)

@@ -113,6 +113,15 @@ def test_ragged_greedy_generation_equals_transformers(loaded):
         assert model(seq)[0, len(PROMPTS[2]) - 1:-1].argmax(-1).tolist() == got[2]
 
 
+def test_the_static_cache_keeps_the_window(loaded):
+    """generate(static_cache=True) (a fixed batch, a 64-column cache written at tensor positions:
+    what CUDA graphs replay) gives the dynamic cache's tokens past the window too."""
+    _, _, model = loaded
+    for kw in (dict(temperature=0), dict(temperature=0.9, seed=3)):
+        assert (model.generate(PROMPTS, 14, static_cache=True, **kw)
+                == model.generate(PROMPTS, 14, **kw)), kw
+
+
 def test_save_pretrained_loads_in_transformers(loaded, tmp_path):
     hf, folder, model = loaded
     out = save_pretrained(model, tmp_path / "export", tokenizer="none")

@@ -425,7 +425,7 @@ def test_metrics_at_step_zero():
     assert m["segments/win_rate"].item() == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     batch = {k: v.detach() for k, v in make_batch(seed=15, dtype=torch.float32).items()}
     for name, params in CASES:

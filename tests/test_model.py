@@ -6,6 +6,7 @@ log-probabilities, atomic checkpoints, loading errors, sampling, and (on CUDA on
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_gpt, save_checkpoint
 from common import peak_flops, setup
-from model import GPT, GPTConfig
+import model as model_module
+from model import GPT, GPTConfig, KVCache
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -405,7 +407,7 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
 # 5. CUDA mixed precision (skipped without a GPU)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_autocast_fused_adamw_and_logps():
     torch.manual_seed(0)
     model = tiny_gpt(std=0.05, vocab_size=8192, block_size=256, n_embd=128, n_head=4).cuda().train()
@@ -454,13 +456,74 @@ def test_cuda_autocast_fused_adamw_and_logps():
 
 def test_mfu_helpers_never_invent_a_peak():
     model = tiny_gpt()
-    cfg = model.config
-    assert (model.flops_per_token()
-            == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
     assert model.estimate_mfu(1000, peak_flops("cpu")) is None
     assert peak_flops("cpu") is None
     assert (model.estimate_mfu(1000, 1e12)
             == pytest.approx(model.flops_per_token() * 1000 / 1e12))
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA B200", 2250e12), ("Some Future GPU", None)])
+def test_the_peak_is_the_dense_bf16_figure_of_the_gpu_by_name(monkeypatch, name, peak):
+    """Dense bf16 (the datasheets' sparse figures are twice these), the most specific name first;
+    an unknown GPU has no peak rather than a guessed one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda:0") == peak
+
+
+QWEN25_05B = dict(model_type="qwen2", block_size=32768, vocab_size=151936, n_layer=24, n_head=14,
+                  n_kv_head=2, n_embd=896, n_inner=4864, norm_eps=1e-6, rope_theta=1e6,
+                  bias=False, tie_embeddings=True)
+
+
+def counted_flops(model, idx, targets=None):
+    """FLOPs torch.utils.flop_counter counts in one training forward+backward -> {op: FLOPs}."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        out = model(idx) if targets is None else model(idx, targets)
+        out.float().sum().backward()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.slow  # ~10 s: the real shapes, traced op by op
+@pytest.mark.parametrize("config", [{}, QWEN25_05B], ids=["gpt2-124M", "qwen2.5-0.5B"])
+def test_flops_per_token_is_what_a_flop_counter_counts(config):
+    """GPT-2 124M and Qwen2.5-0.5B at their real shapes (on the meta device: shapes, no data),
+    through the real forward+backward of the log-probs: FlopCounterMode counts exactly
+    flops_per_token (6N + 12·L·H·Q·T, the LM head included) per token, plus the LM head that the
+    chunked log-probs recompute in backward, which MFU leaves out. Attention here is SDPA's math
+    path: its matmuls are the bmm."""
+    B, T = 2, 256
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+        idx = torch.zeros(B, T, dtype=torch.long)
+    cfg = model.config
+    recomputed_lm_head = 2 * cfg.n_embd * cfg.vocab_size  # one more forward matmul per token
+    flops = counted_flops(model, idx, idx)
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+    assert flops["aten.bmm"] == attention * B * T  # QKᵀ and AV, forward and backward
+    assert sum(flops.values()) == (model.flops_per_token(T) + recomputed_lm_head) * B * T
+    # the logits alone, nothing recomputed: exactly the formula
+    assert sum(counted_flops(model, idx).values()) == model.flops_per_token(T) * B * T
+    # N: the matrices, the tied (V, C) LM head once; GPT-2's position table is only looked up
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    lookups = 0 if cfg.llama else cfg.block_size * cfg.n_embd
+    assert model.flops_per_token(T) == 6 * (matrices - lookups) + attention
+
+
+def test_flash_attention_backward_recomputes_the_scores_and_mfu_leaves_them_out():
+    """On real tensors (CPU: the fused flash-attention kernel, as on CUDA) the counter also counts
+    the scores QKᵀ that flash attention recomputes in backward: 2·L·H·Q·T more per token."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32))
+    cfg, (B, T) = model.config, (2, 64)
+    idx = torch.randint(0, 101, (B, T))
+    flops = counted_flops(model, idx)
+    recomputed_scores = 2 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+    assert sum(flops.values()) == (model.flops_per_token(T) + recomputed_scores) * B * T
+    assert any("flash_attention" in op for op in flops), flops
 
 
 # -----------------------------------------------------------------------------
@@ -569,9 +632,138 @@ def test_top_k_and_top_p_sample_only_from_their_set():
     g = torch.Generator().manual_seed(0)
 
     def support(**kw):
-        return set(GPT._sample(logits, 1.0, kw.get("top_k"), kw.get("top_p"), g).tolist())
+        uniform = torch.rand(len(logits), generator=g)
+        return set(GPT._sample(logits, 1.0, kw.get("top_k"), kw.get("top_p"), uniform).tolist())
     assert support() == {0, 1, 2, 3}
     assert support(top_k=2) == {0, 1}
     assert support(top_p=0.75) == {0, 1}
     assert support(top_p=0.9) == {0, 1, 2}
     assert support(top_p=0.4) == {0}
+
+
+def sampling_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution a sampler must draw from, written from the definitions one token at a time
+    (the reference for the sampler's frequencies): softmax(logits / T) over the top_k largest
+    logits (ties kept), then over the smallest set of the most probable that holds top_p."""
+    z = [float(x) / temperature for x in logits]
+    keep = set(range(len(z)))
+    if top_k is not None:
+        kth = sorted(z, reverse=True)[top_k - 1]
+        keep = {i for i in keep if z[i] >= kth}
+    if top_p is not None:
+        total = sum(math.exp(z[i]) for i in keep)
+        nucleus, mass = set(), 0.0
+        for i in sorted(keep, key=lambda i: -z[i]):
+            if mass >= top_p:  # the tokens above already hold top_p
+                break
+            nucleus.add(i)
+            mass += math.exp(z[i]) / total
+        keep = nucleus
+    total = sum(math.exp(z[i]) for i in keep)
+    return [math.exp(z[i]) / total if i in keep else 0.0 for i in range(len(z))]
+
+
+def chi_square_p_value(tokens, probs):
+    """Pearson's chi-square test of sampled token ids against the probabilities `probs`: the
+    p-value (the chance of a worse fit if the sampler is right). Bins expected to hold fewer than
+    5 draws are pooled; a draw where the probability is 0 fails at once."""
+    n, counts = len(tokens), torch.bincount(torch.as_tensor(tokens), minlength=len(probs))
+    assert all(counts[i] == 0 for i, p in enumerate(probs) if p == 0), "drew an excluded token"
+    expected = torch.tensor(probs, dtype=torch.float64) * n
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big & (expected > 0)].sum()[None].double()])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = torch.tensor(len(expected) - 1, dtype=torch.float64)
+    return float(torch.special.gammaincc(df / 2, stat / 2))  # the chi-square survival function
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, None), (0.5, None, None), (2.0, None, None), (1.0, 3, None), (1.0, None, 0.8),
+    (0.7, 5, 0.9)])
+def test_the_sampler_draws_from_the_tempered_filtered_softmax(temperature, top_k, top_p):
+    """Inverse-CDF sampling (one uniform per row) against the definition, on 8 tokens: 20,000
+    rows of the same logits, frequencies by a chi-square test."""
+    logits = torch.tensor([1.5, -0.3, 0.8, 2.2, -1.7, 0.1, 0.9, -0.6])
+    n = 20000
+    uniform = torch.rand(n, generator=torch.Generator().manual_seed(7))
+    tokens = GPT._sample(logits.repeat(n, 1), temperature, top_k, top_p, uniform)
+    want = sampling_distribution(logits, temperature, top_k, top_p)
+    assert chi_square_p_value(tokens, want) > 1e-3
+    # the test can fail: the same draws against the softmax without temperature or filters
+    if (temperature, top_k, top_p) != (1.0, None, None):
+        assert chi_square_p_value(tokens, sampling_distribution(logits, 1.0)) < 1e-6
+
+
+def test_generate_samples_from_the_models_own_distribution():
+    """Through generate, prefill and all: one new token for 4,000 copies of a prompt (one uniform
+    per row) follows softmax(logits / T) of that prompt's last position."""
+    model = tiny_gpt(std=0.4)  # logits spread over a few units: 50 of the 61 tokens are drawn
+    prompt, n, temperature = [3, 14, 15, 9], 4000, 0.8
+    tokens = [row[0] for row in model.generate([prompt] * n, 1, temperature=temperature, seed=3)]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1]
+    assert chi_square_p_value(tokens, sampling_distribution(logits, temperature)) > 1e-3
+    # and it tells 0.8 from a temperature 25 % off
+    assert chi_square_p_value(tokens, sampling_distribution(logits, 1.0)) < 1e-6
+
+
+def llama_gpt(seed=0, std=0.2):
+    """A tiny Qwen2-style GPT: rotary positions, grouped-query attention, q/k/v biases."""
+    cfg = GPTConfig(model_type="qwen2", block_size=64, vocab_size=61, n_layer=2, n_head=4,
+                    n_kv_head=2, n_embd=32, n_inner=48, bias=False)
+    return randomize_(GPT(cfg), std, seed).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, llama_gpt], ids=["gpt2", "qwen2"])
+def test_a_rows_samples_depend_on_the_seed_alone_and_the_static_cache_gives_the_same(make):
+    """A row's draws are one uniform per (prompt, step) of the seeded generator: it samples the same
+    tokens whether the other rows stop early (EOS) or not, and with the static cache (fixed
+    batch, a 64-column cache written at tensor positions: what CUDA graphs replay)."""
+    model = make(std=0.1)
+    n = 12
+    free = model.generate(PROMPTS, n, temperature=0.9, seed=11)
+    # an EOS that some row emits early while another never does
+    eos = next(t for row in free for t in row[:n - 2] if any(t not in other for other in free))
+    stopped = model.generate(PROMPTS, n, temperature=0.9, seed=11, eos_token_id=eos)
+    assert stopped == [row[:row.index(eos) + 1] if eos in row else row for row in free]
+    assert any(len(r) < n for r in stopped) and any(len(r) == n for r in stopped)
+    for kw in (dict(temperature=0.9, seed=11), dict(temperature=0.9, seed=11, eos_token_id=eos),
+               dict(temperature=0), dict(temperature=0.7, top_k=5, top_p=0.9, seed=2)):
+        assert model.generate(PROMPTS, n, static_cache=True, **kw) == model.generate(PROMPTS, n,
+                                                                                     **kw), kw
+
+
+def test_the_static_cache_has_a_few_lengths_and_writes_at_tensor_positions():
+    """generate(static_cache=True)'s cache: block_size-capped multiples of 64 columns, a 0-d
+    position tensor, update returning every column (the mask hides those not written)."""
+    cache = KVCache(2, 64, static=True)
+    k = torch.randn(3, 2, 5, 4)
+    full_k, full_v = cache.update(0, k, -k)
+    assert full_k.shape == (3, 2, 64, 4) and torch.equal(full_k[:, :, :5], k)
+    assert torch.equal(full_v[:, :, :5], -k) and not full_k[:, :, 5:].any()
+    cache.pos += 5
+    cache.update(0, k[:, :, :1], k[:, :, :1])
+    assert torch.equal(full_k[:, :, 5], k[:, :, 0]) and cache.pos.dim() == 0  # written in place
+    seen = []
+    model = tiny_gpt(block_size=100)
+
+    class Recording(KVCache):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            seen.append(self.max_len)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "KVCache", Recording)
+        model.generate([[1] * 30], 20, static_cache=True)   # 50 -> 64 columns
+        model.generate([[1] * 30], 40, static_cache=True)   # 70 -> 128, capped at 100
+        model.generate([[1] * 30], 40)                      # the dynamic cache: exactly 70
+    assert seen == [64, 100, 70]
+
+
+def test_non_finite_logits_are_a_clear_error():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits are not finite"):
+        model.generate(PROMPTS, 4, temperature=1.0, seed=0)

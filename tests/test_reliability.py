@@ -282,6 +282,44 @@ def test_fp16_scales_the_loss_and_losses_are_float32_sums(tmp_path, monkeypatch)
         assert summary["dtype"] == dtype and math.isfinite(summary["sft"]["train"]["loss"])
 
 
+def test_bf16_autocast_on_cpu_every_stage_finite_resumable_float32_sums(tmp_path, monkeypatch):
+    """--dtype bfloat16 on the CPU (CPU autocast): every stage runs with bf16 matmuls, hands
+    float32 log-probs and float32 loss sums to the optimizer, writes finite numbers, and a run
+    killed in SFT, in the pairs stage and in PO resumes bit for bit to the uninterrupted run."""
+    seen = []
+
+    def recording(loss_fn):
+        def wrapped(model, batch, *args, **kwargs):
+            logps = model(batch["input_ids"], batch["targets"])  # what the loss is built on
+            loss, metrics = loss_fn(model, batch, *args, **kwargs)
+            seen.append((logps.dtype, loss.dtype, torch.is_autocast_enabled("cpu"),
+                         bool(torch.isfinite(loss))))
+            return loss, metrics
+        return wrapped
+    monkeypatch.setattr(train, "sft_loss", recording(train.sft_loss))
+    monkeypatch.setattr(train, "preference_loss", recording(train.preference_loss))
+    flags = dict(dtype="bfloat16", dropout=0.0)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    summary = train.main(tiny(whole, **flags))
+    assert summary["dtype"] == "bfloat16" and {"sft", "pairs", "po"} <= summary.keys()
+    assert seen and set(seen) == {(torch.float32, torch.float32, True, True)}, set(seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the matmuls really are bf16
+        model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+        assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.bfloat16
+    for stage in ("sft", "po"):
+        for record in read_jsonl(whole / stage / "metrics.jsonl"):
+            assert all(math.isfinite(v) for k, v in record.items()
+                       if isinstance(v, float) and k not in UNTIMED), record
+    reference = torch.load(whole / "po" / "reference_logps.pt", weights_only=True)
+    assert {t.dtype for pair in reference["train"] for t in pair} == {torch.float32}
+    for point in ("sft:5", "pairs:4", "po:3"):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
+            die_at(mp, point)
+            train.main(tiny(resumed, **flags))
+    train.main(tiny(resumed, **flags))
+    assert_same_run(whole, resumed)
+
+
 def test_fp16_overflow_at_every_loss_scale_stops_the_run(tmp_path, monkeypatch):
     """Under fp16 an inf gradient only makes GradScaler skip the step and halve its scale; when
     even a scale below 1 overflows, the gradients are broken, not the scale: the run stops (here
