@@ -20,7 +20,8 @@ import torch
 from common import atomic_write, write_json
 from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, weight_files)
-from model import GPT, GPTConfig, apply_lora, lora_settings
+from lora import apply_lora, lora_settings
+from model import GPT, GPTConfig
 from parallel import full_state
 from tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
 

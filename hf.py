@@ -535,11 +535,11 @@ def save_adapter(model, folder, base):
     """The model's LoRA adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors)
     that `peft.PeftModel.from_pretrained(<the Hugging Face base>, folder)` loads onto `base`:
     one lora_A (r, in) and lora_B (out, r) per adapted Hugging Face module, cut from our fused
-    ones (model.LoRALinear.adapters)."""
+    ones (lora.LoRALinear.adapters)."""
     from safetensors.torch import save
     state, targets, settings = {}, set(), None
     for name, module in model.named_modules():
-        if hasattr(module, "adapters"):  # a model.LoRALinear
+        if hasattr(module, "adapters"):  # a lora.LoRALinear
             settings = settings or (module.rank, module.alpha, module.lora_dropout.p)
             for target, A, B in module.adapters():
                 hf = peft_module(model.config, name.replace("_orig_mod.", ""), target)

@@ -38,7 +38,8 @@ from torch.utils.hooks import RemovableHandle
 from checkpoint import _our_checkpoint, load_checkpoint
 from common import markdown_table, need
 from hf import config_kwargs, hub_download, is_gpt2, is_hub_id
-from model import GPT, GPTConfig, apply_lora
+from lora import apply_lora
+from model import GPT, GPTConfig
 from parallel import keep_gathered
 
 GiB = 2 ** 30

@@ -49,7 +49,8 @@ from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_b
 from eval import Settings, complete, evaluate_stage, pair_logps, report_run
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
-from model import GPT, GPTConfig, apply_lora, lora_settings, lora_targets
+from lora import apply_lora, lora_settings, lora_targets
+from model import GPT, GPTConfig
 from parallel import load_state, place
 from plan import check_fits, print_plan
 from tokenizer import get_tokenizer

@@ -1,5 +1,5 @@
 """
-LoRA (model.LoRALinear, apply_lora) against independent references: the equation written out as
+LoRA (lora.LoRALinear, apply_lora) against independent references: the equation written out as
 a slow loop, transformers (a merged export), and peft (the PEFT-format adapters on the Hugging Face
 base), for GPT-2 and each Llama-family kind; gradients only in the adapters; checkpoints that hold
 the adapters and the name of their base; exact resume of a LoRA run.
@@ -16,7 +16,8 @@ import train
 from common import read_jsonl
 from checkpoint import export, load_checkpoint, load_gpt, save_checkpoint
 from hf import save_pretrained
-from model import GPT, GPTConfig, LoRALinear, apply_lora, lora_settings, lora_targets
+from lora import LoRALinear, apply_lora, lora_settings, lora_targets
+from model import GPT, GPTConfig
 from tiny_hf import hf_model
 from conftest import die_at, Died, tiny, UNTIMED
 

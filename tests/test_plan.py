@@ -14,7 +14,8 @@ import torch
 
 import plan
 import train
-from model import GPT, GPTConfig, apply_lora
+from lora import apply_lora
+from model import GPT, GPTConfig
 from conftest import ROOT, run_cli
 
 SHAPES = ROOT / "presets" / "shapes"
