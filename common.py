@@ -6,7 +6,9 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
     peak_flops(device)       the GPU's dense bf16 peak, for MFU
     seed_for(...)            random draws as functions of (seed, stage, step, rank): no RNG state
     atomic_write(path, ...)  every file a run writes appears whole or not at all
+    pin_inputs(out_dir, ...) a run folder pinned to the content of the inputs it read
     cli(main)                the command-line entry point: bad input is one line, no traceback
+                             (under torchrun: from the first process to fail)
 
 It imports nothing of the project.
 """
@@ -24,6 +26,7 @@ import uuid
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -498,7 +501,6 @@ def first_to_fail():
     serves at MASTER_ADDR:MASTER_PORT for its whole life; one process, or no store: True."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return True
-    from datetime import timedelta
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                               is_master=False, timeout=timedelta(seconds=5))
