@@ -5,6 +5,7 @@ message); the one-line errors of bad flags and files are rows of test_reliabilit
 Faults are real: a file-size limit (`ulimit -f`: CPython ignores SIGXFSZ, so writes fail with
 EFBIG, as on a full disk), real signals, real permissions, torchrun itself.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -45,15 +46,12 @@ def task_rows(start, n):
              "answer": f"He has {i}+1={i + 1}.\n#### {i + 1}"} for i in range(start, start + n)]
 
 
-def qwen_tokenizer(folder, template=None):
-    """A tiny Qwen2.5-style tokenizer (trained here; transformers writes its files); with
-    `template`, that chat template instead of Qwen's."""
+def qwen_tokenizer(folder):
+    """A tiny Qwen2.5-style tokenizer in `folder` (trained here; transformers writes its files,
+    no generation_config.json among them) -> its vocabulary size."""
     pytest.importorskip("transformers")
     from tiny_hf import train_tokenizer
-    tok = train_tokenizer("qwen2.5", folder, vocab_size=400)
-    if template is not None:
-        (folder / "chat_template.jinja").write_text(template)
-    return len(tok)
+    return len(train_tokenizer("qwen2.5", folder, vocab_size=400))
 
 
 def tiny_qwen(vocab_size, seed=0):
@@ -283,12 +281,14 @@ def test_a_step_count_far_beyond_the_data_starts_at_once(tmp_path):
                                                                ckpt_every=10 ** 9, log_every=1)],
                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
+    metrics = out / "sft" / "metrics.jsonl"
     try:
         deadline = time.time() + 120
-        while not (out / "sft" / "metrics.jsonl").exists() and time.time() < deadline:
+        while time.time() < deadline and not (metrics.exists() and
+                                              len(metrics.read_text().splitlines()) >= 2):
             assert proc.poll() is None
             time.sleep(0.1)
-        assert (out / "sft" / "metrics.jsonl").exists(), "no step within 2 minutes"
+        assert metrics.exists(), "no step within 2 minutes"  # (step 2 logged: step 1 printed)
     finally:
         proc.kill()  # by its own pid
         proc.wait(timeout=60)
@@ -327,7 +327,7 @@ def test_a_refusal_on_rank_0_under_torchrun_is_one_line(tmp_path):
     gloo's "Connection reset by peer" traceback."""
     out = tmp_path / "run"
     saved = common.parse(train.Config, tiny(out, device="cpu", beta=0.25))
-    common.write_json(out / "config.json", train.dataclasses.asdict(saved))
+    common.write_json(out / "config.json", dataclasses.asdict(saved))
     p = torchrun("train.py", *tiny(out, device="cpu"))
     check_one_line_under_torchrun(p, "holds a run with a different config (beta: 0.25 -> 0.5")
 
@@ -408,7 +408,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path):
     out = tmp_path / "run"
     flags = tiny(out, stop_after="sft", sft_steps=4, ckpt_every=1000)
     (out / "sft").mkdir(parents=True)
-    common.write_json(out / "config.json", train.dataclasses.asdict(common.parse(train.Config,
+    common.write_json(out / "config.json", dataclasses.asdict(common.parse(train.Config,
                                                                                  flags)))
 
     def run():
