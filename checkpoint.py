@@ -3,11 +3,12 @@ Checkpoints: ours (one file, written atomically), and loading a model with its t
 whatever a run starts from.
 
     model, tok = load_model("out/default/po/ckpt.pt")    # ours; or an HF folder, a hub id, gpt2
-    save_checkpoint("ckpt.pt", model, optimizer, step=7, tokenizer=tok.name)
+    save_checkpoint("ckpt.pt", model, optimizer, step=7, tokenizer=tok)
     export("out/default/po/ckpt.pt", "out/hf")           # a Hugging Face folder (hf.py)
     export("out/lora/po/ckpt.pt", "out/peft", adapter=True)  # LoRA adapters for peft
 
-A checkpoint records the name of its tokenizer ("byte", "gpt2", an HF folder or hub id) and the
+A checkpoint records its tokenizer ("byte", "gpt2", or a Hugging Face tokenizer: its name and the
+files it was read from, so it loads after the folder moved, or with the hub offline) and the
 chat-template setting it was trained with, so load_model gives back the pair a run used.
 """
 
@@ -17,9 +18,9 @@ from dataclasses import asdict, fields
 
 import torch
 
-from common import atomic_write, write_json
+from common import atomic_write, read_json, write_json
 from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
-                state_dict, weight_files)
+                state_dict, tokenizer_files, weight_files)
 from lora import apply_lora, lora_settings
 from model import GPT, GPTConfig
 from parallel import full_state
@@ -38,14 +39,21 @@ LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "r
 def save_checkpoint(path, model, optimizer=None, base=None, **extra):
     """torch.save {'format': 'nanoadpo', 'config', 'model', 'optimizer'?, **extra} to `path`,
     atomically (common.atomic_write: an interrupted save leaves the previous checkpoint intact).
-    Keep extras to tensors and plain Python values (load_checkpoint reads weights_only).
+    Keep extras to tensors and plain Python values (load_checkpoint reads weights_only); a
+    tokenizer object as `tokenizer` is kept as its name and, for a Hugging Face one, its files.
     Every rank calls it (a sharded model is gathered first: parallel.full_state); rank 0 writes.
     A LoRA model's checkpoint holds its adapters, their settings ('lora') and `base`, the source
     (load_gpt's) of the frozen weights they sit on."""
     path = os.fspath(path)
-    clash = {"format", "config", "model", "optimizer", "lora", "base"} & set(extra)
+    reserved = {"format", "config", "model", "optimizer", "lora", "base", "tokenizer_files"}
+    clash = reserved & set(extra)
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
+    tok = extra.get("tokenizer")
+    if tok is not None and not isinstance(tok, str):
+        extra["tokenizer"] = tok.name
+        if getattr(tok, "files", None):
+            extra["tokenizer_files"] = tok.files  # {file name: bytes}
     weights, optim = full_state(model, optimizer)  # (a collective for a sharded model)
     if int(os.environ.get("RANK", 0)) != 0:
         return
@@ -193,17 +201,86 @@ def _copy_weights_into(ours, state, source):
 def load_tokenizer(source, name="auto", chat_template="auto"):
     """The tokenizer of a model source. name 'auto': the one our checkpoint records (with the
     chat-template setting it was trained with), a Hugging Face folder's or hub repo's own
-    tokenizer.json, else GPT-2's; any other name goes to tokenizer.get_tokenizer."""
+    tokenizer.json, else GPT-2's (for a GPT-2 only: another model's ids are not GPT-2's); any
+    other name goes to tokenizer.get_tokenizer. A Hugging Face tokenizer comes with `.files`,
+    {file name: bytes} of the files it was read from, which our checkpoints keep."""
     if name != "auto":
         return get_tokenizer(name, chat_template)
     src = os.fspath(source)
     path = _our_checkpoint(src)
     if path is not None:
         ckpt = load_checkpoint(path, mmap=True)  # the weights stay on disk
-        return get_tokenizer(ckpt.get("tokenizer") or "gpt2", ckpt.get("chat_template", "auto"))
+        recorded = ckpt.get("tokenizer") or "gpt2"
+        template = ckpt.get("chat_template", "auto")
+        if ckpt.get("tokenizer_files"):
+            return _from_files(ckpt["tokenizer_files"], recorded, template)
+        if os.path.isabs(recorded) and not os.path.exists(recorded):
+            raise FileNotFoundError(f"{path}: its tokenizer was read from {recorded}, which is "
+                                    f"gone (checkpoints written since record the files "
+                                    f"themselves): put the folder back there")
+        return get_tokenizer(recorded, template)
     if has_hf_tokenizer(src):
-        return get_tokenizer(src, chat_template)
+        tok = get_tokenizer(src, chat_template)
+        tok.files = {n: _read_bytes(p) for n, p in _tokenizer_sources(src).items()}
+        return tok
+    config = os.path.join(src, "config.json")
+    config = read_json(config) if os.path.isfile(config) else {}
+    kind = config.get("model_type", "gpt2") if isinstance(config, dict) else "gpt2"
+    if kind != "gpt2":  # GPT-2's ids would fit the vocabulary, silently meaning other text
+        raise FileNotFoundError(f"{src}: no tokenizer.json, and a {kind} model's ids are not "
+                                f"GPT-2's: copy its tokenizer files (tokenizer.json, "
+                                f"tokenizer_config.json) into the folder")
     return get_tokenizer("gpt2")
+
+
+def _tokenizer_sources(source):
+    """{file name: path} of what a Hugging Face tokenizer is read from (hf.tokenizer_files, and
+    config.json, which may hold its special token ids)."""
+    files = tokenizer_files(source)  # (tokenizer.json among them: the tokenizer was read)
+    config = os.path.join(os.path.dirname(files["tokenizer.json"]), "config.json")
+    return {**files, "config.json": config} if os.path.isfile(config) else files
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _from_files(files, name, chat_template):
+    """A Hugging Face tokenizer rebuilt from the files a checkpoint keeps (written to a temporary
+    folder, read, removed), under the name it was trained with."""
+    with tempfile.TemporaryDirectory(prefix="nanoadpo-tokenizer-") as folder:
+        for file, content in files.items():
+            with open(os.path.join(folder, os.path.basename(file)), "wb") as f:
+                f.write(content)
+        tok = get_tokenizer(folder, chat_template)
+    tok.name = name
+    tok.files = files
+    return tok
+
+
+def model_files(source):
+    """The local files a model source is read from (what pins a run to the model it starts
+    from): our checkpoint; an HF folder's config.json, weights and tokenizer files; none for a
+    hub id or a GPT-2 name (the hub's cache answers for those) or a source that is not there."""
+    src = os.fspath(source)
+    path = _our_checkpoint(src)
+    if path is not None:
+        return [path]
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        return []
+    config_kwargs(src)  # a broken config.json: the one-line error loading it gives
+    weights = weight_files(src)
+    extra = _tokenizer_sources(src) if has_hf_tokenizer(src) else {}
+    return [os.path.join(src, "config.json"), *weights,
+            *(p for n, p in sorted(extra.items()) if n != "config.json")]
+
+
+def load_settings(source):
+    """The eval.Settings our checkpoint records it was trained with ({} for any other source,
+    and for checkpoints written before they recorded them)."""
+    path = _our_checkpoint(os.fspath(source))
+    return load_checkpoint(path, mmap=True).get("settings", {}) if path else {}
 
 
 def check_vocab(tok, model, source):
@@ -235,10 +312,12 @@ def load_model(source, tokenizer="auto", chat_template="auto", **overrides):
 def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     """A model (e.g. a run's ckpt.pt) as a Hugging Face folder with its tokenizer's files, for
     transformers, vLLM or lm-evaluation-harness (hf.save_pretrained; LoRA adapters merged into
-    the weights). Offline, from what the run has: GPT-2's tokenizer files are made from
-    tiktoken's (gpt2_tokenizer_files). adapter=True: a LoRA checkpoint's adapters alone, in
-    PEFT's format (hf.save_adapter), for peft to load onto their base, an HF folder or hub id (a
-    base that is one of our checkpoints exports to one first: export(base, folder))."""
+    the weights). Offline, from what the run has: the tokenizer files the checkpoint keeps, or
+    GPT-2's made from tiktoken's (gpt2_tokenizer_files); the special token ids the source's
+    generation_config.json lacks come from the tokenizer (the EOS a response ends with).
+    adapter=True: a LoRA checkpoint's adapters alone, in PEFT's format (hf.save_adapter), for peft
+    to load onto their base, an HF folder or hub id (a base that is one of our checkpoints exports
+    to one first: export(base, folder))."""
     model, tok = load_model(source)
     ours = _our_checkpoint(os.fspath(source))
     if adapter:
@@ -246,13 +325,22 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
             raise ValueError(f"{source}: not a LoRA checkpoint (expected a ckpt.pt of a run with "
                              f"--lora_rank); export the whole model with adapter=False")
         return save_adapter(model, folder, base=load_checkpoint(ours, mmap=True)["base"])
-    # the tokenizer's files: where our checkpoint's tokenizer lives, else the source's own
-    files = tok.name if ours else os.fspath(source)
-    with tempfile.TemporaryDirectory() as made:
-        if is_gpt2(files):
-            files = gpt2_tokenizer_files(made)
+    eos = list(dict.fromkeys([tok.eot_token, getattr(tok, "eos_token_id", tok.eot_token)]))
+    bos = getattr(tok, "bos", None) or [None]  # (Llama-3's <|begin_of_text|>)
+    ids = dict(bos_token_id=bos[0], eos_token_id=eos[0] if len(eos) == 1 else eos)
+    with tempfile.TemporaryDirectory(prefix="nanoadpo-tokenizer-") as made:
+        if getattr(tok, "files", None):  # the files our checkpoint keeps
+            for name, content in tok.files.items():
+                if name != "config.json":
+                    with open(os.path.join(made, name), "wb") as f:
+                        f.write(content)
+            files = made
+        else:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
+            files = tok.name if ours else os.fspath(source)
+            if is_gpt2(files):
+                files = gpt2_tokenizer_files(made)
         return save_pretrained(model, folder, tokenizer=files, dtype=dtype,
-                               max_shard_size=max_shard_size)
+                               max_shard_size=max_shard_size, token_ids=ids)
 
 
 def gpt2_tokenizer_files(folder):

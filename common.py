@@ -6,7 +6,9 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
     peak_flops(device)       the GPU's dense bf16 peak, for MFU
     seed_for(...)            random draws as functions of (seed, stage, step, rank): no RNG state
     atomic_write(path, ...)  every file a run writes appears whole or not at all
+    pin_inputs(out_dir, ...) a run folder pinned to the content of the inputs it read
     cli(main)                the command-line entry point: bad input is one line, no traceback
+                             (under torchrun: from the first process to fail)
 
 It imports nothing of the project.
 """
@@ -28,6 +30,7 @@ import uuid
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, dataclass, fields, is_dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -404,9 +407,10 @@ def _atomic_write(path, write):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):  # e.g. a full disk: say what is safe, in one line
-            raise OSError(f"{path}: could not write it ({e.strerror or e}); nothing was "
-                          f"changed: the previous version, if any, is intact") from None
+        failed = write_failure(e)
+        if failed:  # e.g. a full disk: say what is safe, in one line
+            raise OSError(f"{path}: could not write it ({failed.strerror or failed}); nothing "
+                          f"was changed: the previous version, if any, is intact") from None
         raise
     try:  # make the rename itself durable (POSIX; folders cannot be opened like this on Windows)
         fd = os.open(folder, os.O_RDONLY)
@@ -416,6 +420,15 @@ def _atomic_write(path, write):
             os.close(fd)
     except OSError:
         pass
+
+
+def write_failure(e):
+    """The OSError behind a failed write, or None. A full disk reaches torch.save's C++ zip writer
+    as an OSError from the file's write(), which the writer turns into `RuntimeError: [enforce fail
+    at inline_container.cc] ... unexpected pos`; the OSError stays on as its __context__."""
+    while isinstance(e, RuntimeError):
+        e = e.__cause__ or e.__context__
+    return e if isinstance(e, OSError) else None
 
 
 def write_json(path, obj):
@@ -454,9 +467,14 @@ def write_jsonl(records, path):
 
 
 def append_jsonl(path, record):
-    """One more line of a log (a kill mid-append tears the last line: see read_jsonl)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """One more line of a log (a kill mid-append tears the last line: see read_jsonl). A failed
+    append (a full disk) names the file: the lines before it are intact."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise OSError(f"{path}: could not append to it ({e.strerror or e}); the lines before "
+                      f"are intact (a torn last line is dropped when the run resumes)") from None
 
 
 def read_jsonl(path, torn_tail=False):
@@ -480,8 +498,23 @@ def file_digest(path):
     """The sha256 of a file's bytes (hex), or None if there is no such file."""
     if not os.path.isfile(path):
         return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return content_id("", [path])
+
+
+def content_id(name, paths):
+    """What identifies an input a run reads: the sha256 (hex) of its files' names and bytes, in
+    order (the same files at another path have the same id), or, for an input that is not local
+    files (the arith task, a hub id, 'scratch'), its name."""
+    if not paths:
+        return name
+    h = hashlib.sha256()
+    for path in paths:
+        if len(paths) > 1:
+            h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):  # (weight files are large: never read whole)
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def markdown_table(header, rows):
@@ -500,8 +533,13 @@ def lock_run_folder(out_dir):
     if int(os.environ.get("RANK", 0)) != 0 or os.path.realpath(out_dir) in _LOCKS:
         return
     import fcntl  # POSIX
-    os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:  # e.g. a read-only folder
+        raise OSError(f"{out_dir}: cannot write in this run folder ({e.strerror or e}); a "
+                      f"run writes its files there: use another --out_dir, or make it "
+                      f"writable") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -517,7 +555,7 @@ def lock_run_folder(out_dir):
 
 
 # what a run folder may hold before a stage has computed anything
-NOT_COMPUTED = (".lock", "config.json", "tensorboard", "wandb")
+NOT_COMPUTED = (".lock", "config.json", "inputs.json", "tensorboard", "wandb")
 
 
 def claim_run_folder(out_dir, config, free=(), defaults=None):
@@ -542,11 +580,37 @@ def claim_run_folder(out_dir, config, free=(), defaults=None):
         elif diff and not others:
             print(f"{out_dir}: the run there computed nothing (its config.json: {diff}); it "
                   f"starts anew with this config", flush=True)
+            if os.path.exists(os.path.join(out_dir, "inputs.json")):  # (that config's inputs)
+                os.remove(os.path.join(out_dir, "inputs.json"))
             write_json(path, config)
         else:
             need(not diff, f"{out_dir} holds a run with a different config ({diff}); use "
                            f"another --out_dir, or the same flags to resume it")
             print(f"resuming the run in {out_dir}", flush=True)
+    barrier()
+
+
+def pin_inputs(out_dir, inputs):
+    """A run is pinned to the inputs it reads by their content: DIR/inputs.json keeps the
+    content_id of each (its task file, the model it starts from...) from the first run of the
+    folder that read it, and a later run whose input holds other content is refused before any
+    work (the same content at another path is fine). inputs: {flag: (its value, its content_id,
+    or None where there is nothing to check now)}. Rank 0 checks and writes; the others wait."""
+    path = os.path.join(out_dir, "inputs.json")
+    if int(os.environ.get("RANK", 0)) == 0:
+        pinned = read_run_file(path) if os.path.exists(path) else {}
+        for flag, (value, now) in inputs.items():
+            then = pinned.get(flag)
+            if then is None or now is None or then == now:
+                continue
+            short = [x[:12] + "…" if re.fullmatch(r"[0-9a-f]{64}", x) else x for x in (then, now)]
+            raise ConfigError(f"--{flag} {value}: not what this run read from it before (content "
+                              f"{short[0]} then, {short[1]} now; see {path}): its stages would "
+                              f"mix the two; restore it, or start a new run with another "
+                              f"--out_dir")
+        new = {flag: now for flag, (_, now) in inputs.items() if now is not None}
+        if {**pinned, **new} != pinned:
+            write_json(path, {**pinned, **new})
     barrier()
 
 
@@ -567,17 +631,40 @@ def config_diff(path, config, free, defaults):
 # the command line
 
 
+def first_to_fail():
+    """Whether this process is the first of its torchrun job to fail: that one says why, and the
+    others exit quietly (they fail the same way on the same flags and files, or fail because it
+    left: gloo's "Connection closed by peer"). Counted in the job's key-value store, which torchrun
+    serves at MASTER_ADDR:MASTER_PORT for its whole life; one process, or no store: True."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return True
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=5))
+        key = f"nanoadpo/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        return store.add(key, 1) == 1
+    except Exception:  # no store to ask (a launcher other than torchrun): every process reports
+        return True
+
+
 def cli(main):
-    """Run main() as a script: bad input (files, flags, numerics) is one `error:` line, exit 1."""
+    """Run main() as a script: bad input (files, flags, numerics) is one `error:` line, exit 1;
+    under torchrun, one line from the first process to fail."""
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        if first_to_fail():
+            print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # exit at once: torch's threads may not survive the usual teardown
-        print("\ninterrupted: what was saved is intact; the same command resumes the run",
-              file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # (a terminal's Ctrl-C reaches every process)
+            print("\ninterrupted: what was saved is intact; the same command resumes the run",
+                  file=sys.stderr, flush=True)
         os._exit(130)
+    except Exception:  # a bug: its traceback, unless another process failed first and said why
+        if not first_to_fail():
+            sys.exit(1)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

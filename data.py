@@ -386,11 +386,14 @@ def _check_json(path, ext):
                                  f"{e.colno}: {e.msg})") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
-            if line.strip():
-                json.loads(line)
+            value = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
                              f"JSON, {e.msg}; expected one JSON object per line)") from None
+        if not isinstance(value, dict):  # e.g. a JSON array on one line: datasets names no line
+            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: "
+                             f"{_a(value).replace('a list', 'a JSON array')}; expected one JSON "
+                             f"object per line)")
 
 def _mixed_column_error(path, column):
     with open(path, encoding="utf-8") as f:
@@ -403,6 +406,22 @@ def _mixed_column_error(path, column):
                                   f"but other rows hold strings (expected a non-empty string)")
     return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
 
+def _split_file(folder, split):
+    """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
+    found = [p for p in (os.path.join(folder, split + ext) for ext in BUILDERS)
+             if os.path.isfile(p)]
+    return found[0] if found else None
+
+def local_files(source, splits=("train", "test")):
+    """The local files a task or a pair source reads (what pins a run to them): the file itself,
+    or a folder's split files; none for the embedded and hub tasks or a hub dataset."""
+    path = os.path.expanduser(str(source))
+    if source in ("arith", "gsm8k") or not os.path.exists(path):
+        return []
+    if os.path.isfile(path):
+        return [path]
+    return [f for f in (_split_file(path, split) for split in splits) if f]
+
 def _load_table(source, split="train", config=None):
     """-> (rows as a list of dicts, column names, name for error messages).
     `source` is a local file, a folder holding {split}.jsonl/.json/.parquet/.csv,
@@ -410,12 +429,11 @@ def _load_table(source, split="train", config=None):
     import datasets  # imported here: it is slow to import and the offline arith task never needs it
     path = os.path.expanduser(str(source))
     if os.path.isdir(path):
-        found = [p for p in (os.path.join(path, split + ext) for ext in BUILDERS)
-                 if os.path.isfile(p)]
+        found = _split_file(path, split)
         if not found:
             raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv "
                                     f"in this folder")
-        path = found[0]
+        path = found
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:

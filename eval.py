@@ -20,19 +20,19 @@ import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, markdown_table,
-                    need, parse, print0, progress_bar, read_json, read_jsonl, read_run_file,
-                    setup, write_json, write_jsonl)
-from checkpoint import load_gpt, load_model, load_tokenizer
+from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, content_id,
+                    file_digest, markdown_table, need, parse, pin_inputs, print0, progress_bar,
+                    read_json, read_jsonl, read_run_file, setup, write_json, write_jsonl)
+from checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
-                  preference_batch, render_pairs)
+                  local_files, preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
 from parallel import place
 from tokenizer import encode_prompt
@@ -74,6 +74,14 @@ class Settings:
     family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
     size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
     eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
+
+
+def settings_of(cfg):
+    """The Settings a checkpoint records it was trained with (train.py saves them in every
+    ckpt.pt: a --compare variant's loss, family, size and seed are its own, not the run's), so
+    that eval.py scores it with them. Device and dtype are left out: they change nothing it is."""
+    return {f.name: getattr(cfg, f.name) for f in fields(Settings)
+            if f.name not in ("device", "dtype")}
 
 
 # -----------------------------------------------------------------------------
@@ -609,17 +617,99 @@ def write_lm_eval_task(cfg, tok, folder):
     return name
 
 
+# -----------------------------------------------------------------------------
+# a run's inputs, pinned by their content (DIR/inputs.json): moved, the same input; edited, not
+
+PINNED = ("task", "init_from", "pairs_source")
+
+
+def input_id(cfg, flag):
+    """What --flag's input is (common.content_id): the digest of the files it names, or the name
+    itself (arith, scratch, a hub id...); None for a folder without the files it should hold."""
+    value = getattr(cfg, flag)
+    if not os.path.exists(os.path.expanduser(value)):
+        return value
+    splits = ("train", "test") if flag == "task" else ("train",)
+    files = model_files(value) if flag == "init_from" else local_files(value, splits)
+    return content_id(value, files) if files else None
+
+
+def pinned_inputs(folder):
+    """{flag: content_id} of the inputs a run folder has read ({} before it read any)."""
+    path = os.path.join(folder, "inputs.json")
+    return read_run_file(path) if os.path.isfile(path) else {}
+
+
+def moved_inputs(cfg):
+    """The PINNED flags whose value is not the run's config.json's but names the content the run
+    pinned: the same input at another path (a moved model folder), which may differ. (Rank 0
+    claims the folder: the other ranks need not hash a thing.)"""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return ()
+    try:
+        saved = read_json(os.path.join(cfg.out_dir, "config.json"))
+        pinned = pinned_inputs(cfg.out_dir)
+    except (OSError, ValueError):  # a new run folder (or a broken one: claim_run_folder says so)
+        return ()
+    return tuple(f for f in PINNED if f in pinned and saved.get(f) != getattr(cfg, f)
+                 and input_id(cfg, f) == pinned[f])
+
+
+def pin_run_inputs(cfg):
+    """Pin (common.pin_inputs) the inputs of a train.py run: each is recorded by the first run of
+    the folder, and checked while the run reads it: the task always, the source model until SFT
+    is done, the pair source until the pairs are (neither is read after that)."""
+    if int(os.environ.get("RANK", 0)) != 0:  # rank 0 checks and records: only it hashes
+        return pin_inputs(cfg.out_dir, {})
+    sft_done = os.path.exists(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
+    pairs_done = os.path.exists(os.path.join(cfg.out_dir, "pairs", "stats.json"))
+    reads = {"task": True, "init_from": not sft_done, "pairs_source": not pairs_done}
+    pinned = pinned_inputs(cfg.out_dir)
+    pin_inputs(cfg.out_dir, {f: (getattr(cfg, f), input_id(cfg, f)) for f in PINNED
+                             if reads[f] or f not in pinned})
+
+
+def changed_inputs(cfg, base, folder):
+    """What of cfg's test set is not what the run scored -> list of notes. The task is compared
+    by content with the run's inputs.json: moved, the same task; edited in place, not."""
+    pinned = pinned_inputs(folder).get("task")
+    same = pinned is not None and input_id(cfg, "task") == pinned
+    changed = [f"--{k} {getattr(cfg, k)} (the run's: {base[k]})" for k in TEST_SET
+               if k in base and getattr(cfg, k) != base[k] and not (k == "task" and same)]
+    if pinned is not None and not same and cfg.task == base.get("task"):
+        changed.append(f"--task {cfg.task} changed since the run read it (see "
+                       f"{folder}/inputs.json)")
+    return changed
+
+
+def changed_pairs(cfg, folder):
+    """A note if --pairs is one of the run's own pair files but not as its pairs stage wrote it."""
+    name = os.path.basename(cfg.pairs)
+    own = os.path.join(folder, "pairs", name)
+    if name not in ("train.jsonl", "val.jsonl") or os.path.realpath(cfg.pairs) != own:
+        return ""
+    stats = read_run_file(os.path.join(folder, "pairs", "stats.json"))
+    same = file_digest(cfg.pairs) == stats.get(f"sha256/{name}")
+    return "" if same else f"; --pairs {cfg.pairs} is NOT the file the run's pairs stage wrote"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse(EvalConfig, argv)
     folder = run_folder(cfg.ckpt)
-    if folder:  # the run's settings under the flags: its test set, exactly
-        saved = read_json(os.path.join(folder, "config.json"))
-        cfg = parse(EvalConfig, argv, base=saved)
-        changed = [f"--{k} {getattr(cfg, k)} (the run's: {saved[k]})" for k in TEST_SET
-                   if k in saved and getattr(cfg, k) != saved[k]]
+    own = load_settings(cfg.ckpt)  # {} for anything but our checkpoints
+    if folder or own:  # the run's settings, then the checkpoint's own, under the flags
+        saved = read_json(os.path.join(folder, "config.json")) if folder else {}
+        base = {**saved, **own}
+        cfg = parse(EvalConfig, argv, base=base)
+        where = f"the run in {folder}" if folder else f"{cfg.ckpt}, recorded in it"
+        mine = [f"{k} {v}" for k, v in own.items() if k in saved and saved[k] != v]
+        where += f", and the checkpoint's own ({', '.join(mine)})" if mine else ""
+        changed = changed_inputs(cfg, base, folder) if folder else []
         note = f"; NOT the run's test set: {', '.join(changed)}" if changed else ""
-        print0(f"settings of the run in {folder}{note}")
+        note += changed_pairs(cfg, os.path.realpath(folder)) if folder and cfg.pairs else ""
+        print0(f"settings of {where}: loss {cfg.loss}, beta {cfg.beta}, family {cfg.family}, "
+               f"size {cfg.size}, eos_pad {cfg.eos_pad}{note}")
     validate(cfg)
     if cfg.lm_eval_task:  # the test set as a task file: the tokenizer renders the prompts
         tok = load_tokenizer(cfg.ckpt, cfg.tokenizer, cfg.chat_template)

@@ -138,14 +138,15 @@ def config_kwargs(folder):
     if cfg.get("model_type", "gpt2") != "gpt2":
         refuse("model_type", f"one of {', '.join(ARCHITECTURES)}")
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
-        if not isinstance(cfg.get(key), int):
-            refuse(key, "an integer")
+        if not _count(cfg.get(key)):
+            refuse(key, "an integer >= 1")
     # same tanh GELU
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         refuse("activation_function", "'gelu_new'")
     if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
         refuse("n_inner", f"null or 4*n_embd = {4 * cfg['n_embd']}")
-    if not math.isclose(cfg.get("layer_norm_epsilon", 1e-5), 1e-5, rel_tol=1e-6):
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if not _number(eps) or not math.isclose(eps, 1e-5, rel_tol=1e-6):
         refuse("layer_norm_epsilon", "1e-05")
     for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                          ("reorder_and_upcast_attn", False), ("add_cross_attention", False),
@@ -159,6 +160,16 @@ def config_kwargs(folder):
     return dict(block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"],
                 n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
                 dropout=0.0, bias=True)
+
+
+def _count(value):
+    """A size read as what it is: an int >= 1 (JSON's true is no 1, 0 heads no model)."""
+    return type(value) is int and value >= 1
+
+
+def _number(value):
+    """A finite int or float, not a bool (nor a string holding a number)."""
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -180,18 +191,24 @@ def _llama_config(cfg, config_path):
     if any(kind != "full_attention" for kind in cfg.get("layer_types") or ()):
         refuse("layer_types", "full_attention in every layer")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or 0
-    if cfg.get("rope_parameters") is not None:  # transformers 5
-        key, rope = "rope_parameters", cfg["rope_parameters"]
+    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    if not isinstance(cfg.get(key) or {}, dict):
+        refuse(key, "an object, or null")
+    if key == "rope_parameters":  # transformers 5
+        rope = cfg["rope_parameters"]
     else:  # the hub's files
-        key, rope = "rope_scaling", dict(cfg.get("rope_scaling") or {})
+        rope = dict(cfg.get("rope_scaling") or {})
         rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", 10000.0)
+    if not (_number(theta) and theta > 0):
+        refuse("rope_theta" if key == "rope_scaling" else key, "a rope_theta > 0")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         refuse(key, "no scaling, or rope_type 'llama3'")
     if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         refuse("partial_rotary_factor", "1.0")
     scaling = {k: rope.get(k) for k in LLAMA3_ROPE} if kind == "llama3" else None
-    if scaling and not all(isinstance(v, (int, float)) for v in scaling.values()):
+    if scaling and not all(map(_number, scaling.values())):
         refuse(key, f"numbers for {', '.join(LLAMA3_ROPE)}")
     return dict(model_type=cfg["model_type"], block_size=cfg["max_position_embeddings"],
                 vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"],
@@ -203,13 +220,21 @@ def _llama_config(cfg, config_path):
 
 
 def _check_shape(cfg, refuse):
-    """The sizes every Llama-family or Gemma config.json needs, and heads that divide evenly."""
+    """The sizes every Llama-family or Gemma config.json needs, read as what they are (an int >= 1:
+    JSON's true is no 1, and 0 heads no model), and heads that divide evenly."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings"):
-        if not isinstance(cfg.get(key), int):
-            refuse(key, "an integer")
+        if not _count(cfg.get(key)):
+            refuse(key, "an integer >= 1")
+    eps = cfg.get("rms_norm_eps")
+    if eps is not None and not (_number(eps) and eps > 0):
+        refuse("rms_norm_eps", "a number > 0")
+    if cfg.get("tie_word_embeddings") not in (None, True, False):
+        refuse("tie_word_embeddings", "true or false")
+    if cfg.get("head_dim") is not None and not _count(cfg["head_dim"]):
+        refuse("head_dim", "an integer >= 1, or null")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or 0
-    if not isinstance(kv_heads, int) or kv_heads < 0 or (kv_heads and heads % kv_heads):
+    if type(kv_heads) is not int or kv_heads < 0 or (kv_heads and heads % kv_heads):
         refuse("num_key_value_heads", f"an integer that divides num_attention_heads={heads}")
     if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
         refuse("hidden_size", f"a multiple of num_attention_heads={heads}, or a head_dim")
@@ -481,12 +506,15 @@ def hf_state_dict(model, dtype=None):
 # export
 
 
-def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5GB"):
+def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5GB",
+                    token_ids=None):
     """Write a Hugging Face folder that transformers, vLLM or lm-evaluation-harness load:
     config.json, model.safetensors (shards and an index past max_shard_size), and the tokenizer
     files of `tokenizer` (an HF folder or hub id, 'gpt2', or 'none'/'byte'/None: our byte tokenizer
-    has none). dtype: e.g. torch.bfloat16 (default: the weights' own). Every file appears whole
-    (temp file + rename); config.json comes last."""
+    has none). dtype: e.g. torch.bfloat16 (default: the weights' own). token_ids: {bos_token_id,
+    eos_token_id, pad_token_id} for those the source's generation_config.json lacks (the
+    tokenizer's: checkpoint.export passes them; a null eos would never stop generating). Every
+    file appears whole (temp file + rename); config.json comes last."""
     from huggingface_hub import save_torch_state_dict
     state = hf_state_dict(model, dtype)
     extra = tokenizer_files(tokenizer)  # {file name: path}, fetched before anything is written
@@ -510,7 +538,8 @@ def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5
     # defaults, e.g. Llama's eos 2, would be wrong)
     generation = extra.get("generation_config.json")
     generation = read_json(generation) if generation else {}
-    ids = {k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: generation[k] if generation.get(k) is not None else (token_ids or {}).get(k)
+           for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = json.dumps(dict(hf_config(model.config, dtype_name), **ids), indent=2).encode()
     atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
     return folder

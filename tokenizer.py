@@ -163,6 +163,9 @@ class HFTokenizer(tiktoken.Encoding):
                                          **self._template_tokens)
         except jinja2.TemplateError as e:
             raise ValueError(f"{self.name}: the chat template failed: {e}") from None
+        except Exception as e:  # a Python-level bug in the template (1 / 0, a bad method call)
+            raise ValueError(f"{self.name}: the chat template failed: "
+                             f"{type(e).__name__}: {e}") from None
 
     def _id_of(self, configs, key, path):
         """The id of a token the configs name as text (tokenizer_config.json) or as an id (or a

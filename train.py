@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -46,7 +46,8 @@ from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, c
 from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
-from eval import Settings, complete, evaluate_stage, pair_logps, report_run
+from eval import (Settings, complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
+                  report_run, settings_of)
 from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
                   preference_metrics)
 from lora import apply_lora, lora_settings, lora_targets
@@ -175,6 +176,24 @@ def validate(cfg):
         need(cfg.max_new_tokens < cfg.block_size,
              f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
              f"context (expected < --block_size {cfg.block_size})")
+    check_loss_at_start(cfg)
+
+
+def check_loss_at_start(cfg):
+    """At step 0 the policy is the reference (every log-ratio 0): the loss then depends on β (γ)
+    and the lengths alone. Where even that is out of float32's range (IPO's (1/(2β))² at
+    β = 1e-20), no learning rate is to blame: say so before any work. Checked on the largest
+    micro-batch a step takes: its pairs with max_len scored tokens each."""
+    B, T = math.ceil(cfg.po_batch_size / cfg.grad_accum), cfg.max_len
+    zeros = torch.zeros(2 * B, T)  # (2B, T) log πθ = log πref (SimPO, reference-free: log 1)
+    batch = dict(input_ids=None, targets=None, loss_mask=torch.ones(2 * B, T, dtype=torch.bool),
+                 reference_logps=zeros, rejected_weights=torch.ones(B, T))
+    loss = preference_loss(lambda idx, targets: zeros, batch, cfg)[0].item()
+    knob = "--gamma" if cfg.loss == "simpo" else "--beta"
+    need(math.isfinite(loss), f"--loss {cfg.loss} {knob} {getattr(cfg, knob[2:])}: the loss is "
+                              f"{loss} at step 0 already, where the policy is the reference: "
+                              f"out of float32's range (expected a "
+                              f"{'smaller' if knob == '--gamma' else 'larger'} {knob})")
 
 
 # -----------------------------------------------------------------------------
@@ -229,15 +248,27 @@ def cosine_lr(step, total, peak, warmup_frac):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_order(rows, batch_size, steps, seed):
-    """The global batch (row indices) of every step: length-grouped, reshuffled each epoch, and a
-    function of the seed alone, so every rank and every resumed run rebuilds the same order."""
-    lengths = row_lengths(rows)
-    order, epoch = [], 0
-    while len(order) < steps:
-        order += length_grouped_batches(lengths, batch_size, seed=seed_for(seed, epoch))
-        epoch += 1
-    return order[:steps]
+class BatchOrder:
+    """order[step]: the global batch (row indices) of a step, len(order) steps. Length-grouped,
+    reshuffled each epoch, and a function of the seed alone, so every rank and every resumed run
+    rebuilds the same order. One epoch is held at a time (each has as many batches), so a step
+    count far beyond the data (--sft_steps 100000000) costs no memory."""
+
+    def __init__(self, rows, batch_size, steps, seed):
+        lengths = row_lengths(rows)
+        need(lengths, "no training rows to make batches of")
+        self.epoch = lru_cache(maxsize=1)(  # epoch -> its batches
+            lambda e: length_grouped_batches(lengths, batch_size, seed=seed_for(seed, e)))
+        self.per_epoch = len(self.epoch(0))
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, step):
+        if not 0 <= step < self.steps:
+            raise IndexError(step)
+        return self.epoch(step // self.per_epoch)[step % self.per_epoch]
 
 
 def my_share(batch, cfg, run):
@@ -272,14 +303,16 @@ def check_numbers(loss, gnorm, scaler, step, total, name, cfg, run):
     weights in memory may be broken by then, but nothing is saved from them."""
     lr = {"sft": "--sft_lr", "cdpo": "--cdpo_lr"}.get(name.split(os.sep)[0], "--po_lr")
     fp16 = run.dtype == "float16"
+    blame = f"the learning rate is probably too high (lower {lr})"
+    if step == 0:  # the first step's numbers come from the starting weights: nothing updated them
+        blame = "before any update, so no learning rate is to blame: the starting model overflows"
     problems = [  # (broken?, what, likely cause); under fp16 GradScaler skips an overflowed step
-        (not math.isfinite(loss), f"non-finite loss ({loss})",
-         f"the learning rate is probably too high (lower {lr})"
+        (not math.isfinite(loss), f"non-finite loss ({loss})", blame
          + (", or fp16 overflowed (use --dtype bfloat16 or float32)" if fp16 else "")
          + ", or a batch holds broken data"),
         (not math.isfinite(gnorm) and not fp16, f"non-finite gradient norm ({gnorm}) with a "
-         f"finite loss", f"the learning rate is probably too high (lower {lr}), or the model's "
-                         f"weights overflowed"),
+         f"finite loss", f"{blame}, or " + ("the model's weights overflowed" if step
+                                            else "a batch holds broken data")),
         (fp16 and scaler.get_scale() < 1.0, "fp16 gradients overflow at every loss scale "
          "(GradScaler's scale fell below 1)", f"use --dtype bfloat16 or float32, or lower {lr}")]
     for broken, what, cause in problems:
@@ -421,7 +454,7 @@ def with_lora(model, tok, cfg):
         return model
     lora_targets(model.config, cfg.lora_targets)  # (a bad name fails before base.pt is written)
     if cfg.init_from == "scratch":
-        save_checkpoint(lora_base(cfg), model, tokenizer=tok.name, chat_template=cfg.chat_template)
+        save_checkpoint(lora_base(cfg), model, tokenizer=tok, chat_template=cfg.chat_template)
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
                       seed=seed_for(cfg.seed, "lora"))
 
@@ -441,15 +474,15 @@ def finetune(model, examples, tok, out, steps, batch_size, lr, cfg, run):
     name = os.path.relpath(out, cfg.out_dir)
     rows, stats = encode_sft(examples, tok, max_len=cfg.max_len, verbose=run.master)
     print0(f"[{name}] {len(rows)} examples ({stats}) | {model.num_params() / 1e6:.2f}M parameters")
-    order = batch_order(rows, batch_size, steps, seed_for(cfg.seed, name))
+    order = BatchOrder(rows, batch_size, steps, seed_for(cfg.seed, name))
 
     def make_batch(ix):
         batch = sft_batch([rows[i] for i in ix], tok.eot_token, **bucket(cfg))
         return {**batch, "n": batch["loss_mask"].sum().item()}  # the loss is per response token
 
     train(model, out, order, make_batch, sft_loss, lr, cfg, run)
-    save_checkpoint(os.path.join(out, "ckpt.pt"), model, base=lora_base(cfg), tokenizer=tok.name,
-                    chat_template=cfg.chat_template)
+    save_checkpoint(os.path.join(out, "ckpt.pt"), model, base=lora_base(cfg), tokenizer=tok,
+                    chat_template=cfg.chat_template, settings=settings_of(cfg))
 
 
 def stage_sft(cfg, run):
@@ -674,7 +707,7 @@ def stage_po(cfg, run, out):
                f"as wrong), up to float noise: under autocast, on a GPU or with dropout, margins "
                f"of ~1e-7 tip some ties, and step 1 may log an accuracy above 0")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
-        order = batch_order(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
+        order = BatchOrder(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None
         if cfg.loss in WEIGHTED:  # one per pair of pairs/train.jsonl; rows[i]["idx"] is its pair
             weights = read_run_file(os.path.join(cfg.out_dir, "cdpo", "weights.pt"))
@@ -684,8 +717,8 @@ def stage_po(cfg, run, out):
             None if weights is None else [weights[i] for i in ix])
         train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
               cfg, run)
-        save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg),
-                        tokenizer=tok.name, chat_template=cfg.chat_template)
+        save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg), tokenizer=tok,
+                        chat_template=cfg.chat_template, settings=settings_of(cfg))
     drop_training_state(out, run)
     evaluate_stage(out, cfg, run, pairs=(rows, val_rows, reference))
 
@@ -762,6 +795,7 @@ def check_inputs(cfg):
     need(test, f"--task {cfg.task}: no test questions (a single file keeps about 1 question in 10 "
                f"for testing; or pass a folder with train.jsonl and test.jsonl)")
     seen = {ex["question"] for ex in load_split(cfg, "train")}
+    need(seen, f"--task {cfg.task}: no training questions")
     leaked = [ex["question"] for ex in test if ex["question"] in seen]
     need(not leaked, f"--task {cfg.task}: {len(leaked)} of the {len(test)} test questions are also "
                      f"training questions, e.g. {leaked[0][:60]!r}" if leaked else "")
@@ -782,10 +816,11 @@ def main(argv=None):
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
     need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "
          "torchrun's processes in bf16 or float32: torchrun --nproc_per_node=N (N >= 2) train.py")
-    claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY,  # new, or a resume
-                     defaults=dataclasses.asdict(Config()))
+    n_test = check_inputs(cfg)            # (a bad file fails before it claims the folder)
+    claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY + moved_inputs(cfg),
+                     defaults=dataclasses.asdict(Config()))  # new, or a resume
+    pin_run_inputs(cfg)                   # the same content as the run read before
     tracking.start(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg))  # --report_to
-    n_test = check_inputs(cfg)
     print0(f"device {run.device} | dtype {run.dtype} | world size {run.world} | task {cfg.task}: "
            f"{n_test} test questions | torch {torch.__version__}")
     print0(f"config: {changed_flags(cfg)} (the rest: defaults, see --help; "

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import data
 import eval as evaluate
 import train
 from common import read_jsonl
@@ -184,6 +185,23 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path):
     assert_same_run(reference, tmp_path)
 
 
+def test_sigterm_then_the_same_command_resumes_exactly(reference, tmp_path):
+    """A real SIGTERM (what `kill PID`, a job scheduler or torchrun sends) once the first SFT
+    training state is on disk: the process ends at once, and the same command resumes exactly."""
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path)], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "sft" / "state.pt").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # by its own pid
+    finally:
+        code = proc.wait(timeout=60)
+    assert code == -signal.SIGTERM
+    train.main(tiny(tmp_path))
+    assert_same_run(reference, tmp_path)
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(reference, tmp_path):
     """A kill while appending to metrics.jsonl leaves half a line;
     the resumed run must not choke."""
@@ -235,14 +253,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("mode, at, message, kept", [
-    ("loss", 5, "non-finite loss (nan) at step 5/12",
+LR = "the learning rate is probably too high (lower --sft_lr"
+FIRST = "before any update, so no learning rate is to blame: the starting model overflows"
+
+
+@pytest.mark.parametrize("mode, at, message, cause, kept", [
+    ("loss", 5, "non-finite loss (nan) at step 5/12", LR,
      "the last good training state (step 4) is kept in {state}"),
-    ("grad", 1, "non-finite gradient norm (nan) with a finite loss at step 1/12",
+    ("grad", 1, "non-finite gradient norm (nan) with a finite loss at step 1/12", FIRST,
      "no training state was saved yet (one is saved every --ckpt_every 2 steps)"),
 ], ids=["loss", "grad"])
 def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_state(
-        tmp_path, mode, at, message, kept):
+        tmp_path, mode, at, message, cause, kept):
+    """The numbers of step 1 come from the starting weights: no learning rate is blamed there."""
     script = tmp_path / "inject.py"
     script.write_text(NAN_INJECTOR.format(root=str(ROOT)))
     out, state = tmp_path / "run", tmp_path / "run" / "sft" / "state.pt"
@@ -250,8 +273,7 @@ def test_non_finite_numbers_stop_the_run_with_one_line_and_keep_the_last_good_st
     assert p.returncode == 1
     lines = visible_lines(p.stderr)
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert lines[0].startswith(f"error: [sft] {message}: the learning rate is probably too high "
-                               "(lower --sft_lr"), lines
+    assert lines[0].startswith(f"error: [sft] {message}: {cause}"), lines
     assert kept.format(state=state) in lines[0], lines
     assert not (out / "sft" / "ckpt.pt").exists()
     # the last good state is intact: it resumes
@@ -412,6 +434,27 @@ def files(tmp_path_factory):
     os.remove(d / "hf_no_weight_map" / "model.safetensors")
     (d / "hf_no_weight_map" / "model.safetensors.index.json").write_text('{"metadata": {}}')
     (d / "hf_bad_config" / "config.json").write_text('{"n_layer": 1,')
+    # issue 23's cases: config.json values as what they are, tokenizer files never defaulted,
+    # a Python-level bug in a chat template, a JSON array for a line, an empty training split
+    qwen = GPT(GPTConfig(model_type="qwen2", block_size=64, vocab_size=50304, n_layer=1, n_head=2,
+                         n_embd=16, n_inner=24, bias=False))
+    save_pretrained(qwen, d / "qwen_no_tokenizer", tokenizer="none")  # as large as GPT-2's
+    for name, key, value in (("hf_zero_heads", "num_attention_heads", 0),
+                             ("hf_bool_layers", "num_hidden_layers", True)):
+        save_pretrained(qwen, d / name, tokenizer="none")
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(json.dumps({**config, key: value}))
+    from tiny_hf import train_tokenizer
+    vocab = len(train_tokenizer("qwen2.5", d / "hf_bad_template", vocab_size=300))
+    save_pretrained(GPT(GPTConfig(model_type="qwen2", block_size=64, vocab_size=vocab, n_layer=1,
+                                  n_head=2, n_embd=16, n_inner=24, bias=False)),
+                    d / "hf_bad_template", tokenizer="none")
+    (d / "hf_bad_template" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] / 2 }}{% endfor %}")  # str / int: a TypeError
+    jsonl("pairs_array_line.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                     '["Q", "a", "c"]'])
+    tested = [q for q in (f"What is {i} + 1?" for i in range(200)) if data._is_test_question(q)]
+    jsonl("only_test.jsonl", [{"question": q, "answer": "#### 1"} for q in tested[:3]])
     return d
 
 
@@ -558,6 +601,33 @@ CATALOGUE = [
      "hf_truncated/model.safetensors: not a readable weight file"),
     ("config-deleted", T, ["--out_dir", "{d}/orphan_run", "--loss", "dpo"],
      "orphan_run holds files but no config.json (sft): nothing says which config made them"),
+    # issue 23: values read as what they are, nothing silently defaulted, checks before work
+    ("hf-zero-heads", T, ["--init_from", "{d}/hf_zero_heads", "--tokenizer", "byte"],
+     "hf_zero_heads/config.json: num_attention_heads=0 cannot be represented by this qwen2 "
+     "model (expected an integer >= 1)"),
+    ("hf-bool-layers", T, ["--init_from", "{d}/hf_bool_layers", "--tokenizer", "byte"],
+     "hf_bool_layers/config.json: num_hidden_layers=True cannot be represented"),
+    ("hf-no-tokenizer", T, ["--init_from", "{d}/qwen_no_tokenizer"],
+     "qwen_no_tokenizer: no tokenizer.json, and a qwen2 model's ids are not GPT-2's"),
+    ("eval-hf-no-tokenizer", E, ["--ckpt", "{d}/qwen_no_tokenizer"],
+     "qwen_no_tokenizer: no tokenizer.json, and a qwen2 model's ids are not GPT-2's"),
+    ("chat-template-python-bug", E, ["--ckpt", "{d}/hf_bad_template"],
+     "hf_bad_template: the chat template failed: TypeError: unsupported operand type(s)"),
+    ("pairs-json-array-line", T, ["--pairs_source", "{d}/pairs_array_line.jsonl"],
+     "pairs_array_line.jsonl: could not read it as jsonl (line 2: a JSON array; expected one "
+     "JSON object per line)"),
+    ("eval-pairs-json-array-line", E,
+     ["--ckpt", "{d}/ok.pt", "--task", "none", "--pairs", "{d}/pairs_array_line.jsonl"],
+     "pairs_array_line.jsonl: could not read it as jsonl (line 2: a JSON array"),
+    ("ipo-beta-overflows", T, ["--loss", "ipo", "--beta", "1e-20"],
+     "--loss ipo --beta 1e-20: the loss is inf at step 0 already, where the policy is the "
+     "reference: out of float32's range (expected a larger --beta)"),
+    ("compare-ipo-beta-overflows", T, ["--compare", "dpo,ipo", "--beta", "1e-20"],
+     "--compare: bad variant 'ipo': --loss ipo --beta 1e-20: the loss is inf at step 0"),
+    ("simpo-gamma-overflows", T, ["--loss", "simpo", "--gamma", "1e39"],
+     "--loss simpo --gamma 1e+39: the loss is inf at step 0 already"),
+    ("task-no-training-questions", T, ["--task", "{d}/only_test.jsonl"],
+     "only_test.jsonl: no training questions"),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("no-cuda", T, ["--device", "cuda"],
