@@ -29,7 +29,8 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
     without one as "\n\nHuman: ...\n\nAssistant: ..." text;
   - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
     through.
-Local files: .jsonl / .json / .parquet / .csv, read through `datasets`. Rows are numbered from 0.
+Local files: .jsonl / .json / .parquet / .csv, read through `datasets` (tables.py). Rows are numbered
+from 0.
 
 Batch convention (what model.py / loss.py / train.py consume): right-padded (B, T) tensors
 input_ids, targets, loss_mask with targets[:, t] = input_ids[:, t+1] (the last column's target is
@@ -37,9 +38,6 @@ the pad id) and loss_mask[:, t] True exactly where targets[:, t] is a response t
 response's EOS. Pad id = EOS id, so the mask is explicit and never derived from the ids.
 """
 
-import codecs
-import csv
-import json
 import os
 import random
 import re
@@ -49,6 +47,7 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
+from tables import a_kind, bad_text, load_table, require_columns, text_field
 from tokenizer import encode_prompt, encode_response, uses_chat
 
 # -----------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def _math_example(row, where, i):
     `answer` or else the solution's last \\boxed{}, subject (or MATH's `type`) and level (3 or
     "Level 3") kept. decision: the plain prompt asks for \\boxed{} too (CHAT_INSTRUCTION)."""
     from latex2sympy2_extended.math_normalization import extract_boxed_content
-    problem, solution = _text(row, "problem", where, i).strip(), _text(row, "solution", where, i)
+    problem, solution = text_field(row, "problem", where, i).strip(), text_field(row, "solution", where, i)
     answer = row.get("answer")
     if answer is None and "\\boxed" in solution:
         answer = extract_boxed_content(solution)
@@ -185,7 +184,7 @@ def _hub_math(name, split):
     if split not in MATH_TASKS[name]:
         raise ValueError(f"task {name}: no split {split!r} (expected train or test)")
     source, config = MATH_TASKS[name][split]
-    rows, columns, where = _load_table(source, split, config)
+    rows, columns, where = load_table(source, split, config)
     if split == "train":
         test = {row.get("problem") for row in _hub_math(name, "test")[0]}
         kept = [row for row in rows if row.get("problem") not in test]
@@ -333,181 +332,6 @@ def make_arith_pairs(examples, seed=0):
     return pairs
 
 # -----------------------------------------------------------------------------
-# reading tables (local files or the hub) through `datasets`, with one-line errors
-
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-def _a(v):
-    kind = type(v).__name__
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"   # "an int", "a list"
-
-def _one_line(e):
-    """The outer and the innermost error of a chain, on one line: datasets wraps the real problem
-    (ArrowInvalid, UnicodeDecodeError...) a few levels deep under a generic message."""
-    def line(x):
-        msg = str(x).strip().split("\n")[0][:150]
-        return f"{type(x).__name__}: {msg}" if msg else type(x).__name__
-    inner = e
-    while (inner.__cause__ or inner.__context__) is not None:
-        inner = inner.__cause__ or inner.__context__
-    return line(e) if inner is e else f"{line(e)} <- {line(inner)}"
-
-def _check_utf8(path):
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not valid UTF-8 "
-                                 f"(bad byte near offset {offset + e.start})") from None
-            offset += len(chunk)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
-
-def _check_json(path, ext):
-    """Name the first broken line of a JSON Lines file, or where a .json file breaks. (A .json
-    file may hold one JSON value or JSON Lines: datasets reads both.)"""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if ext == ".json":
-        try:
-            json.loads(text)
-            return
-        except json.JSONDecodeError as e:
-            first = next((line for line in text.splitlines() if line.strip()), "")
-            try:
-                json.loads(first)  # the first line stands alone: JSON Lines in a .json file
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
-                                 f"{e.colno}: {e.msg})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            value = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
-                             f"JSON, {e.msg}; expected one JSON object per line)") from None
-        if not isinstance(value, dict):  # e.g. a JSON array on one line: datasets names no line
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: "
-                             f"{_a(value).replace('a list', 'a JSON array')}; expected one JSON "
-                             f"object per line)")
-
-def _mixed_column_error(path, column):
-    with open(path, encoding="utf-8") as f:
-        rows = (json.load(f) if path.lower().endswith(".json")
-                else (json.loads(line) for line in f if line.strip()))
-        for i, row in enumerate(rows):
-            v = row.get(column) if isinstance(row, dict) else None
-            if v is not None and not isinstance(v, str):
-                return ValueError(f"{path} row {i}: field '{column}' is {_a(v)} "
-                                  f"but other rows hold strings (expected a non-empty string)")
-    return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
-
-def _split_file(folder, split):
-    """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
-    found = [p for p in (os.path.join(folder, split + ext) for ext in BUILDERS)
-             if os.path.isfile(p)]
-    return found[0] if found else None
-
-def local_files(source, splits=("train", "test")):
-    """The local files a task or a pair source reads (what pins a run to them): the file itself,
-    or a folder's split files; none for the embedded and hub tasks or a hub dataset."""
-    path = os.path.expanduser(str(source))
-    if source in ("arith", "gsm8k") or not os.path.exists(path):
-        return []
-    if os.path.isfile(path):
-        return [path]
-    return [f for f in (_split_file(path, split) for split in splits) if f]
-
-def _load_table(source, split="train", config=None):
-    """-> (rows as a list of dicts, column names, name for error messages).
-    `source` is a local file, a folder holding {split}.jsonl/.json/.parquet/.csv,
-    or a hub dataset id (with `config`)."""
-    import datasets  # imported here: it is slow to import and the offline arith task never needs it
-    path = os.path.expanduser(str(source))
-    if os.path.isdir(path):
-        found = _split_file(path, split)
-        if not found:
-            raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv "
-                                    f"in this folder")
-        path = found
-    if os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in BUILDERS:
-            raise ValueError(f"{path}: unsupported file type '{ext}' "
-                             f"(expected one of {', '.join(BUILDERS)})")
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: file is empty")
-        if ext != ".parquet":
-            _check_utf8(path)                   # a clearer message than the one datasets gives
-        if ext in (".jsonl", ".json"):  # datasets would say "Trailing data at position 42"
-            _check_json(path, ext)
-        kwargs = {}
-        if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
-            with open(path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), [])
-            kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
-        quiet = datasets.are_progress_bars_disabled()
-        # a local file loads in a blink; its bars would only clutter stderr
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", **kwargs)
-        except Exception as e:
-            raise ValueError(f"{path}: could not read it as {ext[1:]} ({_one_line(e)})") from None
-        finally:
-            if not quiet:
-                datasets.enable_progress_bars()
-        where = path
-        # datasets turns a JSON column that mixes strings with other values into a "Json" column and
-        # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row
-        mixed = [c for c, f in ds.features.items() if type(f).__name__ == "Json"]
-        if mixed:
-            raise _mixed_column_error(path, mixed[0])
-    elif os.path.splitext(path)[1].lower() in BUILDERS or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source}: no such file")
-    else:
-        try:
-            ds = datasets.load_dataset(source, config, split=split)
-        except Exception as e:
-            raise ValueError(f"could not load {source!r} (config {config!r}, split {split!r}) "
-                             f"from the Hugging Face hub ({_one_line(e)}); "
-                             f"offline, pass a local .jsonl/.json/.parquet/.csv file") from None
-        where = f"{source}[{split}]"
-    return ds.to_list(), list(ds.column_names), where
-
-def _require_columns(columns, needed, where, optional=()):
-    """Columns are matched exactly: a near miss ('Prompt', 'chosen ') is an error naming it, never
-    silently a missing column (a pair file without `prompt` is read another way: HH-RLHF)."""
-    for name in (*needed, *optional):
-        near = [c for c in columns if c != name and re.sub(r"[\s_-]", "", c).lower() == name]
-        if name not in columns and near:
-            raise ValueError(f"{where}: column {near[0]!r} is not {name!r} (columns are matched "
-                             f"exactly: rename it to {name!r})")
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
-                         f"(found: {', '.join(map(repr, columns)) or 'none'})")
-
-def _bad_text(v):
-    """What is wrong with a field that should be a non-empty string, or None if nothing is."""
-    if v is None:
-        return "is missing"
-    if not isinstance(v, str):
-        return f"is {_a(v)}"
-    return None if v.strip() else "is empty"
-
-def _text(row, field, where, i):
-    """A non-empty string field of a row, or a ValueError naming where, row and field."""
-    problem = _bad_text(row.get(field))
-    if problem:
-        raise ValueError(f"{where} row {i}: field '{field}' {problem} "
-                         f"(expected a non-empty string)")
-    return row[field]
-
-# -----------------------------------------------------------------------------
 # tasks
 
 def load_task(name, split="train", n=None, seed=0, **knobs):
@@ -531,9 +355,9 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     if name in MATH_TASKS:
         rows, columns, where = _hub_math(name, split)
     else:
-        rows, columns, where = _load_table(name, split, config)
+        rows, columns, where = load_table(name, split, config)
     math = "problem" in columns  # MATH's columns (problem, solution, ...), else GSM8K's
-    _require_columns(columns, ["problem", "solution"] if math else ["question", "answer"], where)
+    require_columns(columns, ["problem", "solution"] if math else ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
     out, seen = [], set()
     for i, row in enumerate(rows):
@@ -546,7 +370,7 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     return out[:n]
 
 def _gsm8k_example(row, where, i):
-    question, answer = _text(row, "question", where, i).strip(), _text(row, "answer", where, i)
+    question, answer = text_field(row, "question", where, i).strip(), text_field(row, "answer", where, i)
     gold, fallback = extract_answer_ex(answer)
     if gold is None or fallback:
         raise ValueError(f"{where} row {i}: "
@@ -605,7 +429,7 @@ def _messages_from_row(chosen, rejected, prompt, has_prompt):
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) * has_prompt)
     for field, v in fields:
         if not isinstance(v, list):
-            raise ValueError(f"field '{field}' is {_a(v)}, "
+            raise ValueError(f"field '{field}' is {a_kind(v)}, "
                              f"expected a list of messages like the others")
         _check_messages(v, field)
     if not has_prompt:
@@ -631,7 +455,7 @@ def _pair_from_row(row, has_prompt):
         return _messages_from_row(chosen, rejected, prompt, has_prompt)
     for field, v in ((("chosen", chosen), ("rejected", rejected))
                      + ((("prompt", prompt),) if has_prompt else ())):
-        problem = _bad_text(v)
+        problem = bad_text(v)
         if problem:
             raise ValueError(f"field '{field}' {problem} (expected a non-empty string)")
     if not has_prompt:
@@ -693,8 +517,8 @@ def load_pairs(source, split="train"):
     source: a local .jsonl/.json/.parquet/.csv file, a folder with {split}.<ext>, or a hub id.
     Columns: chosen and rejected, plus prompt unless they hold the whole conversation (HH-RLHF).
     A bad row is an error naming the file, the row and the field: never silently dropped."""
-    rows, columns, where = _load_table(source, split)
-    _require_columns(columns, ["chosen", "rejected"], where, optional=["prompt"])
+    rows, columns, where = load_table(source, split)
+    require_columns(columns, ["chosen", "rejected"], where, optional=["prompt"])
     pairs = []
     for i, row in enumerate(rows):
         try:
@@ -772,8 +596,8 @@ def _encode_rows(items, tok, max_len, max_prompt_len, fields, what, verbose):
                  dropped=0)
     rows = []
     for i, item in enumerate(items):
-        prompt = encode_prompt(tok, _text(item, "prompt", what, i))
-        resps = [encode_response(tok, _text(item, f, what, i)) + [tok.eot_token] for f in fields]
+        prompt = encode_prompt(tok, text_field(item, "prompt", what, i))
+        resps = [encode_response(tok, text_field(item, f, what, i)) + [tok.eot_token] for f in fields]
         longest = max(range(len(fields)), key=lambda k: len(resps[k]))
         if len(prompt) + len(resps[longest]) > max_len:
             cut_prompt = len(prompt) > max_prompt_len

@@ -32,9 +32,10 @@ from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli,
                     read_json, read_jsonl, read_run_file, setup, write_json, write_jsonl)
 from checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
-                  local_files, preference_batch, render_pairs)
+                  preference_batch, render_pairs)
 from loss import LOSSES, eos_padded, preference_metrics
 from parallel import place
+from tables import local_files
 from tokenizer import encode_prompt
 import tracking
 

@@ -1,0 +1,189 @@
+"""
+Reading tables: a local .jsonl / .json / .parquet / .csv file, a folder holding {split}.<ext>, or
+a hub dataset, through `datasets`, with one-line errors that name the file, the line or row and
+the field (never datasets' own traceback, never a silently mixed-up column).
+
+    rows, columns, where = load_table("data/gsm8k.jsonl")   # where: what messages call it
+    require_columns(columns, ["question", "answer"], where)
+    text_field(row, "question", where, i)                    # a non-empty string, or one line
+
+data.py builds its tasks and preference pairs on these.
+"""
+import codecs
+import csv
+import json
+import os
+import re
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+def a_kind(v):
+    kind = type(v).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"   # "an int", "a list"
+
+def _one_line(e):
+    """The outer and the innermost error of a chain, on one line: datasets wraps the real problem
+    (ArrowInvalid, UnicodeDecodeError...) a few levels deep under a generic message."""
+    def line(x):
+        msg = str(x).strip().split("\n")[0][:150]
+        return f"{type(x).__name__}: {msg}" if msg else type(x).__name__
+    inner = e
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    return line(e) if inner is e else f"{line(e)} <- {line(inner)}"
+
+def _check_utf8(path):
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid UTF-8 "
+                                 f"(bad byte near offset {offset + e.start})") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
+
+def _check_json(path, ext):
+    """Name the first broken line of a JSON Lines file, or where a .json file breaks. (A .json
+    file may hold one JSON value or JSON Lines: datasets reads both.)"""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as e:
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            try:
+                json.loads(first)  # the first line stands alone: JSON Lines in a .json file
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
+                                 f"{e.colno}: {e.msg})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            value = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
+                             f"JSON, {e.msg}; expected one JSON object per line)") from None
+        if not isinstance(value, dict):  # e.g. a JSON array on one line: datasets names no line
+            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: "
+                             f"{a_kind(value).replace('a list', 'a JSON array')}; expected one JSON "
+                             f"object per line)")
+
+def _mixed_column_error(path, column):
+    with open(path, encoding="utf-8") as f:
+        rows = (json.load(f) if path.lower().endswith(".json")
+                else (json.loads(line) for line in f if line.strip()))
+        for i, row in enumerate(rows):
+            v = row.get(column) if isinstance(row, dict) else None
+            if v is not None and not isinstance(v, str):
+                return ValueError(f"{path} row {i}: field '{column}' is {a_kind(v)} "
+                                  f"but other rows hold strings (expected a non-empty string)")
+    return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
+
+def _split_file(folder, split):
+    """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
+    found = [p for p in (os.path.join(folder, split + ext) for ext in BUILDERS)
+             if os.path.isfile(p)]
+    return found[0] if found else None
+
+def local_files(source, splits=("train", "test")):
+    """The local files a task or a pair source reads (what pins a run to them): the file itself,
+    or a folder's split files; none for the embedded and hub tasks or a hub dataset."""
+    path = os.path.expanduser(str(source))
+    if source in ("arith", "gsm8k") or not os.path.exists(path):
+        return []
+    if os.path.isfile(path):
+        return [path]
+    return [f for f in (_split_file(path, split) for split in splits) if f]
+
+def load_table(source, split="train", config=None):
+    """-> (rows as a list of dicts, column names, name for error messages).
+    `source` is a local file, a folder holding {split}.jsonl/.json/.parquet/.csv,
+    or a hub dataset id (with `config`)."""
+    import datasets  # imported here: it is slow to import and the offline arith task never needs it
+    path = os.path.expanduser(str(source))
+    if os.path.isdir(path):
+        found = _split_file(path, split)
+        if not found:
+            raise FileNotFoundError(f"{source}: no {split}.jsonl/.json/.parquet/.csv "
+                                    f"in this folder")
+        path = found
+    if os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in BUILDERS:
+            raise ValueError(f"{path}: unsupported file type '{ext}' "
+                             f"(expected one of {', '.join(BUILDERS)})")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: file is empty")
+        if ext != ".parquet":
+            _check_utf8(path)                   # a clearer message than the one datasets gives
+        if ext in (".jsonl", ".json"):  # datasets would say "Trailing data at position 42"
+            _check_json(path, ext)
+        kwargs = {}
+        if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+        quiet = datasets.are_progress_bars_disabled()
+        # a local file loads in a blink; its bars would only clutter stderr
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset(BUILDERS[ext], data_files=path, split="train", **kwargs)
+        except Exception as e:
+            raise ValueError(f"{path}: could not read it as {ext[1:]} ({_one_line(e)})") from None
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
+        where = path
+        # datasets turns a JSON column that mixes strings with other values into a "Json" column and
+        # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row
+        mixed = [c for c, f in ds.features.items() if type(f).__name__ == "Json"]
+        if mixed:
+            raise _mixed_column_error(path, mixed[0])
+    elif os.path.splitext(path)[1].lower() in BUILDERS or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source}: no such file")
+    else:
+        try:
+            ds = datasets.load_dataset(source, config, split=split)
+        except Exception as e:
+            raise ValueError(f"could not load {source!r} (config {config!r}, split {split!r}) "
+                             f"from the Hugging Face hub ({_one_line(e)}); "
+                             f"offline, pass a local .jsonl/.json/.parquet/.csv file") from None
+        where = f"{source}[{split}]"
+    return ds.to_list(), list(ds.column_names), where
+
+def require_columns(columns, needed, where, optional=()):
+    """Columns are matched exactly: a near miss ('Prompt', 'chosen ') is an error naming it, never
+    silently a missing column (a pair file without `prompt` is read another way: HH-RLHF)."""
+    for name in (*needed, *optional):
+        near = [c for c in columns if c != name and re.sub(r"[\s_-]", "", c).lower() == name]
+        if name not in columns and near:
+            raise ValueError(f"{where}: column {near[0]!r} is not {name!r} (columns are matched "
+                             f"exactly: rename it to {name!r})")
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
+                         f"(found: {', '.join(map(repr, columns)) or 'none'})")
+
+def bad_text(v):
+    """What is wrong with a field that should be a non-empty string, or None if nothing is."""
+    if v is None:
+        return "is missing"
+    if not isinstance(v, str):
+        return f"is {a_kind(v)}"
+    return None if v.strip() else "is empty"
+
+def text_field(row, field, where, i):
+    """A non-empty string field of a row, or a ValueError naming where, row and field."""
+    problem = bad_text(row.get(field))
+    if problem:
+        raise ValueError(f"{where} row {i}: field '{field}' {problem} "
+                         f"(expected a non-empty string)")
+    return row[field]
+
