@@ -47,24 +47,33 @@ class ConfigError(ValueError):
 # flags: dataclass defaults < preset (or a run's config.json) < --key value
 
 
-def convert(name, typ, value):
-    """A flag's text (or a preset's JSON value) as the field's type, or a ConfigError naming it."""
-    try:
-        if typ is bool:
-            text = str(value).lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int and isinstance(value, float) and not value.is_integer():  # 2.5 is no int
-            raise ValueError
-        converted = typ(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"--{name} expects {typ.__name__}, got {value!r}") from None
-    if isinstance(converted, float) and not math.isfinite(converted):
+def convert(name, typ, value, text=False):
+    """A flag's text (text=True), or a preset's (or a saved config's) JSON value, as the field's
+    type; else a ConfigError naming it. Text is parsed ('2' -> 2, 'true' -> True); a JSON value
+    must already be what it stands for: a bool is no int (nor an int a bool), a string no number,
+    2.5 no int (a float field takes an int)."""
+    if text and isinstance(value, str) and typ is not str:
+        value = _from_text(name, typ, value)
+    if not (type(value) is typ or (typ is float and type(value) is int)):
+        raise ConfigError(f"--{name} expects {typ.__name__}, got {value!r}")
+    if typ is float and not math.isfinite(value):
         raise ConfigError(f"--{name} must be a finite number, got {value}")
-    return converted
+    return float(value) if typ is float else value
+
+
+def _from_text(name, typ, text):
+    """A flag's text as a bool, int or float (true/false, yes/no, on/off, 1/0 for a bool)."""
+    if typ is bool:
+        words = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
+        if text.lower() in words:
+            return words[text.lower()]
+    else:
+        try:
+            return typ(text)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise ConfigError(f"--{name} expects {typ.__name__}, got {text!r}")
 
 
 def _read_preset(name):
@@ -124,7 +133,7 @@ def parse(cls, argv, base=None, presets=False):
             raise ConfigError(f"unknown flag --{k} (expected one of the fields of {cls.__name__})"
                               f"{did_you_mean(k, types)}; see --help")
         values[k] = v
-    return cls(**{k: convert(k, types[k], v) for k, v in values.items()})
+    return cls(**{k: convert(k, types[k], v, text=k in flags) for k, v in values.items()})
 
 
 def did_you_mean(key, names, quote=False):

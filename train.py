@@ -772,7 +772,7 @@ def variants(cfg):
     if not cfg.compare:
         return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))], None
     specs = [s for s in cfg.compare.split(",") if s.strip()]
-    seeds = [convert("seeds", int, s) for s in cfg.seeds.split(",") if s.strip()]
+    seeds = [convert("seeds", int, s, text=True) for s in cfg.seeds.split(",") if s.strip()]
     need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
                           f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
     chosen = sorted(map(partial(parse_variant, cfg=cfg), specs), key=table3_order)

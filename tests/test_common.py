@@ -1,6 +1,7 @@
 """The plumbing every script shares (common.py): flags, setup, seeds, files, the error wrapper."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,22 @@ def test_parse_errors_name_the_flag(argv, message):
     with pytest.raises(ConfigError) as e:
         parse(Toy, argv)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("value, message", [
+    (True, "--steps expects int, got True"),        # a bool is no int ...
+    (1, "--fast expects bool, got 1"),              # ... nor an int a bool
+    ("0.5", "--lr expects float, got '0.5'"),       # a JSON string is no number
+    (2.5, "--steps expects int, got 2.5"),
+    (7, "--name expects str, got 7"),
+])
+def test_a_preset_value_is_read_as_what_it_is(tmp_path, value, message):
+    key = message.split()[0].removeprefix("--")
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({key: value}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(Toy, ["--preset", str(preset)], presets=True)
+    assert parse(Toy, [], base={"lr": 1}).lr == 1.0  # an int where a float goes is that float
 
 
 def test_presets_are_checked(tmp_path):

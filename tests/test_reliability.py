@@ -401,6 +401,9 @@ def files(tmp_path_factory):
     (d / "preset_bad.json").write_text('{"beta": 0.1,}')
     (d / "preset_list.json").write_text('["beta", 0.1]')
     (d / "preset_unknown_key.json").write_text('{"betta": 0.1}')
+    (d / "preset_bool_layers.json").write_text('{"n_layer": true}')
+    (d / "preset_string_beta.json").write_text('{"beta": "0.5"}')
+    (d / "preset_float_steps.json").write_text('{"sft_steps": 2.5}')
     torch.manual_seed(0)
     ok = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint(d / "ok.pt", ok, tokenizer="byte")
@@ -508,6 +511,12 @@ CATALOGUE = [
     ("preset-not-an-object", T, ["--preset", "{d}/preset_list.json"],
      "expected a JSON object of Config fields, got list"),
     ("preset-unknown-key", T, ["--preset", "{d}/preset_unknown_key.json"], "unknown key 'betta'"),
+    ("preset-bool-is-no-int", T, ["--preset", "{d}/preset_bool_layers.json"],
+     "--n_layer expects int, got True"),
+    ("preset-string-is-no-float", T, ["--preset", "{d}/preset_string_beta.json"],
+     "--beta expects float, got '0.5'"),
+    ("preset-fraction-is-no-int", T, ["--preset", "{d}/preset_float_steps.json"],
+     "--sft_steps expects int, got 2.5"),
     ("out-dir-is-a-file", T, ["--out_dir", "{d}/a_file"],
      "a_file is a file (expected a run folder"),
     ("corrupt-run-config", T, ["--out_dir", "{d}/bad_run"],
