@@ -44,6 +44,7 @@ import re
 import zlib
 from collections import Counter
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 import torch
 
@@ -69,16 +70,22 @@ def chat_example(example, tok):
     turn = {"role": "user", "content": f"{example['question']}\n{CHAT_INSTRUCTION}"}
     return dict(example, prompt=tok.render_chat([turn]), response=example["response"].lstrip())
 
-NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?(?:/\d+(?!\.\d))?")
 # the final answer of instruct models told to box it: \boxed{42}, \boxed{\$1,000} (one level of
 # nested braces, as in \boxed{\text{42}})
 BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 def normalize_number(s):
-    """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3';
-    None if not a number."""
+    """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3', '6/8' -> '3/4',
+    '8/2' -> '4'; None if not a number (or a fraction over 0)."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    if "/" in s:  # a fraction: exact, in lowest terms
+        try:
+            q = Fraction(s)
+        except (ValueError, ZeroDivisionError):
+            return None
+        return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
     try:
         d = Decimal(s)
     except InvalidOperation:
@@ -121,8 +128,8 @@ def extract_answer(text, kind="gsm8k"):
     return extract_answer_ex(text)[0]
 
 def is_correct(completion, gold, kind="gsm8k"):
-    """Whether the completion's final answer is the gold one. "gsm8k": equal numbers ("7.50" ==
-    "7.5"). "math": LaTeX answers equal mathematically, by math-verify (\\frac{1}{2} = 0.5 =
+    """Whether the completion's final answer is the gold one. "gsm8k": equal numbers, compared as
+    exact rationals ("7.50" == "7.5", "3/4" == "0.75"). "math": LaTeX answers equal mathematically, by math-verify (\\frac{1}{2} = 0.5 =
     \\dfrac12, intervals, \\sqrt, units and degrees dropped, several answers as a set)."""
     if kind not in GRADERS:
         raise ValueError(f"is_correct: kind must be one of {', '.join(GRADERS)}, got {kind!r}")
@@ -134,7 +141,7 @@ def is_correct(completion, gold, kind="gsm8k"):
         return bool(target and pred) and verify(target, pred)
     pred = extract_answer(completion)
     gold = normalize_number(str(gold)) or extract_answer(str(gold))
-    return pred is not None and gold is not None and Decimal(pred) == Decimal(gold)
+    return pred is not None and gold is not None and Fraction(pred) == Fraction(gold)
 
 # -----------------------------------------------------------------------------
 # MATH: LaTeX answers, read and compared by math-verify (what lighteval and open-r1 grade with)

@@ -148,6 +148,10 @@ def test_arith_pairs_need_steps():
     # stray Question: ignored
     (" 3+4=7.\n#### 7\n\nQuestion: Ann has 99 pens.\nAnswer: #### 99", "7", False),
     (" So 12.\nQuestion: Tom has 50 pens. #### 50", "12", True),
+    # fractions are numbers, in lowest terms (they were read as their numerator)
+    ("#### 3/4", "3/4", False), ("#### -6/8", "-3/4", False), ("#### 8/2", "4", False),
+    ("#### 3/0", None, False), ("so 48/2 = 24\n#### 24", "24", False),
+    ("Each gets \\boxed{1/3} of it.", "1/3", False),
 ])
 def test_extract_answer(text, answer, fallback):
     assert data.extract_answer_ex(text) == (answer, fallback)
@@ -158,6 +162,9 @@ def test_extract_answer(text, answer, fallback):
     ("#### -0", "0", True), ("#### 17", "18", False), ("no answer", "18", False),
     ("the answer is 18", "18", True), ("#### 18", 18, True),
     ("#### 18\nQuestion: #### 19", "19", False),
+    # exact rationals: a gold "#### 3/4" is 3/4, not 3
+    ("#### 3/4", "#### 3/4", True), ("#### 0.75", "3/4", True), ("#### 6/8", "0.75", True),
+    ("#### 3", "#### 3/4", False), ("#### 0.3333", "1/3", False),
 ])
 def test_is_correct(completion, gold, ok):
     assert data.is_correct(completion, gold) is ok
