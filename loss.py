@@ -692,13 +692,13 @@ def parse_loss(spec):
     terms = []
     for term in spec.split("+"):
         name, *granularity = term.strip().split(":")
-        _require(name in LOSSES, f"unknown loss {name!r} in {spec!r}: expected terms joined by + "
-                                 f"(e.g. dpo+sft), each one of {', '.join(LOSSES)}")
+        _require(name in LOSSES, f"expected one of {', '.join(LOSSES)}, or terms of them joined "
+                                 f"by + (e.g. dpo+sft): {name!r} is none of them")
         if not granularity:
             terms.append((name, None, None))
             continue
         _require(name not in NO_GRANULARITY,
-                 f"{term.strip()!r}: {name} has no granularity ({NO_GRANULARITY.get(name)})")
+                 f"{name} has no granularity ({NO_GRANULARITY.get(name)})")
         family, size = (granularity + [""])[:2]
         _require(len(granularity) == 2 and family in ("static", "adaptive")
                  and size.isdigit() and int(size) >= 1,

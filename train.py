@@ -275,13 +275,14 @@ def preference_loss(model, batch, cfg, reward_mean=None):
     ratios = six if cfg.ld_alpha == 1 else ld_desensitised(*six, ld_alpha=cfg.ld_alpha)
     # WPO: each pair weighted by how likely the policy is to produce it, (B,), no gradient
     pair_weights = wpo_weights(*six[:2], *six[4:]) if cfg.use_weighting else 1.0
+    delta = reward_mean.value if reward_mean else 0.0  # BCO's shift, the caller's running mean
     loss = 0.0
     for name, weight, options in loss_terms(cfg):
         extra = {}
         if name in WEIGHTED:  # cDPO / cADPO: contrastive weights on the rejected tokens
             extra["rejected_weights"] = batch["rejected_weights"]  # (B, T)
-        if name == "bco_pair":  # BCO's shift δ, the caller's running mean of the rewards
-            extra["delta"] = reward_mean.value if reward_mean else 0.0
+        if name == "bco_pair":
+            extra["delta"] = delta
         inputs = six if name in REFERENCE_FREE else ratios
         losses, _, _ = LOSSES[name](*inputs, **options, **extra)  # (B,)
         loss = loss + weight * (pair_weights * losses).sum()
@@ -290,6 +291,8 @@ def preference_loss(model, batch, cfg, reward_mean=None):
     family, size = metric_granularity(cfg.loss, cfg.family, cfg.size)
     metrics = preference_metrics(*(t.detach() for t in six), beta=cfg.beta, family=family,
                                  size=size)  # means over the B pairs
+    if uses(cfg, ("bco_pair",)):  # the δ the step used, logged
+        metrics["bco/delta"] = logps.new_tensor(delta)
     return loss, {"loss": loss.detach(), **{k: B * v for k, v in metrics.items()}}
 
 
