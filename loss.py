@@ -290,6 +290,8 @@ def contrastive_weights(positive_logits, negative_logits, targets):
 # -----------------------------------------------------------------------------
 # the DPO family at every granularity: ADPO's move, for any loss of the summed log-ratios
 
+# the signature @pairwise gives its losses, which train.py's loss_options reads: the six tensors,
+# then the keyword parameters of ℓ (beta, label_smoothing, ...), then family and size
 _KW = inspect.Parameter.KEYWORD_ONLY
 _SIX = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         for name in _TENSOR_NAMES[:6]]

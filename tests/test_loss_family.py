@@ -24,8 +24,7 @@ PAIRWISE = ["ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_
 # the hyperparameters the tests give them (away from their identities: robust ε = 0 is DPO)
 OPTIONS = {"robust": {"label_smoothing": 0.1}, "exo_pair": {"label_smoothing": 0.05},
            "discopop": {"discopop_tau": 0.05}}
-GRAINS = [(None, None), ("static", 1), ("static", 3), ("static", 100),
-          ("adaptive", 1), ("adaptive", 3), ("adaptive", 7), ("adaptive", 40)]
+GRAINS = [(None, None), ("static", 1), ("static", 3), ("adaptive", 3), ("adaptive", 40)]
 
 
 def grain(family, size):
@@ -275,9 +274,8 @@ def edge_batch(dtype=torch.float64):
                 chosen_mask=cm, rejected_mask=rm)
 
 
-@pytest.mark.parametrize("family,size", [(None, None), ("static", 1), ("static", 4),
-                                         ("static", 50), ("adaptive", 1), ("adaptive", 4),
-                                         ("adaptive", 50)])
+@pytest.mark.parametrize("family,size", [(None, None), ("static", 1), ("static", 50),
+                                         ("adaptive", 4), ("adaptive", 50)])
 @pytest.mark.parametrize("name", [*PAIRWISE, "adpo", "cadpo"])
 def test_every_granularity_is_finite_at_the_edges(name, family, size):
     if family is None and name in ("adpo", "cadpo"):
