@@ -225,8 +225,8 @@ def loss_terms(cfg):
     """The terms of --loss: [(name, weight, options)], weights from --loss_weights (1 without)."""
     terms = parse_loss(cfg.loss)
     weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
-    return [(name, weights[i] if weights else 1.0, loss_options(cfg, name, family, size))
-            for i, (name, family, size) in enumerate(terms)]
+    return [(name, weight, loss_options(cfg, name, family, size))
+            for (name, family, size), weight in zip(terms, weights or [1.0] * len(terms))]
 
 
 def uses(cfg, names):
@@ -814,8 +814,8 @@ def parse_variant(spec, cfg):
                      f"(e.g. dpo+0.5sft)")
     names = [t.group(2) for t in terms]
     weights = [t.group(1) or "1" for t in terms]
-    flags = {"loss": "+".join(names), "loss_weights": ",".join(weights) * (weights != ["1"] *
-                                                                           len(weights))}
+    weighted = any(w != "1" for w in weights)
+    flags = {"loss": "+".join(names), "loss_weights": ",".join(weights) if weighted else ""}
     name, *grain = names[0].split(":")
     if len(names) == 1 and name in SEGMENTED and len(grain) == 2:  # adpo:static:4 (Table 3)
         flags.update(loss=name, family=grain[0], size=grain[1])

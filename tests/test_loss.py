@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics, simpo_loss)
+from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics,
+                  simpo_loss)
 from conftest import log_sigmoid, make_batch, ragged_mask, response, split
 
 LN2 = math.log(2.0)

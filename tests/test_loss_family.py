@@ -203,7 +203,7 @@ def test_policy_equals_reference_gives_T_prime_times_the_loss_at_zero(name, fami
     if family is None:
         t_prime = [1] * len(len_w)
     elif family == "static":
-        t_prime = [math.ceil(max(w, l) / size) for w, l in zip(len_w, len_l)]
+        t_prime = [math.ceil(max(a, b) / size) for a, b in zip(len_w, len_l)]
     else:
         t_prime = [size] * len(len_w)
     options = OPTIONS.get(name, {})
