@@ -162,7 +162,7 @@ def test_policy_equals_reference_gives_T_prime_ln2(family, size):
     batch["policy_rejected_logps"] = batch["reference_rejected_logps"].clone()
     len_w, len_l = batch["chosen_mask"].sum(-1).tolist(), batch["rejected_mask"].sum(-1).tolist()
     if family == "static":
-        t_prime = [math.ceil(max(w, l) / size) for w, l in zip(len_w, len_l)]
+        t_prime = [math.ceil(max(a, b) / size) for a, b in zip(len_w, len_l)]
     else:
         t_prime = [size] * len(len_w)
     losses = adpo_loss(**batch, family=family, size=size)[0]
