@@ -585,12 +585,11 @@ def ld_desensitised(policy_chosen_logps, policy_rejected_logps,
     shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]         # (B, 1) l
     tail_w = chosen_mask & (chosen_mask.long().cumsum(-1) > shared)                      # (B, T)
     tail_l = rejected_mask & (rejected_mask.long().cumsum(-1) > shared)
-    return (torch.where(tail_w, ld_alpha * _float(policy_chosen_logps), policy_chosen_logps),
-            torch.where(tail_l, ld_alpha * _float(policy_rejected_logps), policy_rejected_logps),
-            torch.where(tail_w, ld_alpha * _float(reference_chosen_logps), reference_chosen_logps),
-            torch.where(tail_l, ld_alpha * _float(reference_rejected_logps),
-                        reference_rejected_logps),
-            chosen_mask, rejected_mask)
+    logps = (policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps)
+    tails = (tail_w, tail_l, tail_w, tail_l)
+    scaled = [torch.where(tail, ld_alpha * _float(x), x) for x, tail in zip(logps, tails)]
+    return (*scaled, chosen_mask, rejected_mask)
 
 
 @torch.no_grad()
