@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (ROOT, all_gather, atomic_write, barrier, changed_flags, cli, content_id,
-                    file_digest, markdown_table, need, parse, pin_inputs, print0, progress_bar,
-                    read_json, read_jsonl, read_run_file, setup, write_json, write_jsonl)
+from common import (ROOT, ConfigError, all_gather, atomic_write, barrier, changed_flags, cli,
+                    content_id, file_digest, markdown_table, need, parse, pin_inputs, print0,
+                    progress_bar, read_json, read_jsonl, read_run_file, setup, write_json,
+                    write_jsonl)
 from checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
-from loss import LOSSES, eos_padded, preference_metrics
+from loss import eos_padded, metric_granularity, parse_loss, preference_metrics
 from parallel import place
 from tables import local_files
 from tokenizer import encode_prompt
@@ -70,7 +71,7 @@ class Settings:
     maj_k: int = 1              # maj@k on the test split as well as greedy accuracy (1 = off)
     # the preference loss (and its metrics: β, family, size; loss, family and eos_pad decide the
     # paper's EOS padding of the static family)
-    loss: str = "adpo"          # any key of loss.LOSSES
+    loss: str = "adpo"          # any key of loss.LOSSES, or terms joined by + (train.py --loss)
     beta: float = 0.5           # (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy)
     family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
     size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
@@ -271,7 +272,8 @@ def evaluate_stage(stage_dir, cfg, run, pairs=None):
         rows, val_rows, reference = pairs
         kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx,
                   progress=run.master, eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
-        score = partial(preference_eval, beta=cfg.beta, family=cfg.family, size=cfg.size)
+        family, size = metric_granularity(cfg.loss, cfg.family, cfg.size)
+        score = partial(preference_eval, beta=cfg.beta, family=family, size=size)
         train_logps = pair_logps(model, rows, tok.eot_token, desc="eval pairs", **kw)
         result["pairs"] = {"train": score(train_logps, reference["train"])}
         if val_rows:  # before = the reference against itself (exact ties: accuracy 0)
@@ -574,7 +576,10 @@ def validate(cfg):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
     need(cfg.n_test >= 0, f"--n_test must be >= 0, got {cfg.n_test}")
     need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
-    need(cfg.loss in LOSSES, f"--loss {cfg.loss!r}: expected one of {sorted(LOSSES)}")
+    try:
+        parse_loss(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"--loss {cfg.loss!r}: {e}") from None
     need(cfg.family in ("static", "adaptive"),
          f"--family must be static or adaptive, got {cfg.family!r}")
 
@@ -752,9 +757,10 @@ def main(argv=None):
     if pairs:
         kw = dict(device=run.device, ctx=run.ctx, progress=False,
                   eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
+        family, size = metric_granularity(cfg.loss, cfg.family, cfg.size)
         pref = preference_eval(pair_logps(model, rows, tok.eot_token, **kw),
                                pair_logps(ref, rows, tok.eot_token, **kw),
-                               beta=cfg.beta, family=cfg.family, size=cfg.size)
+                               beta=cfg.beta, family=family, size=size)
         result["pairs"] = {"file": cfg.pairs, "reference": ref_path, **stats, **pref}
         print0(markdown_table(list(pref), [[f"{v:.4f}" for v in pref.values()]]))
     if cfg.out and run.master:

@@ -1,19 +1,22 @@
 """
 Preference losses: DPO and Autoregressive DPO (ADPO), their token-weighted forms cDPO and cADPO,
-with IPO and SimPO beside them for comparison.
+and the DPO family a researcher compares them with (IPO, SimPO and TRL's loss types), each of the
+pairwise ones at every granularity.
 
 Read this file next to "Autoregressive Direct Preference Optimization" (Oi, Ukai, Kaneko, Okazaki,
 Inoue, ICML 2026, arXiv 2602.09533). The whole paper, as code, is one move: DPO sums the log-ratios
-*inside* the log-sigmoid, ADPO sums log-sigmoids of segment comparisons *outside* it.
+*inside* the log-sigmoid, ADPO sums log-sigmoids of segment comparisons *outside* it. `pairwise`
+below makes the same move for any loss of a pair's summed log-ratios (hinge, IPO, robust, ...).
 
 Notation (paper) -> code
     x, y^w, y^l          prompt, chosen (preferred) and rejected response
     log πθ(y_t|x,y_<t)   policy_{chosen,rejected}_logps[b, t]     (B, T),
-                                                                  e.g. from model.token_logps
+                                                                  from model(idx, targets)
     log πref(y_t|...)    reference_{chosen,rejected}_logps[b, t]  (B, T),
                                                                   from the frozen reference model
     ρ_t(y)               log πθ − log πref of token t             _log_ratios(...),
                                                                   0 off the response
+    h(y)                 Σ_t ρ_t, the summed log-ratio            TRL's chosen/rejected_logratios
     T = μ(y)             token length of a response               mask.sum(-1)
     z_1 … z_T'           contiguous segments of a response        _segment_ids(mask, family, size)
     S(i)                 Σ_{t ∈ z_i} ρ_t, segment i only          _segment_sums(...), (B, n_seg)
@@ -31,10 +34,15 @@ Every loss returns (losses, chosen_rewards, rejected_rewards), each (B,): the lo
 plain sum) and the implicit rewards β·Σ_t ρ_t (detached) for logging. Sums are taken in float32
 (float64 inputs stay float64).
 
-Try your own variant: write one function taking the same six tensors and add it to LOSSES at the
-bottom; `python train.py --loss NAME` then uses it, filling its extra keyword parameters
+Try your own variant: write one function taking the same six tensors (or, for a loss of the
+summed log-ratios, one of (h_w, h_l) under @pairwise) and add it to LOSSES at the bottom;
+`python train.py --loss NAME` then uses it, filling its extra keyword parameters
 (beta, size, gamma, ...) from the config keys of the same name.
 """
+
+import functools
+import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +152,12 @@ def _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask, family, size):
     # ⌈T/k⌉ windows fit any row
     n_seg = -(-T // size) if family == "static" else size
     n_valid = feedback_length(chosen_mask, rejected_mask, family, size)        # (B,) T'
-    S_w = rho_w.new_zeros(B, n_seg).scatter_add(1, ids_w, rho_w)               # (B, n_seg)
-    S_l = rho_l.new_zeros(B, n_seg).scatter_add(1, ids_l, rho_l)               # (B, n_seg)
+    if n_seg == 1:  # one segment holds every token: the plain sum, so that adaptive m = 1 is
+        # the response-level loss bit for bit (scatter_add would add in another order)
+        S_w, S_l = rho_w.sum(-1, keepdim=True), rho_l.sum(-1, keepdim=True)   # (B, 1)
+    else:
+        S_w = rho_w.new_zeros(B, n_seg).scatter_add(1, ids_w, rho_w)           # (B, n_seg)
+        S_l = rho_l.new_zeros(B, n_seg).scatter_add(1, ids_l, rho_l)           # (B, n_seg)
     valid = torch.arange(n_seg, device=chosen_mask.device) < n_valid[:, None]  # (B, n_seg)
     return S_w, S_l, valid
 
@@ -164,12 +176,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
               chosen_mask, rejected_mask)
-    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
-                                chosen_mask).sum(-1)                                  # (B,)
-    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                                  rejected_mask).sum(-1)                              # (B,)
-    losses = -F.logsigmoid(chosen - rejected)
-    return losses, chosen.detach(), rejected.detach()
+    h_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask).sum(-1)  # (B,)
+    h_l = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask).sum(-1)
+    losses = -F.logsigmoid(beta * (h_w - h_l))  # (the form of adpo_loss's, m = 1: same bits)
+    return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
 def adpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -232,7 +242,7 @@ def cdpo_loss(policy_chosen_logps, policy_rejected_logps,
     prefers much more than the "positive" one has p_t ≈ 0, so w_t ≈ 1: pushed down at full weight.
 
     decision: this is ADPO with adaptive m = 1 and the weights (the form of the paper's
-    equations; cadpo_loss with m = 1 computes the same up to float rounding). cDPO's public code
+    equations; cadpo_loss with m = 1 computes the same, bit for bit). cDPO's public code
     instead applies the log-sigmoid at every token position and averages: adpo_loss(family=
     "static", size=1, segment_mean=True) with zero padding and the weights; train.py reaches it
     with --loss cadpo --family static --size 1 --segment_mean true --eos_pad false.
@@ -241,14 +251,12 @@ def cdpo_loss(policy_chosen_logps, policy_rejected_logps,
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
               chosen_mask, rejected_mask, None, rejected_weights)
-    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
-                                chosen_mask).sum(-1)                                  # (B,)
-    weighted = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                                  rejected_mask, rejected_weights).sum(-1)            # (B,)
-    losses = -F.logsigmoid(chosen - weighted)
-    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                                  rejected_mask).sum(-1)
-    return losses, chosen.detach(), rejected.detach()
+    h_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask).sum(-1)  # (B,)
+    weighted = _log_ratios(policy_rejected_logps, reference_rejected_logps,
+                           rejected_mask, rejected_weights).sum(-1)                   # (B,)
+    losses = -F.logsigmoid(beta * (h_w - weighted))
+    h_l = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask).sum(-1)
+    return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
 def cadpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -279,26 +287,182 @@ def contrastive_weights(positive_logits, negative_logits, targets):
     return 1 - p
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps,
-             reference_chosen_logps, reference_rejected_logps,
-             chosen_mask, rejected_mask, beta=0.1):
-    """IPO (Azar et al. 2023, arXiv 2310.12036), a squared loss on the same margin,
-    with β as IPO's τ:
+# -----------------------------------------------------------------------------
+# the DPO family at every granularity: ADPO's move, for any loss of the summed log-ratios
 
-        L = ( h − 1/(2β) )²,     h = Σ_t ρ_t(y^w) − Σ_t ρ_t(y^l)
+# the signature @pairwise gives its losses, which train.py's loss_options reads: the six tensors,
+# then the keyword parameters of ℓ (beta, label_smoothing, ...), then family and size
+_KW = inspect.Parameter.KEYWORD_ONLY
+_SIX = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name in _TENSOR_NAMES[:6]]
+_GRANULARITY = [inspect.Parameter("family", _KW, default=None),
+                inspect.Parameter("size", _KW, default=1)]
 
-    Inputs (B, T), returns (losses, chosen_rewards, rejected_rewards), each (B,);
-    rewards are β Σ_t ρ_t.
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def pairwise(compare):
+    """ADPO's move for any loss ℓ of a pair's summed log-ratios h = Σ_t ρ_t: the six-tensor loss
+
+        family=None (default)   L = ℓ( h(y^w), h(y^l) )                  the whole responses
+        family, size            L = Σ_{i=1}^{T'} ℓ( S^w(i), S^l(i) )     ADPO's segments
+
+    compare(h_w, h_l, beta, ...) is ℓ on (B, n) summed log-ratios (n = 1 for whole responses,
+    n_seg for segments); its keyword parameters become the loss's, beside family and size,
+    which are adpo_loss's (static windows of k tokens, or adaptive m segments; the static
+    family's EOS padding is the batch builder's, see eos_padded). adaptive m = 1 is the
+    response-level loss bit for bit.
+    decision: outside DPO the segment form is an extension the paper does not derive: it makes
+    ADPO's one move (the sum over segments outside the per-comparison loss) with another ℓ;
+    the rewards stay β·h of the whole responses.
+    Inputs (B, T), returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
-    _validate(beta, policy_chosen_logps, policy_rejected_logps,
-              reference_chosen_logps, reference_rejected_logps,
-              chosen_mask, rejected_mask)
-    chosen = _log_ratios(policy_chosen_logps, reference_chosen_logps,
-                         chosen_mask).sum(-1)                                         # (B,)
-    rejected = _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                           rejected_mask).sum(-1)                                     # (B,)
-    losses = (chosen - rejected - 1 / (2 * beta)) ** 2
-    return losses, beta * chosen.detach(), beta * rejected.detach()
+    beta_default = inspect.signature(compare).parameters["beta"].default
+
+    def loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps,
+             chosen_mask, rejected_mask, *, family=None, size=1, **options):
+        beta = options.get("beta", beta_default)
+        _validate(beta, policy_chosen_logps, policy_rejected_logps,
+                  reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
+        rho_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask)   # (B, T)
+        rho_l = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask)
+        if family is None:  # the whole responses: one comparison per pair
+            h_w, h_l = rho_w.sum(-1, keepdim=True), rho_l.sum(-1, keepdim=True)        # (B, 1)
+            valid = torch.ones_like(h_w, dtype=torch.bool)
+        else:               # ADPO's segments, T' of them compared
+            h_w, h_l, valid = _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask,
+                                            family, size)                              # (B, n)
+        losses = torch.where(valid, compare(h_w, h_l, **options), 0.0).sum(-1)         # (B,)
+        return losses, beta * rho_w.sum(-1).detach(), beta * rho_l.sum(-1).detach()
+
+    functools.update_wrapper(loss, compare)
+    own = list(inspect.signature(compare).parameters.values())[2:]  # beta, its hyperparameters
+    loss.__signature__ = inspect.Signature(
+        _SIX + [p.replace(kind=_KW) for p in own] + _GRANULARITY)
+    return loss
+
+
+@pairwise
+def ipo_loss(h_w, h_l, beta=0.1):
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; TRL "ipo"), a squared loss on the same
+    margin, with β as IPO's τ:
+
+        ℓ = ( h^w − h^l − 1/(2β) )²
+
+    decision: the sums h, as Eq. 17 prints them and as every loss here takes them. TRL first
+    divides each h by its response's token count (its code says the IPO authors ran it so); that
+    form is this loss on the log-ratios ρ_t / |y| (how the tests check it against TRL).
+    """
+    return (h_w - h_l - 1 / (2 * beta)) ** 2
+
+
+@pairwise
+def hinge_loss(h_w, h_l, beta=0.1):
+    """SLiC's hinge loss (Zhao et al. 2023, "SLiC-HF", arXiv 2305.10425; TRL "hinge") on the
+    log-ratios, 1/β the margin (SLiC itself compares log πθ without a reference):
+
+        ℓ = max(0, 1 − β (h^w − h^l))
+    """
+    return F.relu(1 - beta * (h_w - h_l))
+
+
+@pairwise
+def robust_loss(h_w, h_l, beta=0.1, label_smoothing=0.0):
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409; TRL "robust"):
+    DPO made unbiased for preference labels flipped with probability ε = label_smoothing,
+
+        ℓ = [ −(1 − ε) log σ(β(h^w − h^l)) + ε log σ(−β(h^w − h^l)) ] / (1 − 2ε),   0 ≤ ε < ½
+
+    ε = 0 is DPO (the paper's typical ε is 0.1).
+    """
+    _require(0 <= label_smoothing < 0.5,
+             f"robust: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    x = beta * (h_w - h_l)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+@pairwise
+def exo_pair_loss(h_w, h_l, beta=0.1, label_smoothing=1e-3):
+    """EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    arXiv 2402.00856, Eq. 16 with K = 2; TRL "exo_pair"): the KL divergence from the policy's
+    preference q = σ(±β(h^w − h^l)) to the labels smoothed by ε = label_smoothing > 0,
+
+        ℓ = q_w (log q_w − log(1 − ε)) + q_l (log q_l − log ε)
+
+    Policy == reference: ½ log(1 / (4ε(1 − ε))) per comparison (EXO's ε is 1e-3).
+    """
+    _require(0 < label_smoothing < 0.5,
+             f"exo_pair: label_smoothing must be in (0, 0.5), got {label_smoothing!r} "
+             f"(EXO's ε; the paper uses 1e-3)")
+    x = beta * (h_w - h_l)
+    chosen = torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-label_smoothing))
+    return chosen + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(label_smoothing))
+
+
+@pairwise
+def nca_pair_loss(h_w, h_l, beta=0.1):
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards", arXiv 2402.05369; TRL "nca_pair"): each response's own reward βh classified against
+    the reference, the chosen one as data, so that its likelihood rises in absolute terms:
+
+        ℓ = − log σ(β h^w) − ½ log σ(−β h^w) − ½ log σ(−β h^l)
+    """
+    return (-F.logsigmoid(beta * h_w) - 0.5 * F.logsigmoid(-beta * h_w)
+            - 0.5 * F.logsigmoid(-beta * h_l))
+
+
+@pairwise
+def sppo_hard_loss(h_w, h_l, beta=0.1):
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization", arXiv
+    2405.00675, Eq. 4.7 with P = 1 for the winner and 0 for the loser; TRL "sppo_hard"): each
+    summed log-ratio regressed onto ±1/(2β) on its own,
+
+        ℓ = ( h^w − 1/(2β) )² + ( h^l + 1/(2β) )²
+    """
+    return (h_w - 1 / (2 * beta)) ** 2 + (h_l + 1 / (2 * beta)) ** 2
+
+
+@pairwise
+def apo_zero_loss(h_w, h_l, beta=0.1):
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", arXiv 2408.06266, Eq. 7; TRL "apo_zero"): the chosen likelihood up and the
+    rejected one down, each anchored at the reference (chosen outputs better than the model's):
+
+        ℓ = 1 − σ(β h^w) + σ(β h^l)
+    """
+    return 1 - torch.sigmoid(beta * h_w) + torch.sigmoid(beta * h_l)
+
+
+@pairwise
+def apo_down_loss(h_w, h_l, beta=0.1):
+    """APO-down (the same paper, Eq. 8; TRL "apo_down"): both likelihoods down, the rejected one
+    more (chosen outputs worse than the model's own):
+
+        ℓ = σ(β h^w) + 1 − σ(β (h^w − h^l))
+    """
+    return torch.sigmoid(beta * h_w) + 1 - torch.sigmoid(beta * (h_w - h_l))
+
+
+@pairwise
+def discopop_loss(h_w, h_l, beta=0.1, discopop_tau=0.05):
+    """DiscoPOP (Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for
+    Large Language Models", arXiv 2406.08414, Eq. 5, its log-ratio modulated loss; TRL
+    "discopop"): with x = β(h^w − h^l), the logistic and the exponential loss blended by σ(x/τ),
+
+        ℓ = (1 − σ(x/τ)) · (− log σ(x)) + σ(x/τ) · e^{−x},     τ = discopop_tau
+
+    decision: σ(x/τ)·e^{−x} is computed as exp(log σ(x/τ) − x): the same number, and 0 where
+    TRL's product is ∞·0 = NaN (a very negative x).
+    """
+    _require(discopop_tau > 0, f"discopop: discopop_tau must be > 0, got {discopop_tau!r}")
+    x = beta * (h_w - h_l)
+    logistic = -F.logsigmoid(x) * (1 - torch.sigmoid(x / discopop_tau))
+    return logistic + torch.exp(F.logsigmoid(x / discopop_tau) - x)
 
 
 def simpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -322,6 +486,128 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps,
                                   "simpo_loss", "rejected_mask")                      # (B,)
     losses = -F.logsigmoid(chosen - rejected - gamma)
     return losses, chosen.detach(), rejected.detach()
+
+
+# -----------------------------------------------------------------------------
+# response-level only: losses that are not functions of the summed log-ratios alone
+
+
+def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps,
+                      reference_chosen_logps, reference_rejected_logps,
+                      chosen_mask, rejected_mask, beta=0.1):
+    """Length-normalised DPO (TRL "sigmoid_norm"; the DPO of Tülu 3, Lambert et al. 2024,
+    arXiv 2411.15124): DPO on the mean log-ratio per token,
+
+        L = − log σ( β h(y^w)/|y^w| − β h(y^l)/|y^l| )
+
+    No granularity: a per-token average and a split into segments are two answers to the same
+    length question. Returns (losses, chosen_rewards, rejected_rewards), each (B,), rewards
+    β Σ_t ρ_t. An empty response raises.
+    """
+    _validate(beta, policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
+    rho_w = _float(policy_chosen_logps) - _float(reference_chosen_logps)               # (B, T)
+    rho_l = _float(policy_rejected_logps) - _float(reference_rejected_logps)
+    mean_w = _mean_logps(rho_w, chosen_mask, "sigmoid_norm_loss", "chosen_mask")        # (B,)
+    mean_l = _mean_logps(rho_l, rejected_mask, "sigmoid_norm_loss", "rejected_mask")
+    losses = -F.logsigmoid(beta * (mean_w - mean_l))
+    chosen = beta * torch.where(chosen_mask, rho_w, 0.0).sum(-1)
+    rejected = beta * torch.where(rejected_mask, rho_l, 0.0).sum(-1)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def bco_pair_loss(policy_chosen_logps, policy_rejected_logps,
+                  reference_chosen_logps, reference_rejected_logps,
+                  chosen_mask, rejected_mask, beta=0.1, delta=0.0):
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment", arXiv 2404.04656; TRL "bco_pair"): a binary classifier whose logit is the reward
+    βh shifted by δ, the chosen response the positive class and the rejected one the negative,
+
+        L = − log σ( β h(y^w) − δ ) − log σ( −(β h(y^l) − δ) )
+
+    δ (delta) is BCO's reward shift, the running mean of the rewards trained on so far: state
+    that lives across steps, so the caller holds it and passes it in (train.py's RewardMean);
+    nothing is hidden in here. TRL 1.16 drops the shift (δ = 0, the default here).
+    No granularity: δ is a mean of whole-response rewards. Returns (losses, chosen_rewards,
+    rejected_rewards), each (B,).
+    """
+    _validate(beta, policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
+    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
+                                chosen_mask).sum(-1)                                  # (B,)
+    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
+                                  rejected_mask).sum(-1)                              # (B,)
+    losses = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+    return losses, chosen.detach(), rejected.detach()
+
+
+def sft_loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps,
+             chosen_mask, rejected_mask, beta=0.1):
+    """The SFT term of a combination (TRL "sft"): the chosen response's mean NLL per token,
+    chosen_nll. RPO is dpo+sft (Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+    arXiv 2404.19733), MPO is 0.8·dpo + 0.2·bco_pair + sft (Wang et al. 2024, arXiv 2411.10442).
+
+        L = −(1/|y^w|) Σ_t log πθ(y^w_t)
+
+    decision: a mean per pair, so that the caller's mean over pairs holds for every term; TRL's is
+    one token mean over the whole batch (the same number when the chosen responses have equal
+    lengths). No granularity. β only scales the logged rewards β Σ_t ρ_t.
+    """
+    _validate(beta, policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
+    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
+                                chosen_mask).sum(-1)                                  # (B,)
+    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
+                                  rejected_mask).sum(-1)                              # (B,)
+    losses = -_mean_logps(policy_chosen_logps, chosen_mask, "sft_loss", "chosen_mask")
+    return losses, chosen.detach(), rejected.detach()
+
+
+# -----------------------------------------------------------------------------
+# length desensitisation and pair weights: the caller applies them around any loss
+
+
+def ld_desensitised(policy_chosen_logps, policy_rejected_logps,
+                    reference_chosen_logps, reference_rejected_logps,
+                    chosen_mask, rejected_mask, ld_alpha=1.0):
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", arXiv
+    2409.06411; TRL ld_alpha): the six inputs, the log-probs of every token past the first
+    l = min(T^w, T^l) of its response (policy and reference alike) multiplied by α, so that
+    every loss of the log-ratios sees
+
+        log π(y) = Σ_{t ≤ l} log π(y_t) + α Σ_{t > l} log π(y_t),       and ρ_t likewise
+
+    α = 1 changes nothing, α = 0 drops the longer response's excess. The static family's EOS
+    padding gives both responses one length: α then changes nothing either.
+    """
+    _require(0 <= ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {ld_alpha!r}")
+    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]         # (B, 1) l
+    tail_w = chosen_mask & (chosen_mask.long().cumsum(-1) > shared)                      # (B, T)
+    tail_l = rejected_mask & (rejected_mask.long().cumsum(-1) > shared)
+    logps = (policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps)
+    tails = (tail_w, tail_l, tail_w, tail_l)
+    scaled = [torch.where(tail, ld_alpha * _float(x), x) for x, tail in zip(logps, tails)]
+    return (*scaled, chosen_mask, rejected_mask)
+
+
+@torch.no_grad()
+def wpo_weights(policy_chosen_logps, policy_rejected_logps, chosen_mask, rejected_mask):
+    """WPO's pair weights (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization", arXiv 2406.11827; TRL use_weighting): how likely the current policy is to
+    produce the pair, each response's probability normalised by its length, detached, (B,):
+
+        w = exp( (1/|y^w|) Σ_t log πθ(y^w_t) ) · exp( (1/|y^l|) Σ_t log πθ(y^l_t) )
+
+    The caller multiplies the per-pair loss of every term by w. decision: without WPO's weight
+    alignment (TRL subtracts log Σ_v πθ(v)² at each token, which needs the whole distribution over
+    the vocabulary; model(idx, targets) returns the log-probs of the targets only). TRL's code
+    with that term set to 0 computes exactly this.
+    """
+    mean_w = _mean_logps(policy_chosen_logps, chosen_mask, "wpo_weights", "chosen_mask")
+    mean_l = _mean_logps(policy_rejected_logps, rejected_mask, "wpo_weights", "rejected_mask")
+    return torch.exp(mean_w + mean_l)
 
 
 def chosen_nll(policy_chosen_logps, chosen_mask):
@@ -380,16 +666,70 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
 
 # train.py --loss NAME looks the loss up here; add your own variant with one line.
 LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_loss,
-          "cdpo": cdpo_loss, "cadpo": cadpo_loss}
+          "cdpo": cdpo_loss, "cadpo": cadpo_loss,
+          # TRL's loss types under TRL's names (its "sigmoid" is dpo)
+          "hinge": hinge_loss, "robust": robust_loss, "exo_pair": exo_pair_loss,
+          "nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
+          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "discopop": discopop_loss,
+          "sigmoid_norm": sigmoid_norm_loss, "sft": sft_loss}
 # the losses that take cDPO's contrastive token weights (train.py computes them first)
 WEIGHTED = ("cdpo", "cadpo")
-# the losses with a granularity (family, size): ADPO's segments
+# the losses whose name alone takes --family/--size: ADPO's segments
 SEGMENTED = ("adpo", "cadpo")
+# the losses without a granularity, and why (every other one takes family and size)
+NO_GRANULARITY = {
+    "dpo": "DPO at a granularity is ADPO: adpo:FAMILY:SIZE",
+    "cdpo": "cDPO at a granularity is cADPO: cadpo:FAMILY:SIZE",
+    "simpo": "reference-free and length-averaged, not a function of the summed log-ratios",
+    "sigmoid_norm": "length-averaged, not a function of the summed log-ratios",
+    "bco_pair": "its shift δ is a running mean of whole-response rewards",
+    "sft": "the chosen response's NLL compares nothing",
+}
+# the losses of the policy's log-probs alone: LD-DPO's desensitisation leaves them as they are
+REFERENCE_FREE = ("simpo", "sft")
+
+
+def parse_loss(spec):
+    """A loss spec, what --loss names -> [(name, family, size)], one per term: terms joined by +,
+    each NAME or NAME:FAMILY:SIZE; family and size are None where a term names no granularity.
+    'dpo+sft' -> [('dpo', None, None), ('sft', None, None)], 'hinge:adaptive:16' ->
+    [('hinge', 'adaptive', 16)]. A bad spec is a ValueError of one line."""
+    terms = []
+    for term in spec.split("+"):
+        name, *granularity = term.strip().split(":")
+        _require(name in LOSSES, f"expected one of {', '.join(LOSSES)}, or terms of them joined "
+                                 f"by + (e.g. dpo+sft): {name!r} is none of them")
+        if not granularity:
+            terms.append((name, None, None))
+            continue
+        _require(name not in NO_GRANULARITY,
+                 f"{name} has no granularity ({NO_GRANULARITY.get(name)})")
+        family, size = (granularity + [""])[:2]
+        _require(len(granularity) == 2 and family in ("static", "adaptive")
+                 and size.isdigit() and int(size) >= 1,
+                 f"{term.strip()!r}: expected NAME:FAMILY:SIZE, FAMILY static or adaptive and "
+                 f"SIZE an integer >= 1 (e.g. hinge:adaptive:16)")
+        terms.append((name, family, int(size)))
+    return terms
+
+
+def granularities(spec, family=None, size=None):
+    """The (family, size) each term of spec compares at, or None (the whole responses): the
+    term's own, else family and size (--family/--size) for a bare adpo or cadpo."""
+    return [(f, s) if f else (family, size) if name in SEGMENTED else None
+            for name, f, s in parse_loss(spec)]
 
 
 def eos_padded(loss, family, eos_pad=True):
-    """Whether the pairs of this loss are EOS-padded: the paper pads the shorter response of a pair
-    with EOS tokens (y_pad in Figure 1) for the static family only, ADPO's and cADPO's (ADPO with
-    token weights); --eos_pad false turns it off. The batch builder does the padding
-    (data.preference_batch(eos_pad=True)); every loss then scores those tokens like any other."""
-    return eos_pad and loss in SEGMENTED and family == "static"
+    """Whether the pairs of this loss spec are EOS-padded: the paper pads the shorter response of
+    a pair with EOS tokens (y_pad in Figure 1) for the static family only, so when a term of the
+    spec compares at the static family (adpo with --family static, or any NAME:static:K);
+    --eos_pad false turns it off. The batch builder does the padding
+    (data.preference_batch(eos_pad=True)); every term then scores those tokens like any other."""
+    return eos_pad and any(g and g[0] == "static" for g in granularities(loss, family))
+
+
+def metric_granularity(loss, family, size):
+    """Where segments/win_rate is measured: at the granularity of the first term of the spec that
+    has one (hinge:adaptive:16 -> adaptive 16), else at --family/--size."""
+    return next((g for g in granularities(loss, family, size) if g), (family, size))

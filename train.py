@@ -4,12 +4,17 @@ The main job: SFT, then on-policy preference pairs, then preference optimisation
     python train.py                                  # embedded default: tiny GPT from scratch, CPU
     python train.py --preset smoke --out_dir out/s   # every stage in seconds (what the tests run)
     python train.py --loss dpo --out_dir out/dpo     # dpo | adpo | ipo | simpo | cdpo | cadpo
+                                                     # | hinge | robust | ... (loss.LOSSES)
+    python train.py --loss hinge:adaptive:16         # any pairwise loss at ADPO's granularities
+    python train.py --loss dpo+sft --loss_weights 1,0.5  # weighted combinations (TRL's RPO, MPO)
     python train.py --family adaptive --size 256     # ADPO's headline granularity (paper Table 2)
     python train.py --family static --size 4         # static windows of 4 tokens (paper Table 3)
     python train.py --preset gpt2_gsm8k              # GPT-2 124M on GSM8K, one GPU
     python train.py --stop_after sft                 # the stages up to SFT; re-run to continue
     python train.py --compare dpo,adpo,adpo:static:4,adpo:adaptive:16,ipo,simpo --seeds 0,1,2
                                                      # Table 3 in miniature: same SFT, same pairs
+    python train.py --compare dpo,hinge,hinge:adaptive:16,ipo:static:4,dpo+0.5sft,robust@beta=1
+                                                     # loss x granularity, weighted sums, settings
     python train.py --preset arith_gpu               # Table 3's sweep, sized for one GPU
     torchrun --nproc_per_node=2 train.py ...         # data parallel over 2 GPUs (or CPU processes)
 
@@ -29,6 +34,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -48,8 +54,9 @@ from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_b
                   row_lengths, sft_batch, split_pairs)
 from eval import (Settings, complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
                   report_run, settings_of)
-from loss import (LOSSES, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights, eos_padded,
-                  preference_metrics)
+from loss import (LOSSES, REFERENCE_FREE, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights,
+                  eos_padded, granularities, ld_desensitised, metric_granularity, parse_loss,
+                  preference_metrics, wpo_weights)
 from lora import apply_lora, lora_settings, lora_targets
 from model import GPT, GPTConfig
 from parallel import load_state, place
@@ -99,6 +106,11 @@ class Config(Settings):
     gamma: float = 0.5          # SimPO margin
     nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
     segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum
+    loss_weights: str = ""      # one weight per term of --loss, e.g. 1,0.5 for dpo+sft ("" = 1s)
+    label_smoothing: float = 0.0  # robust: the rate ε of flipped labels; exo_pair: its ε (> 0)
+    discopop_tau: float = 0.05  # DiscoPOP's τ
+    ld_alpha: float = 1.0       # LD-DPO's α on the tokens past the shorter response (1 = off)
+    use_weighting: bool = False  # WPO's pair weights on every term of the loss
     po_epochs: float = 2.0
     po_batch_size: int = 16     # pairs per optimizer step
     po_lr: float = 1e-4
@@ -131,8 +143,7 @@ STAGES = ("sft", "pairs", "po")
 
 def validate(cfg):
     """One line naming the flag for every value the run cannot use; checked before any work."""
-    need(cfg.loss in LOSSES, f"--loss {cfg.loss!r}: expected one of {sorted(LOSSES)} "
-                             f"(add yours to LOSSES in loss.py)")
+    validate_loss(cfg)
     need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
     need(cfg.size >= 1, f"--size (k or m) must be >= 1, got {cfg.size}")
     need(cfg.family in ("static", "adaptive"),
@@ -196,6 +207,31 @@ def check_loss_at_start(cfg):
                               f"{'smaller' if knob == '--gamma' else 'larger'} {knob})")
 
 
+def validate_loss(cfg):
+    """--loss (a spec: terms joined by +, each NAME or NAME:FAMILY:SIZE), its weights and the
+    hyperparameters of its terms, each a one-line error naming the flag."""
+    need(not re.search(r"(^|\+)\s*[\d.]", cfg.loss),  # 0.5sft: --compare's spelling
+         f"--loss {cfg.loss!r}: give the weights with --loss_weights "
+         f"(e.g. --loss dpo+sft --loss_weights 1,0.5)")
+    try:
+        terms = parse_loss(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"--loss {cfg.loss!r}: {e} (add yours to LOSSES in loss.py)") from None
+    weights = [w.strip() for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
+    need(not weights or len(weights) == len(terms),
+         f"--loss_weights {cfg.loss_weights!r}: {len(weights)} weights for the {len(terms)} "
+         f"terms of --loss {cfg.loss!r} (expected one each)")
+    for w in weights:
+        need(convert("loss_weights", float, w, text=True) >= 0, f"--loss_weights: {w} is negative")
+    names = [name for name, _, _ in terms]
+    need(0 <= cfg.label_smoothing < 0.5,
+         f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    need("exo_pair" not in names or cfg.label_smoothing > 0,
+         "--loss exo_pair needs --label_smoothing > 0 (EXO's ε; its paper uses 1e-3)")
+    need(cfg.discopop_tau > 0, f"--discopop_tau must be > 0, got {cfg.discopop_tau}")
+    need(0 <= cfg.ld_alpha <= 1, f"--ld_alpha must be in [0, 1], got {cfg.ld_alpha}")
+
+
 # -----------------------------------------------------------------------------
 # the two losses: summed over their units (response tokens, pairs); train() divides once.
 # `model` is the GPT, or its DDP / torch.compile wrapper: model(idx, targets) -> (B, T) log-probs
@@ -208,30 +244,92 @@ def sft_loss(model, batch):
     return nll, {"loss": nll.detach()}
 
 
-def loss_options(cfg):
-    """The loss's keyword parameters (beta, family, size, gamma, ...) from the config's keys."""
-    names = list(inspect.signature(LOSSES[cfg.loss]).parameters)[6:]  # after the six tensors
-    return {name: getattr(cfg, name) for name in names
-            if hasattr(cfg, name) and not name.endswith("weights")}
+def loss_options(cfg, name, family=None, size=None):
+    """A loss's keyword parameters (beta, gamma, label_smoothing, ...) from the config's keys of
+    the same name; family and size: the term's own (hinge:adaptive:16), else --family/--size for
+    a bare adpo or cadpo, else none (the loss of the whole responses)."""
+    names = list(inspect.signature(LOSSES[name]).parameters)[6:]  # after the six tensors
+    options = {k: getattr(cfg, k) for k in names
+               if hasattr(cfg, k) and not k.endswith("weights") and k not in ("family", "size")}
+    if family is not None:
+        options.update(family=family, size=size)
+    elif name in SEGMENTED:
+        options.update(family=cfg.family, size=cfg.size)
+    return options
 
 
-def preference_loss(model, batch, cfg):
+def loss_terms(cfg):
+    """The terms of --loss: [(name, weight, options)], weights from --loss_weights (1 without)."""
+    terms = parse_loss(cfg.loss)
+    weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
+    return [(name, weight, loss_options(cfg, name, family, size))
+            for (name, family, size), weight in zip(terms, weights or [1.0] * len(terms))]
+
+
+def uses(cfg, names):
+    """Whether a term of --loss is one of these losses."""
+    return any(name in names for name, _, _ in parse_loss(cfg.loss))
+
+
+class RewardMean:
+    """bco_pair's reward shift δ (BCO, Jung et al. 2024): the running mean of the rewards β Σ_t ρ_t
+    of the pairs trained on so far, chosen and rejected alike. It is state across steps, held
+    here and not in the loss: train() updates it after every step and keeps it in the training
+    state (state.pt), since no weights can give it back. decision: δ at step s is the mean, over
+    the steps before s, of each step's batch mean (TRL's old RunningMoments also counted the
+    batch at hand), so that every micro-batch and rank of a step uses the same δ."""
+
+    def __init__(self):
+        self.value = 0.0  # δ
+        self.steps = 0    # the steps it averages
+
+    def update(self, logged):
+        """After a step: `logged` holds its global means over the pairs (every rank and
+        micro-batch)."""
+        batch_mean = (logged["rewards/chosen"] + logged["rewards/rejected"]) / 2
+        self.steps += 1
+        self.value += (batch_mean - self.value) / self.steps
+
+    def state_dict(self):
+        return {"value": self.value, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+        self.steps = state["steps"]
+
+
+def preference_loss(model, batch, cfg, reward_mean=None):
     """The paper's step: score chosen and rejected responses in one forward and compare them with
-    the frozen reference through cfg.loss (ADPO by default). Summed over the B pairs."""
+    the frozen reference through every term of cfg.loss (ADPO by default), each summed over the B
+    pairs and weighted by --loss_weights. reward_mean: bco_pair's δ (a RewardMean the caller
+    holds; none: δ = 0, TRL 1.16's bco_pair)."""
     logps = model(batch["input_ids"], batch["targets"])  # (2B, T) float32: log πθ(y_t | x, y_<t)
     ref = batch["reference_logps"]                       # (2B, T) log πref, precomputed
     mask = batch["loss_mask"]                            # (2B, T) True on response tokens + EOS
     B = mask.size(0) // 2                                # rows [0, B): chosen, [B, 2B): rejected
     six = (logps[:B], logps[B:], ref[:B], ref[B:], mask[:B], mask[B:])
-    weights = {}
-    if cfg.loss in WEIGHTED:  # cDPO / cADPO: contrastive weights on the rejected tokens
-        weights["rejected_weights"] = batch["rejected_weights"]  # (B, T)
-    losses, _, _ = LOSSES[cfg.loss](*six, **loss_options(cfg), **weights)  # (B,)
-    loss = losses.sum()
+    # LD-DPO: the log-ratios of the tokens past the shorter response of a pair count α times
+    ratios = six if cfg.ld_alpha == 1 else ld_desensitised(*six, ld_alpha=cfg.ld_alpha)
+    # WPO: each pair weighted by how likely the policy is to produce it, (B,), no gradient
+    pair_weights = wpo_weights(*six[:2], *six[4:]) if cfg.use_weighting else 1.0
+    delta = reward_mean.value if reward_mean else 0.0  # BCO's shift, the caller's running mean
+    loss = 0.0
+    for name, weight, options in loss_terms(cfg):
+        extra = {}
+        if name in WEIGHTED:  # cDPO / cADPO: contrastive weights on the rejected tokens
+            extra["rejected_weights"] = batch["rejected_weights"]  # (B, T)
+        if name == "bco_pair":
+            extra["delta"] = delta
+        inputs = six if name in REFERENCE_FREE else ratios
+        losses, _, _ = LOSSES[name](*inputs, **options, **extra)  # (B,)
+        loss = loss + weight * (pair_weights * losses).sum()
     if cfg.nll_weight:  # + λ · NLL of the chosen response (keeps its probability from sinking)
         loss = loss + cfg.nll_weight * chosen_nll(logps[:B], mask[:B]).sum()
-    metrics = preference_metrics(*(t.detach() for t in six), beta=cfg.beta, family=cfg.family,
-                                 size=cfg.size)  # means over the B pairs
+    family, size = metric_granularity(cfg.loss, cfg.family, cfg.size)
+    metrics = preference_metrics(*(t.detach() for t in six), beta=cfg.beta, family=family,
+                                 size=size)  # means over the B pairs
+    if uses(cfg, ("bco_pair",)):  # the δ the step used, logged
+        metrics["bco/delta"] = logps.new_tensor(delta)
     return loss, {"loss": loss.detach(), **{k: B * v for k, v in metrics.items()}}
 
 
@@ -283,13 +381,15 @@ def my_share(batch, cfg, run):
     return parts + [(batch[:1], 0.0)] * (busiest - k)
 
 
-def resume(state_path, metrics_path, model, optimizer, scaler, run):
+def resume(state_path, metrics_path, model, optimizer, scaler, run, loss_state=None):
     """The step to start from: 0, or that of the training state a killed run left behind."""
     step = 0
     if os.path.exists(state_path):
         state = load_checkpoint(state_path, mmap=True)
         load_state(model, optimizer, state["model"], state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if loss_state is not None:
+            loss_state.load_state_dict(state["loss_state"])
         step = state["step"]
     if run.master and os.path.exists(metrics_path):  # lines past that step will be logged again
         kept = [m for m in read_jsonl(metrics_path, torn_tail=True) if m["step"] <= step]
@@ -325,19 +425,21 @@ def check_numbers(loss, gnorm, scaler, step, total, name, cfg, run):
             raise FloatingPointError(f"[{name}] {what} at step {step + 1}/{total}: {cause}; {kept}")
 
 
-def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
+def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run, loss_state=None):
     """Optimise `model` for len(order) steps, order[step] being that step's global batch (row
     indices). make_batch(indices) -> a batch dict whose "n" counts the units the loss averages over;
     loss_fn(model, batch) -> (loss, metrics), each summed over those units. Every cfg.ckpt_every
     steps weights, optimizer, scaler and step go to stage_dir/state.pt; data order and dropout are
-    functions of (seed, stage, step, rank), so that is all a killed run needs to resume exactly."""
+    functions of (seed, stage, step, rank), so that is all a killed run needs to resume exactly,
+    with `loss_state`: what the loss carries from step to step (bco_pair's RewardMean), updated
+    after every step from its global metrics and saved in state.pt with the rest."""
     name = os.path.relpath(stage_dir, cfg.out_dir)
     state_path = os.path.join(stage_dir, "state.pt")
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
     os.makedirs(stage_dir, exist_ok=True)
     optimizer = model.configure_optimizers(cfg.weight_decay, lr, (0.9, 0.95), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")  # fp16 only
-    start = resume(state_path, metrics_path, model, optimizer, scaler, run)
+    start = resume(state_path, metrics_path, model, optimizer, scaler, run, loss_state)
     if start:
         print0(f"[{name}] resuming at step {start}/{len(order)} from {state_path}")
     ddp = model  # the module the losses call: DDP synchronises gradients only through forward
@@ -372,6 +474,8 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         tokens = sum(w * batch["input_ids"].numel() for batch, w in micro)
         totals = all_sum([tokens] + torch.stack(list(sums.values())).tolist())
         logged = {k: v / n for k, v in zip(sums, totals[1:])}  # global means over the units
+        if loss_state is not None:  # (the same on every rank: from the global means)
+            loss_state.update(logged)
         scaler.unscale_(optimizer)
         # the norm is taken even without clipping (max_norm=inf scales by 1), to check it
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -382,7 +486,9 @@ def train(model, stage_dir, order, make_batch, loss_fn, lr, cfg, run):
         tokens_per_s = totals[0] / (time.time() - t0)
         log_step(step + 1, len(order), logged, lr_now, tokens_per_s, model, name, cfg, run)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < len(order):  # (rank 0 writes it)
-            save_checkpoint(state_path, model, optimizer, step=step + 1, scaler=scaler.state_dict())
+            carried = {} if loss_state is None else {"loss_state": loss_state.state_dict()}
+            save_checkpoint(state_path, model, optimizer, step=step + 1,
+                            scaler=scaler.state_dict(), **carried)
             barrier()  # every rank goes on once the training state is on disk
     model.eval()
 
@@ -702,21 +808,24 @@ def stage_po(cfg, run, out):
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         policy = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
-               f"val pairs ({stats}) | {cfg.loss} {loss_options(cfg)} | at step 0 the policy is "
-               f"the reference: loss T'·ln2 per pair, margins 0, reward accuracy 0 (ties count "
-               f"as wrong), up to float noise: under autocast, on a GPU or with dropout, margins "
-               f"of ~1e-7 tip some ties, and step 1 may log an accuracy above 0")
+               f"val pairs ({stats}) | {loss_terms(cfg)} | at step 0 the policy is "
+               f"the reference: every ρ is 0 (DPO/ADPO: loss T'·ln2 per pair), margins 0, reward "
+               f"accuracy 0 (ties count as wrong), up to float noise: under autocast, on a GPU or "
+               f"with dropout, margins of ~1e-7 tip some ties, and step 1 may log an accuracy "
+               f"above 0")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = BatchOrder(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None
-        if cfg.loss in WEIGHTED:  # one per pair of pairs/train.jsonl; rows[i]["idx"] is its pair
+        if uses(cfg, WEIGHTED):  # one per pair of pairs/train.jsonl; rows[i]["idx"] is its pair
             weights = read_run_file(os.path.join(cfg.out_dir, "cdpo", "weights.pt"))
             weights = [weights[r["idx"]] for r in rows]
         make_batch = lambda ix: pair_batch(  # noqa: E731
             [rows[i] for i in ix], [reference["train"][i] for i in ix], cfg, tok.eot_token,
             None if weights is None else [weights[i] for i in ix])
-        train(policy, out, order, make_batch, partial(preference_loss, cfg=cfg), cfg.po_lr,
-              cfg, run)
+        reward_mean = RewardMean() if uses(cfg, ("bco_pair",)) else None  # bco_pair's δ
+        train(policy, out, order, make_batch,
+              partial(preference_loss, cfg=cfg, reward_mean=reward_mean), cfg.po_lr, cfg, run,
+              loss_state=reward_mean)
         save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg), tokenizer=tok,
                         chat_template=cfg.chat_template, settings=settings_of(cfg))
     drop_training_state(out, run)
@@ -727,26 +836,79 @@ def stage_po(cfg, run, out):
 # the run: its folder, its variants, its stages, its report
 
 
-def variant_label(cfg):
-    if cfg.loss not in SEGMENTED:
-        return {"simpo": "SimPO", "cdpo": "cDPO"}.get(cfg.loss, cfg.loss.upper())
-    name = {"adpo": "ADPO", "cadpo": "cADPO"}[cfg.loss]
-    return f"{name} {cfg.family} {'k' if cfg.family == 'static' else 'm'}={cfg.size}"
+# the settings a --compare variant may set for itself (robust@label_smoothing=0.1): only the
+# preference stage reads them
+PO_KEYS = ("beta", "gamma", "label_smoothing", "discopop_tau", "ld_alpha", "use_weighting",
+           "nll_weight", "segment_mean", "eos_pad", "po_epochs", "po_lr")
+# how the tables name the losses (the others by their TRL names: hinge, robust, ...)
+NAMES = {"dpo": "DPO", "adpo": "ADPO", "ipo": "IPO", "simpo": "SimPO", "cdpo": "cDPO",
+         "cadpo": "cADPO", "sft": "SFT"}
+
+
+def variant_terms(cfg):
+    """[(name, weight, (family, size) or None)]: each term of --loss, with the granularity it
+    compares at (None: the whole responses)."""
+    grains = granularities(cfg.loss, cfg.family, cfg.size)
+    return [(name, weight, grain) for (name, weight, _), grain in zip(loss_terms(cfg), grains)]
+
+
+def overridden(variant, cfg):
+    """The PO_KEYS a variant sets differently from the run's config."""
+    return [k for k in PO_KEYS if cfg is not None and getattr(variant, k) != getattr(cfg, k)]
+
+
+def variant_label(variant, cfg=None):
+    """A variant's name in the tables: 'ADPO static k=4', 'hinge adaptive m=16', 'DPO + 0.5·SFT',
+    then the settings it changes from the run's config cfg ('robust label_smoothing=0.1')."""
+    terms = []
+    for name, weight, grain in variant_terms(variant):
+        label = NAMES.get(name, name)
+        if grain:
+            label += f" {grain[0]} {'k' if grain[0] == 'static' else 'm'}={grain[1]}"
+        terms.append(label if weight == 1 else f"{weight:g}·{label}")
+    settings = [f" {k}={getattr(variant, k)}" for k in overridden(variant, cfg)]
+    return " + ".join(terms) + "".join(settings)
+
+
+def variant_folder(variant, cfg):
+    """compare/<tag>_s<seed>: the variant's spelling, ':' as '_' (adpo_static_4,
+    hinge_adaptive_16, dpo+0.5sft, robust@label_smoothing=0.1); a bare adpo or cadpo with the
+    config's granularity (adpo_static_1)."""
+    terms = []
+    for name, weight, grain in variant_terms(variant):
+        tag = name if grain is None else f"{name}_{grain[0]}_{grain[1]}"
+        terms.append(tag if weight == 1 else f"{weight:g}{tag}")
+    settings = [f"@{k}={getattr(variant, k)}" for k in overridden(variant, cfg)]
+    tag = "+".join(terms) + "".join(settings)
+    return os.path.join(cfg.out_dir, "compare", f"{tag}_s{variant.seed}")
 
 
 def parse_variant(spec, cfg):
-    """'dpo' | 'ipo' | 'simpo' | 'cdpo' | 'adpo' | 'adpo:static:4' | 'cadpo:adaptive:256' ->
-    its Config (a loss name alone keeps the config's family and size)"""
-    parts = spec.strip().split(":")
-    segmented = parts[0] in SEGMENTED
-    need(parts[0] in LOSSES and (len(parts) == 1 or (len(parts) == 3 and segmented)),
-         f"--compare: bad variant {spec!r}: expected a loss name ({', '.join(sorted(LOSSES))}) "
-         f"or adpo|cadpo:<static|adaptive>:<size>")
-    variant = dataclasses.replace(cfg, loss=parts[0])
-    if len(parts) == 3:
-        variant = parse(Config, ["--family", parts[1], "--size", parts[2]],
-                        base=dataclasses.asdict(variant))
+    """A --compare variant -> its Config. A variant is a loss spec (--loss's: terms joined by +,
+    each NAME or NAME:FAMILY:SIZE), each term with its weight in front where it is not 1
+    (0.5sft: --loss_weights has no per-variant form), then @KEY=VALUE for any PO_KEYS the
+    variant sets itself: 'dpo' | 'adpo:static:4' | 'hinge:adaptive:16' | 'dpo+0.5sft' |
+    'robust@label_smoothing=0.1'. A bare adpo or cadpo keeps the config's --family/--size;
+    adpo|cadpo:FAMILY:SIZE alone sets them."""
+    loss, *settings = spec.strip().split("@")
+    terms = [re.fullmatch(r"\s*([\d.]*)\s*(\S+?)\s*", term) for term in loss.split("+")]
+    need(all(terms), f"--compare: bad variant {spec!r}: expected terms joined by + "
+                     f"(e.g. dpo+0.5sft)")
+    names = [t.group(2) for t in terms]
+    weights = [t.group(1) or "1" for t in terms]
+    weighted = any(w != "1" for w in weights)
+    flags = {"loss": "+".join(names), "loss_weights": ",".join(weights) if weighted else ""}
+    name, *grain = names[0].split(":")
+    if len(names) == 1 and name in SEGMENTED and len(grain) == 2:  # adpo:static:4 (Table 3)
+        flags.update(loss=name, family=grain[0], size=grain[1])
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        need(eq and key.strip() in PO_KEYS, f"--compare: bad variant {spec!r}: expected "
+                                            f"@KEY=VALUE with KEY one of {', '.join(PO_KEYS)}")
+        flags[key.strip()] = value.strip()
     try:
+        variant = parse(Config, [f"--{k}={v}" for k, v in flags.items()],
+                        base=dataclasses.asdict(cfg))
         validate(variant)
     except ConfigError as e:
         raise ConfigError(f"--compare: bad variant {spec!r}: {e}") from None
@@ -754,15 +916,15 @@ def parse_variant(spec, cfg):
 
 
 def table3_order(variant):
-    """Static windows by k, then DPO (= adaptive m=1) and adaptive m by m, then other losses, then
-    cDPO and cADPO (Table 2's last rows) in the same order."""
-    if variant.loss in WEIGHTED:
-        return (3, *table3_order(dataclasses.replace(variant, loss=variant.loss[1:])))
-    if variant.loss == "dpo":
-        return (1, 1, "")
-    if variant.loss == "adpo":
-        return (0 if variant.family == "static" else 1, variant.size, "")
-    return (2, 0, variant.loss)
+    """Table 3's order, for every loss: the DPO family first (static k by k, then DPO = adaptive
+    m=1 and adaptive m by m), then each other loss in LOSSES's order the same way (static k, the
+    whole responses, adaptive m), then weighted sums, then cDPO and cADPO (Table 2's last rows);
+    settings of a variant's own (@KEY=VALUE) after the variant without them."""
+    (name, _, grain), *others = variant_terms(variant)
+    group = 2 if name in WEIGHTED else 1 if others else 0
+    rank = 0 if name in ("dpo", "adpo", "cdpo", "cadpo") else list(LOSSES).index(name)
+    fine = (1, 1) if grain is None else (0 if grain[0] == "static" else 1, grain[1])
+    return (group, rank, *fine, variant_label(variant))
 
 
 def variants(cfg):
@@ -776,15 +938,17 @@ def variants(cfg):
     need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
                           f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
     chosen = sorted(map(partial(parse_variant, cfg=cfg), specs), key=table3_order)
-    baseline = variant_label(parse_variant(cfg.baseline, cfg))
-    need(baseline in map(variant_label, chosen),
+    labels = [variant_label(v, cfg) for v in chosen]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    need(not twice, f"--compare {cfg.compare!r}: {', '.join(twice)} named twice")
+    baseline = variant_label(parse_variant(cfg.baseline, cfg), cfg)
+    need(baseline in labels,
          f"--baseline {cfg.baseline}: not among the --compare variants ({cfg.compare})")
     plan = []  # (label, config, folder)
-    for v in chosen:
+    for v, label in zip(chosen, labels):
         for seed in seeds:
-            tag = f"{v.loss}_{v.family}_{v.size}" if v.loss in SEGMENTED else v.loss
-            folder = os.path.join(cfg.out_dir, "compare", f"{tag}_s{seed}")
-            plan.append((variant_label(v), dataclasses.replace(v, seed=seed), folder))
+            variant = dataclasses.replace(v, seed=seed)
+            plan.append((label, variant, variant_folder(variant, cfg)))
     return plan, baseline
 
 
@@ -829,7 +993,7 @@ def main(argv=None):
     stage_sft(cfg, run)                   # 1. SFT                    -> sft/
     if cfg.stop_after != "sft":
         stage_pairs(cfg, run)             # 2. on-policy pairs        -> pairs/
-    if cfg.stop_after == "po" and any(v.loss in WEIGHTED for _, v, _ in plan):
+    if cfg.stop_after == "po" and any(uses(v, WEIGHTED) for _, v, _ in plan):
         stage_contrastive(cfg, run)       # 2b. cDPO's token weights   -> cdpo/
     if cfg.stop_after == "po":
         for _, variant, folder in plan:

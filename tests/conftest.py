@@ -165,3 +165,31 @@ def make_batch(seed=0, dtype=torch.float64, garbage=1e3):
     return dict(policy_chosen_logps=pc.requires_grad_(), policy_rejected_logps=pr.requires_grad_(),
                 reference_chosen_logps=rc, reference_rejected_logps=rr,
                 chosen_mask=cm, rejected_mask=rm)
+
+
+# -----------------------------------------------------------------------------
+# the slow reference of the loss tests: one pair at a time, segments as Python lists
+
+
+def response(policy, reference, mask, b, weights=None):
+    """The log-ratios ρ_t (times w_t) of row b's response tokens,
+    as a Python list of 0-dim tensors."""
+    return [(policy[b, t] - reference[b, t]) * (1.0 if weights is None else weights[b, t])
+            for t in range(mask.shape[1]) if mask[b, t]]
+
+
+def split(values, family, size, padded_length=None):
+    """The paper's compositions. static: windows of k from the start, last one the remainder,
+    over the padded length (positions past the end are ρ = 0).
+    adaptive: m segments with boundaries b_i = floor(i*T/m)."""
+    if family == "static":
+        values = values + [torch.zeros((), dtype=torch.float64)] * (padded_length - len(values))
+        return [values[s:s + size] for s in range(0, len(values), size)]
+    n = len(values)
+    bounds = [i * n // size for i in range(size + 1)]
+    return [values[bounds[i]:bounds[i + 1]] for i in range(size)]
+
+
+def log_sigmoid(x):
+    # fine for the moderate values used here; loss.py uses F.logsigmoid
+    return torch.log(torch.sigmoid(x))

@@ -355,15 +355,12 @@ def preference_steps(config, device, B, T, steps=4):
     """The preference step train.py runs (one forward of chosen + rejected, ADPO adaptive m=256,
     AdamW) on random tokens, bf16 autocast, activation checkpointing, as many times as `steps`
     -> (last loss, tokens/s of the fastest step after the first, peak memory in GiB or None)."""
-    from types import SimpleNamespace
-
-    from train import preference_loss
+    from train import Config, preference_loss
     torch.manual_seed(0)
     model = GPT(GPTConfig(**config)).to(device).train()
     model.activation_checkpointing = True
     optimizer = model.configure_optimizers(0.1, 1e-6, (0.9, 0.95), device)
-    cfg = SimpleNamespace(loss="adpo", beta=0.1, family="adaptive", size=256, gamma=0.5,
-                          nll_weight=0.0)
+    cfg = Config(loss="adpo", beta=0.1, family="adaptive", size=256, gamma=0.5, nll_weight=0.0)
     idx = torch.randint(0, config["vocab_size"], (2 * B, T), device=device)  # chosen, rejected
     mask = torch.zeros(2 * B, T, dtype=torch.bool, device=device)
     mask[:, T // 4:] = True  # a prompt of T/4 tokens, then the response

@@ -5,7 +5,6 @@ base), for GPT-2 and each Llama-family kind; gradients only in the adapters; che
 the adapters and the name of their base; exact resume of a LoRA run.
 """
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,8 +109,7 @@ def test_gradients_reach_only_the_adapters_and_the_optimizer_holds_only_them():
         + 4 * 48 + 32 * 4)                     # down
 
 
-PO_CFG = SimpleNamespace(loss="adpo", beta=0.5, family="static", size=1, gamma=0.5,
-                         segment_mean=False, nll_weight=0.0)
+PO_CFG = train.Config(loss="adpo", beta=0.5, family="static", size=1)
 
 
 def preference_batch(B=3, T=20, seed=0):

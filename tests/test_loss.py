@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics, simpo_loss)
-from conftest import make_batch, ragged_mask
+from loss import (LOSSES, _segment_ids, adpo_loss, chosen_nll, dpo_loss, preference_metrics,
+                  simpo_loss)
+from conftest import log_sigmoid, make_batch, ragged_mask, response, split
 
 LN2 = math.log(2.0)
 
@@ -34,30 +35,6 @@ def make_weights(batch, seed=1):
 
 # --------------------------------------------------------------------------------------------------
 # the slow reference: one pair at a time, segments as explicit Python lists
-
-def response(policy, reference, mask, b, weights=None):
-    """The log-ratios ρ_t (times w_t) of row b's response tokens,
-    as a Python list of 0-dim tensors."""
-    return [(policy[b, t] - reference[b, t]) * (1.0 if weights is None else weights[b, t])
-            for t in range(mask.shape[1]) if mask[b, t]]
-
-
-def split(values, family, size, padded_length=None):
-    """The paper's compositions. static: windows of k from the start, last one the remainder,
-    over the padded length (positions past the end are ρ = 0).
-    adaptive: m segments with boundaries b_i = floor(i*T/m)."""
-    if family == "static":
-        values = values + [torch.zeros((), dtype=torch.float64)] * (padded_length - len(values))
-        return [values[s:s + size] for s in range(0, len(values), size)]
-    n = len(values)
-    bounds = [i * n // size for i in range(size + 1)]
-    return [values[bounds[i]:bounds[i + 1]] for i in range(size)]
-
-
-def log_sigmoid(x):
-    # fine for the moderate values used here; loss.py uses F.logsigmoid
-    return torch.log(torch.sigmoid(x))
-
 
 def slow_loss(name, batch, beta, family=None, size=None, gamma=None,
               chosen_weights=None, rejected_weights=None):
@@ -147,7 +124,7 @@ def test_adaptive_m1_is_dpo():
     a = adpo_loss(**batch, beta=0.5, family="adaptive", size=1)
     d = dpo_loss(**batch, beta=0.5)
     for x, y in zip(a, d):
-        torch.testing.assert_close(x, y)
+        assert torch.equal(x, y)  # bit for bit (test_loss_family.py: the gradients too)
 
 
 def test_static_k1_is_token_level_formula():
@@ -185,7 +162,7 @@ def test_policy_equals_reference_gives_T_prime_ln2(family, size):
     batch["policy_rejected_logps"] = batch["reference_rejected_logps"].clone()
     len_w, len_l = batch["chosen_mask"].sum(-1).tolist(), batch["rejected_mask"].sum(-1).tolist()
     if family == "static":
-        t_prime = [math.ceil(max(w, l) / size) for w, l in zip(len_w, len_l)]
+        t_prime = [math.ceil(max(a, b) / size) for a, b in zip(len_w, len_l)]
     else:
         t_prime = [size] * len(len_w)
     losses = adpo_loss(**batch, family=family, size=size)[0]
