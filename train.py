@@ -18,9 +18,10 @@ The main job: SFT, then on-policy preference pairs, then preference optimisation
     python train.py --preset arith_gpu               # Table 3's sweep, sized for one GPU
     torchrun --nproc_per_node=2 train.py ...         # data parallel over 2 GPUs (or CPU processes)
 
-Every flag is a field of `Config` below (`--key value`); `--preset NAME` loads presets/NAME.json
-first and the flags you give override it. Each stage reads the folders of the stages before it and
-writes its own; re-running the same command on a run folder resumes it where it stopped.
+Every flag is a field of `Config` (config.py; `--help` lists them), given as `--key value`;
+`--preset NAME` loads presets/NAME.json first and the flags you give override it. Each stage reads
+the folders of the stages before it and writes its own; re-running the same command on a run
+folder resumes it where it stopped.
 
     DIR/config.json          the resolved config: a run folder belongs to one config
     DIR/sft/                 ckpt.pt (the reference of stage 3), metrics.jsonl, eval.json
@@ -31,163 +32,35 @@ writes its own; re-running the same command on a run folder resumes it where it 
     DIR/summary.json         read back from the folders at the end (+ curves.png, compare.md)
 """
 import dataclasses
-import inspect
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
-from common import (ConfigError, all_sum, append_jsonl, atomic_write, barrier, changed_flags,
-                    claim_run_folder, cli, convert, file_digest, need, parse, peak_flops, print0,
-                    progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
-                    write_jsonl)
+from common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags, claim_run_folder,
+                    cli, file_digest, need, parse, peak_flops, print0, progress_bar, read_json,
+                    read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
+from compare import variants
+from config import RUN_ONLY, Config, loss_terms, uses, validate
 from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
-from eval import (Settings, complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
+from eval import (complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
                   report_run, settings_of)
-from loss import (LOSSES, REFERENCE_FREE, SEGMENTED, WEIGHTED, chosen_nll, contrastive_weights,
-                  eos_padded, granularities, ld_desensitised, metric_granularity, parse_loss,
-                  preference_metrics, wpo_weights)
+from loss import (LOSSES, REFERENCE_FREE, WEIGHTED, chosen_nll, contrastive_weights,
+                  eos_padded, ld_desensitised, metric_granularity, preference_metrics, wpo_weights)
 from lora import apply_lora, lora_settings, lora_targets
 from model import GPT, GPTConfig
 from parallel import load_state, place
 from plan import check_fits, print_plan
 from tokenizer import get_tokenizer
 import tracking
-
-
-@dataclass
-class Config(Settings):
-    """Every flag of train.py. The settings a model is scored with (seed, device, dtype, tokenizer,
-    the task, generation, the loss and its granularity) are eval.Settings, shared with eval.py."""
-    # run
-    out_dir: str = "out/default"
-    compile: bool = False       # torch.compile the training forward
-    stop_after: str = "po"      # sft | pairs | po: the stages up to this one (re-run to continue)
-    # model
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
-                                # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
-    activation_checkpointing: bool = False  # recompute activations in backward: less memory
-    lora_rank: int = 0          # LoRA: train rank-r adapters, the weights frozen (0 = off: all)
-    lora_alpha: float = 16.0    # the adapters' update is scaled by lora_alpha / lora_rank
-    lora_targets: str = "attn,mlp"  # attn, mlp, or projections by HF name: q_proj,v_proj,...
-    lora_dropout: float = 0.0   # dropout on the adapters' input (PEFT's lora_dropout)
-    plan: bool = False          # print the memory plan (plan.py) per stage and GPU; no training
-    plan_gpus: int = 8          # the N of the plan's fsdp<N> mode
-    gpu_gib: float = 0.0        # the GPU memory the plan checks against (0: this run's GPU, or 80)
-    n_layer: int = 4            # scratch only
-    n_head: int = 4
-    n_embd: int = 96
-    block_size: int = 256
-    dropout: float = 0.0
-    # SFT
-    sft_steps: int = 1000
-    sft_batch_size: int = 32
-    sft_lr: float = 1e-2
-    # pairs
-    pairs_source: str = "sample"  # sample (on-policy: the SFT model) | offline (arith) | a dataset
-    n_pair_questions: int = 0     # training questions to sample on (0 = all)
-    n_samples: int = 4            # samples per question
-    temperature: float = 0.5      # (below 1: rejected samples near the model's greedy mistakes)
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # nucleus sampling: the smallest set of top tokens holding top_p
-                                  # of the probability (1 = off)
-    val_frac: float = 0.1         # pairs held out for reward accuracy
-    # preference optimisation (the loss, beta, family, size, eos_pad: eval.Settings)
-    gamma: float = 0.5          # SimPO margin
-    nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
-    segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum
-    loss_weights: str = ""      # one weight per term of --loss, e.g. 1,0.5 for dpo+sft ("" = 1s)
-    label_smoothing: float = 0.0  # robust: the rate ε of flipped labels; exo_pair: its ε (> 0)
-    discopop_tau: float = 0.05  # DiscoPOP's τ
-    ld_alpha: float = 1.0       # LD-DPO's α on the tokens past the shorter response (1 = off)
-    use_weighting: bool = False  # WPO's pair weights on every term of the loss
-    po_epochs: float = 2.0
-    po_batch_size: int = 16     # pairs per optimizer step
-    po_lr: float = 1e-4
-    # cDPO / cADPO: the positive and negative models of the contrastive token weights
-    cdpo_steps: int = 100
-    cdpo_batch_size: int = 32
-    cdpo_lr: float = 1e-3
-    # optimisation (every stage)
-    grad_accum: int = 1
-    weight_decay: float = 0.1
-    warmup_frac: float = 0.1
-    grad_clip: float = 1.0
-    # logging / checkpoints
-    log_every: int = 10         # print a step's metrics every log_every steps (metrics.jsonl: all)
-    ckpt_every: int = 100       # training-state checkpoint interval (steps), to resume mid-stage
-    report_to: str = "none"     # none | tensorboard | wandb | trackio: metrics.jsonl's numbers
-                                # and each stage's evaluation, also sent there (pip install it)
-    # comparison harness (see the module docstring)
-    compare: str = ""           # variants, e.g. dpo,adpo:static:4,adpo:adaptive:256,ipo,simpo
-    seeds: str = "0"            # every variant runs once per seed
-    baseline: str = "dpo"       # the variant the others are compared with (paired, per question)
-
-
-# flags that may change between the runs of one folder: they change nothing a stage computes
-RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
-            "ckpt_every", "activation_checkpointing", "report_to", "plan", "plan_gpus",
-            "gpu_gib")
-STAGES = ("sft", "pairs", "po")
-
-
-def validate(cfg):
-    """One line naming the flag for every value the run cannot use; checked before any work."""
-    validate_loss(cfg)
-    need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
-    need(cfg.size >= 1, f"--size (k or m) must be >= 1, got {cfg.size}")
-    need(cfg.family in ("static", "adaptive"),
-         f"--family must be static or adaptive, got {cfg.family!r}")
-    need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
-    need(cfg.tokenizer in ("auto", "byte", "gpt2"),
-         f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
-    need(cfg.chat_template in ("auto", "none"),
-         f"--chat_template {cfg.chat_template!r}: expected auto or none")
-    need(cfg.report_to in tracking.REPORT_TO,
-         f"--report_to {cfg.report_to!r}: expected one of {', '.join(tracking.REPORT_TO)}")
-    for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
-              "eval_batch_size", "n_samples", "plan_gpus",
-              "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
-              "n_embd", "block_size"):
-        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("sft_steps", "n_train", "n_test", "n_pair_questions", "top_k", "seed", "task_seed",
-              "weight_decay", "grad_clip", "nll_weight", "lora_rank", "gpu_gib"):
-        need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
-    for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs", "lora_alpha"):
-        need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
-    need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
-    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
-    need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
-    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
-    need(cfg.n_embd % cfg.n_head == 0,
-         f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    need(all(b % cfg.grad_accum == 0
-             for b in (cfg.sft_batch_size, cfg.po_batch_size, cfg.cdpo_batch_size)),
-         f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}), "
-         f"--po_batch_size ({cfg.po_batch_size}) and --cdpo_batch_size ({cfg.cdpo_batch_size})")
-    for k in ("out_dir", "init_from", "task", "pairs_source", "arith_ops"):
-        need(getattr(cfg, k).strip() != "",
-             f"--{k} is empty (expected e.g. {getattr(Config, k)!r})")
-    need(cfg.pairs_source != "offline" or cfg.task == "arith",
-         "--pairs_source offline needs --task arith (it corrupts the task's own solutions)")
-    if cfg.init_from == "scratch":  # (a loaded model's context is checked in build_model)
-        need(cfg.max_len <= cfg.block_size, f"--max_len {cfg.max_len} exceeds the model's "
-                                            f"context (--block_size {cfg.block_size})")
-        need(cfg.max_new_tokens < cfg.block_size,
-             f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-             f"context (expected < --block_size {cfg.block_size})")
-    check_loss_at_start(cfg)
 
 
 def check_loss_at_start(cfg):
@@ -207,31 +80,6 @@ def check_loss_at_start(cfg):
                               f"{'smaller' if knob == '--gamma' else 'larger'} {knob})")
 
 
-def validate_loss(cfg):
-    """--loss (a spec: terms joined by +, each NAME or NAME:FAMILY:SIZE), its weights and the
-    hyperparameters of its terms, each a one-line error naming the flag."""
-    need(not re.search(r"(^|\+)\s*[\d.]", cfg.loss),  # 0.5sft: --compare's spelling
-         f"--loss {cfg.loss!r}: give the weights with --loss_weights "
-         f"(e.g. --loss dpo+sft --loss_weights 1,0.5)")
-    try:
-        terms = parse_loss(cfg.loss)
-    except ValueError as e:
-        raise ConfigError(f"--loss {cfg.loss!r}: {e} (add yours to LOSSES in loss.py)") from None
-    weights = [w.strip() for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
-    need(not weights or len(weights) == len(terms),
-         f"--loss_weights {cfg.loss_weights!r}: {len(weights)} weights for the {len(terms)} "
-         f"terms of --loss {cfg.loss!r} (expected one each)")
-    for w in weights:
-        need(convert("loss_weights", float, w, text=True) >= 0, f"--loss_weights: {w} is negative")
-    names = [name for name, _, _ in terms]
-    need(0 <= cfg.label_smoothing < 0.5,
-         f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-    need("exo_pair" not in names or cfg.label_smoothing > 0,
-         "--loss exo_pair needs --label_smoothing > 0 (EXO's ε; its paper uses 1e-3)")
-    need(cfg.discopop_tau > 0, f"--discopop_tau must be > 0, got {cfg.discopop_tau}")
-    need(0 <= cfg.ld_alpha <= 1, f"--ld_alpha must be in [0, 1], got {cfg.ld_alpha}")
-
-
 # -----------------------------------------------------------------------------
 # the two losses: summed over their units (response tokens, pairs); train() divides once.
 # `model` is the GPT, or its DDP / torch.compile wrapper: model(idx, targets) -> (B, T) log-probs
@@ -242,33 +90,6 @@ def sft_loss(model, batch):
     logps = model(batch["input_ids"], batch["targets"])  # (B, T) float32: log p(y_t | x, y_<t)
     nll = -torch.where(batch["loss_mask"], logps, 0.0).sum()
     return nll, {"loss": nll.detach()}
-
-
-def loss_options(cfg, name, family=None, size=None):
-    """A loss's keyword parameters (beta, gamma, label_smoothing, ...) from the config's keys of
-    the same name; family and size: the term's own (hinge:adaptive:16), else --family/--size for
-    a bare adpo or cadpo, else none (the loss of the whole responses)."""
-    names = list(inspect.signature(LOSSES[name]).parameters)[6:]  # after the six tensors
-    options = {k: getattr(cfg, k) for k in names
-               if hasattr(cfg, k) and not k.endswith("weights") and k not in ("family", "size")}
-    if family is not None:
-        options.update(family=family, size=size)
-    elif name in SEGMENTED:
-        options.update(family=cfg.family, size=cfg.size)
-    return options
-
-
-def loss_terms(cfg):
-    """The terms of --loss: [(name, weight, options)], weights from --loss_weights (1 without)."""
-    terms = parse_loss(cfg.loss)
-    weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
-    return [(name, weight, loss_options(cfg, name, family, size))
-            for (name, family, size), weight in zip(terms, weights or [1.0] * len(terms))]
-
-
-def uses(cfg, names):
-    """Whether a term of --loss is one of these losses."""
-    return any(name in names for name, _, _ in parse_loss(cfg.loss))
 
 
 class RewardMean:
@@ -836,122 +657,6 @@ def stage_po(cfg, run, out):
 # the run: its folder, its variants, its stages, its report
 
 
-# the settings a --compare variant may set for itself (robust@label_smoothing=0.1): only the
-# preference stage reads them
-PO_KEYS = ("beta", "gamma", "label_smoothing", "discopop_tau", "ld_alpha", "use_weighting",
-           "nll_weight", "segment_mean", "eos_pad", "po_epochs", "po_lr")
-# how the tables name the losses (the others by their TRL names: hinge, robust, ...)
-NAMES = {"dpo": "DPO", "adpo": "ADPO", "ipo": "IPO", "simpo": "SimPO", "cdpo": "cDPO",
-         "cadpo": "cADPO", "sft": "SFT"}
-
-
-def variant_terms(cfg):
-    """[(name, weight, (family, size) or None)]: each term of --loss, with the granularity it
-    compares at (None: the whole responses)."""
-    grains = granularities(cfg.loss, cfg.family, cfg.size)
-    return [(name, weight, grain) for (name, weight, _), grain in zip(loss_terms(cfg), grains)]
-
-
-def overridden(variant, cfg):
-    """The PO_KEYS a variant sets differently from the run's config."""
-    return [k for k in PO_KEYS if cfg is not None and getattr(variant, k) != getattr(cfg, k)]
-
-
-def variant_label(variant, cfg=None):
-    """A variant's name in the tables: 'ADPO static k=4', 'hinge adaptive m=16', 'DPO + 0.5·SFT',
-    then the settings it changes from the run's config cfg ('robust label_smoothing=0.1')."""
-    terms = []
-    for name, weight, grain in variant_terms(variant):
-        label = NAMES.get(name, name)
-        if grain:
-            label += f" {grain[0]} {'k' if grain[0] == 'static' else 'm'}={grain[1]}"
-        terms.append(label if weight == 1 else f"{weight:g}·{label}")
-    settings = [f" {k}={getattr(variant, k)}" for k in overridden(variant, cfg)]
-    return " + ".join(terms) + "".join(settings)
-
-
-def variant_folder(variant, cfg):
-    """compare/<tag>_s<seed>: the variant's spelling, ':' as '_' (adpo_static_4,
-    hinge_adaptive_16, dpo+0.5sft, robust@label_smoothing=0.1); a bare adpo or cadpo with the
-    config's granularity (adpo_static_1)."""
-    terms = []
-    for name, weight, grain in variant_terms(variant):
-        tag = name if grain is None else f"{name}_{grain[0]}_{grain[1]}"
-        terms.append(tag if weight == 1 else f"{weight:g}{tag}")
-    settings = [f"@{k}={getattr(variant, k)}" for k in overridden(variant, cfg)]
-    tag = "+".join(terms) + "".join(settings)
-    return os.path.join(cfg.out_dir, "compare", f"{tag}_s{variant.seed}")
-
-
-def parse_variant(spec, cfg):
-    """A --compare variant -> its Config. A variant is a loss spec (--loss's: terms joined by +,
-    each NAME or NAME:FAMILY:SIZE), each term with its weight in front where it is not 1
-    (0.5sft: --loss_weights has no per-variant form), then @KEY=VALUE for any PO_KEYS the
-    variant sets itself: 'dpo' | 'adpo:static:4' | 'hinge:adaptive:16' | 'dpo+0.5sft' |
-    'robust@label_smoothing=0.1'. A bare adpo or cadpo keeps the config's --family/--size;
-    adpo|cadpo:FAMILY:SIZE alone sets them."""
-    loss, *settings = spec.strip().split("@")
-    terms = [re.fullmatch(r"\s*([\d.]*)\s*(\S+?)\s*", term) for term in loss.split("+")]
-    need(all(terms), f"--compare: bad variant {spec!r}: expected terms joined by + "
-                     f"(e.g. dpo+0.5sft)")
-    names = [t.group(2) for t in terms]
-    weights = [t.group(1) or "1" for t in terms]
-    weighted = any(w != "1" for w in weights)
-    flags = {"loss": "+".join(names), "loss_weights": ",".join(weights) if weighted else ""}
-    name, *grain = names[0].split(":")
-    if len(names) == 1 and name in SEGMENTED and len(grain) == 2:  # adpo:static:4 (Table 3)
-        flags.update(loss=name, family=grain[0], size=grain[1])
-    for setting in settings:
-        key, eq, value = setting.partition("=")
-        need(eq and key.strip() in PO_KEYS, f"--compare: bad variant {spec!r}: expected "
-                                            f"@KEY=VALUE with KEY one of {', '.join(PO_KEYS)}")
-        flags[key.strip()] = value.strip()
-    try:
-        variant = parse(Config, [f"--{k}={v}" for k, v in flags.items()],
-                        base=dataclasses.asdict(cfg))
-        validate(variant)
-    except ConfigError as e:
-        raise ConfigError(f"--compare: bad variant {spec!r}: {e}") from None
-    return variant
-
-
-def table3_order(variant):
-    """Table 3's order, for every loss: the DPO family first (static k by k, then DPO = adaptive
-    m=1 and adaptive m by m), then each other loss in LOSSES's order the same way (static k, the
-    whole responses, adaptive m), then weighted sums, then cDPO and cADPO (Table 2's last rows);
-    settings of a variant's own (@KEY=VALUE) after the variant without them."""
-    (name, _, grain), *others = variant_terms(variant)
-    group = 2 if name in WEIGHTED else 1 if others else 0
-    rank = 0 if name in ("dpo", "adpo", "cdpo", "cadpo") else list(LOSSES).index(name)
-    fine = (1, 1) if grain is None else (0 if grain[0] == "static" else 1, grain[1])
-    return (group, rank, *fine, variant_label(variant))
-
-
-def variants(cfg):
-    """The preference runs: [(label, its Config, its folder)] and the baseline's label. Without
-    --compare, the one run in po/; with it, every variant x seed, in Table 3's order, each in
-    compare/<variant>_s<seed>/ (all from the same SFT model and the same pairs)."""
-    if not cfg.compare:
-        return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))], None
-    specs = [s for s in cfg.compare.split(",") if s.strip()]
-    seeds = [convert("seeds", int, s, text=True) for s in cfg.seeds.split(",") if s.strip()]
-    need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
-                          f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
-    chosen = sorted(map(partial(parse_variant, cfg=cfg), specs), key=table3_order)
-    labels = [variant_label(v, cfg) for v in chosen]
-    twice = sorted({label for label in labels if labels.count(label) > 1})
-    need(not twice, f"--compare {cfg.compare!r}: {', '.join(twice)} named twice")
-    baseline = variant_label(parse_variant(cfg.baseline, cfg), cfg)
-    need(baseline in labels,
-         f"--baseline {cfg.baseline}: not among the --compare variants ({cfg.compare})")
-    plan = []  # (label, config, folder)
-    for v, label in zip(chosen, labels):
-        for seed in seeds:
-            variant = dataclasses.replace(v, seed=seed)
-            plan.append((label, variant, variant_folder(variant, cfg)))
-    return plan, baseline
-
-
 def check_inputs(cfg):
     """Read the task's splits, and a pair file if one is given, before any work: a bad file fails
     now, not after SFT, and a test question that is also a training question is never silent."""
@@ -972,11 +677,13 @@ def check_inputs(cfg):
 def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
+    plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
+    for _, variant, _ in plan:            # a loss out of float32's range already at step 0
+        check_loss_at_start(variant)
     losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
         return print_plan(cfg, losses)
     check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here
-    plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
     run = setup(cfg.device, cfg.dtype)    # device, autocast, DDP process group
     need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "
          "torchrun's processes in bf16 or float32: torchrun --nproc_per_node=N (N >= 2) train.py")

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+import compare
 import train
 from conftest import UNTIMED, Died, die_at, make_batch, tiny
 from common import ConfigError, read_jsonl
@@ -129,20 +130,20 @@ def test_eos_padding_and_the_metrics_follow_the_terms_granularity():
 ])
 def test_variants_parse_label_and_file_themselves(spec, label, folder, tmp_path):
     cfg = train.Config(out_dir=str(tmp_path))
-    variant = dataclasses.replace(train.parse_variant(spec, cfg), seed=0)
-    assert train.variant_label(variant, cfg) == label
-    assert train.variant_folder(variant, cfg) == str(tmp_path / "compare" / folder)
+    variant = dataclasses.replace(compare.parse_variant(spec, cfg), seed=0)
+    assert compare.variant_label(variant, cfg) == label
+    assert compare.variant_folder(variant, cfg) == str(tmp_path / "compare" / folder)
 
 
 def test_a_variant_becomes_the_config_it_names():
     cfg = train.Config()
-    v = train.parse_variant("dpo+0.5sft", cfg)
+    v = compare.parse_variant("dpo+0.5sft", cfg)
     assert (v.loss, v.loss_weights) == ("dpo+sft", "1,0.5")
-    v = train.parse_variant("adpo:static:4", cfg)
+    v = compare.parse_variant("adpo:static:4", cfg)
     assert (v.loss, v.family, v.size) == ("adpo", "static", 4)
-    v = train.parse_variant("hinge:adaptive:16", cfg)
+    v = compare.parse_variant("hinge:adaptive:16", cfg)
     assert (v.loss, v.family, v.size) == ("hinge:adaptive:16", cfg.family, cfg.size)
-    v = train.parse_variant("robust@label_smoothing=0.1@po_lr=3e-4", cfg)
+    v = compare.parse_variant("robust@label_smoothing=0.1@po_lr=3e-4", cfg)
     assert (v.label_smoothing, v.po_lr, v.loss) == (0.1, 3e-4, "robust")
 
 
@@ -157,7 +158,7 @@ def test_a_variant_becomes_the_config_it_names():
 ])
 def test_bad_variants_are_one_line(spec, match):
     with pytest.raises(ConfigError, match="--compare: bad variant") as e:
-        train.parse_variant(spec, train.Config())
+        compare.parse_variant(spec, train.Config())
     assert match in str(e.value) and "\n" not in str(e.value)
 
 
@@ -165,7 +166,7 @@ def test_the_table_3_order_holds_loss_x_granularity():
     cfg = train.Config(compare="cadpo:adaptive:256,dpo+sft,hinge:adaptive:16,robust,cdpo,"
                                "ipo:static:4,hinge,adpo:adaptive:16,adpo:static:4,dpo,ipo,"
                                "hinge:static:2,robust@label_smoothing=0.1", seeds="0")
-    labels = [label for label, _, _ in train.variants(cfg)[0]]
+    labels = [label for label, _, _ in compare.variants(cfg)[0]]
     assert labels == ["ADPO static k=4", "DPO", "ADPO adaptive m=16",
                       "IPO static k=4", "IPO",
                       "hinge static k=2", "hinge", "hinge adaptive m=16",
@@ -176,7 +177,7 @@ def test_the_table_3_order_holds_loss_x_granularity():
 def test_a_variant_named_twice_is_refused():
     cfg = train.Config(compare="adpo,adpo:static:1", seeds="0")
     with pytest.raises(ConfigError, match="ADPO static k=1 named twice"):
-        train.variants(cfg)
+        compare.variants(cfg)
 
 
 # -----------------------------------------------------------------------------

@@ -136,10 +136,10 @@ def test_a_loss_out_of_float32_at_step_0_is_refused_before_any_work():
     rate; the step-0 loss is a function of β alone, so it is checked with the flags."""
     with pytest.raises(ConfigError, match=r"--loss ipo --beta 1e-20: the loss is inf at step 0 "
                                           r"already, where the policy is the reference"):
-        train.validate(train.Config(loss="ipo", beta=1e-20))
-    train.validate(train.Config(loss="ipo", beta=1e-3))
+        train.check_loss_at_start(train.Config(loss="ipo", beta=1e-20))
+    train.check_loss_at_start(train.Config(loss="ipo", beta=1e-3))
     with pytest.raises(ConfigError, match=r"--loss simpo --gamma 1e\+39: .* smaller --gamma"):
-        train.validate(train.Config(loss="simpo", gamma=1e39))
+        train.check_loss_at_start(train.Config(loss="simpo", gamma=1e39))
 
 
 @pytest.mark.slow

@@ -1,0 +1,190 @@
+"""
+Every flag of train.py (Config: eval.Settings, the settings a model is scored with, and the rest)
+and the checks made on them before any work: one line naming the flag for every value a run cannot
+use. The terms of --loss are read here too (loss_terms), for train.py's step and the comparison
+harness (compare.py) alike.
+"""
+import inspect
+import re
+from dataclasses import dataclass
+
+import tracking
+from common import ConfigError, convert, need
+from eval import Settings
+from loss import LOSSES, SEGMENTED, parse_loss
+
+
+@dataclass
+class Config(Settings):
+    """Every flag of train.py. The settings a model is scored with (seed, device, dtype, tokenizer,
+    the task, generation, the loss and its granularity) are eval.Settings, shared with eval.py."""
+    # run
+    out_dir: str = "out/default"
+    compile: bool = False       # torch.compile the training forward
+    stop_after: str = "po"      # sft | pairs | po: the stages up to this one (re-run to continue)
+    # model
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | -large | -xl | HF folder | ckpt.pt
+                                # | a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B...
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory
+    lora_rank: int = 0          # LoRA: train rank-r adapters, the weights frozen (0 = off: all)
+    lora_alpha: float = 16.0    # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # attn, mlp, or projections by HF name: q_proj,v_proj,...
+    lora_dropout: float = 0.0   # dropout on the adapters' input (PEFT's lora_dropout)
+    plan: bool = False          # print the memory plan (plan.py) per stage and GPU; no training
+    plan_gpus: int = 8          # the N of the plan's fsdp<N> mode
+    gpu_gib: float = 0.0        # the GPU memory the plan checks against (0: this run's GPU, or 80)
+    n_layer: int = 4            # scratch only
+    n_head: int = 4
+    n_embd: int = 96
+    block_size: int = 256
+    dropout: float = 0.0
+    # SFT
+    sft_steps: int = 1000
+    sft_batch_size: int = 32
+    sft_lr: float = 1e-2
+    # pairs
+    pairs_source: str = "sample"  # sample (on-policy: the SFT model) | offline (arith) | a dataset
+    n_pair_questions: int = 0     # training questions to sample on (0 = all)
+    n_samples: int = 4            # samples per question
+    temperature: float = 0.5      # (below 1: rejected samples near the model's greedy mistakes)
+    top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # nucleus sampling: the smallest set of top tokens holding top_p
+                                  # of the probability (1 = off)
+    val_frac: float = 0.1         # pairs held out for reward accuracy
+    # preference optimisation (the loss, beta, family, size, eos_pad: eval.Settings)
+    gamma: float = 0.5          # SimPO margin
+    nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
+    segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum
+    loss_weights: str = ""      # one weight per term of --loss, e.g. 1,0.5 for dpo+sft ("" = 1s)
+    label_smoothing: float = 0.0  # robust: the rate ε of flipped labels; exo_pair: its ε (> 0)
+    discopop_tau: float = 0.05  # DiscoPOP's τ
+    ld_alpha: float = 1.0       # LD-DPO's α on the tokens past the shorter response (1 = off)
+    use_weighting: bool = False  # WPO's pair weights on every term of the loss
+    po_epochs: float = 2.0
+    po_batch_size: int = 16     # pairs per optimizer step
+    po_lr: float = 1e-4
+    # cDPO / cADPO: the positive and negative models of the contrastive token weights
+    cdpo_steps: int = 100
+    cdpo_batch_size: int = 32
+    cdpo_lr: float = 1e-3
+    # optimisation (every stage)
+    grad_accum: int = 1
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    # logging / checkpoints
+    log_every: int = 10         # print a step's metrics every log_every steps (metrics.jsonl: all)
+    ckpt_every: int = 100       # training-state checkpoint interval (steps), to resume mid-stage
+    report_to: str = "none"     # none | tensorboard | wandb | trackio: metrics.jsonl's numbers
+                                # and each stage's evaluation, also sent there (pip install it)
+    # comparison harness (see the module docstring)
+    compare: str = ""           # variants, e.g. dpo,adpo:static:4,adpo:adaptive:256,ipo,simpo
+    seeds: str = "0"            # every variant runs once per seed
+    baseline: str = "dpo"       # the variant the others are compared with (paired, per question)
+
+
+# flags that may change between the runs of one folder: they change nothing a stage computes
+RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
+            "ckpt_every", "activation_checkpointing", "report_to", "plan", "plan_gpus",
+            "gpu_gib")
+STAGES = ("sft", "pairs", "po")
+
+
+def validate(cfg):
+    """One line naming the flag for every value the run cannot use; checked before any work."""
+    validate_loss(cfg)
+    need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
+    need(cfg.size >= 1, f"--size (k or m) must be >= 1, got {cfg.size}")
+    need(cfg.family in ("static", "adaptive"),
+         f"--family must be static or adaptive, got {cfg.family!r}")
+    need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
+    need(cfg.tokenizer in ("auto", "byte", "gpt2"),
+         f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
+    need(cfg.chat_template in ("auto", "none"),
+         f"--chat_template {cfg.chat_template!r}: expected auto or none")
+    need(cfg.report_to in tracking.REPORT_TO,
+         f"--report_to {cfg.report_to!r}: expected one of {', '.join(tracking.REPORT_TO)}")
+    for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
+              "eval_batch_size", "n_samples", "plan_gpus",
+              "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
+              "n_embd", "block_size"):
+        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("sft_steps", "n_train", "n_test", "n_pair_questions", "top_k", "seed", "task_seed",
+              "weight_decay", "grad_clip", "nll_weight", "lora_rank", "gpu_gib"):
+        need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs", "lora_alpha"):
+        need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
+    need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
+    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
+    need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    need(0 <= cfg.warmup_frac <= 1, f"--warmup_frac must be in [0, 1], got {cfg.warmup_frac}")
+    need(cfg.n_embd % cfg.n_head == 0,
+         f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
+    need(all(b % cfg.grad_accum == 0
+             for b in (cfg.sft_batch_size, cfg.po_batch_size, cfg.cdpo_batch_size)),
+         f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}), "
+         f"--po_batch_size ({cfg.po_batch_size}) and --cdpo_batch_size ({cfg.cdpo_batch_size})")
+    for k in ("out_dir", "init_from", "task", "pairs_source", "arith_ops"):
+        need(getattr(cfg, k).strip() != "",
+             f"--{k} is empty (expected e.g. {getattr(Config, k)!r})")
+    need(cfg.pairs_source != "offline" or cfg.task == "arith",
+         "--pairs_source offline needs --task arith (it corrupts the task's own solutions)")
+    if cfg.init_from == "scratch":  # (a loaded model's context is checked in build_model)
+        need(cfg.max_len <= cfg.block_size, f"--max_len {cfg.max_len} exceeds the model's "
+                                            f"context (--block_size {cfg.block_size})")
+        need(cfg.max_new_tokens < cfg.block_size,
+             f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+             f"context (expected < --block_size {cfg.block_size})")
+
+
+def validate_loss(cfg):
+    """--loss (a spec: terms joined by +, each NAME or NAME:FAMILY:SIZE), its weights and the
+    hyperparameters of its terms, each a one-line error naming the flag."""
+    need(not re.search(r"(^|\+)\s*[\d.]", cfg.loss),  # 0.5sft: --compare's spelling
+         f"--loss {cfg.loss!r}: give the weights with --loss_weights "
+         f"(e.g. --loss dpo+sft --loss_weights 1,0.5)")
+    try:
+        terms = parse_loss(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"--loss {cfg.loss!r}: {e} (add yours to LOSSES in loss.py)") from None
+    weights = [w.strip() for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
+    need(not weights or len(weights) == len(terms),
+         f"--loss_weights {cfg.loss_weights!r}: {len(weights)} weights for the {len(terms)} "
+         f"terms of --loss {cfg.loss!r} (expected one each)")
+    for w in weights:
+        need(convert("loss_weights", float, w, text=True) >= 0, f"--loss_weights: {w} is negative")
+    names = [name for name, _, _ in terms]
+    need(0 <= cfg.label_smoothing < 0.5,
+         f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    need("exo_pair" not in names or cfg.label_smoothing > 0,
+         "--loss exo_pair needs --label_smoothing > 0 (EXO's ε; its paper uses 1e-3)")
+    need(cfg.discopop_tau > 0, f"--discopop_tau must be > 0, got {cfg.discopop_tau}")
+    need(0 <= cfg.ld_alpha <= 1, f"--ld_alpha must be in [0, 1], got {cfg.ld_alpha}")
+
+
+def loss_options(cfg, name, family=None, size=None):
+    """A loss's keyword parameters (beta, gamma, label_smoothing, ...) from the config's keys of
+    the same name; family and size: the term's own (hinge:adaptive:16), else --family/--size for
+    a bare adpo or cadpo, else none (the loss of the whole responses)."""
+    names = list(inspect.signature(LOSSES[name]).parameters)[6:]  # after the six tensors
+    options = {k: getattr(cfg, k) for k in names
+               if hasattr(cfg, k) and not k.endswith("weights") and k not in ("family", "size")}
+    if family is not None:
+        options.update(family=family, size=size)
+    elif name in SEGMENTED:
+        options.update(family=cfg.family, size=cfg.size)
+    return options
+
+
+def loss_terms(cfg):
+    """The terms of --loss: [(name, weight, options)], weights from --loss_weights (1 without)."""
+    terms = parse_loss(cfg.loss)
+    weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
+    return [(name, weight, loss_options(cfg, name, family, size))
+            for (name, family, size), weight in zip(terms, weights or [1.0] * len(terms))]
+
+
+def uses(cfg, names):
+    """Whether a term of --loss is one of these losses."""
+    return any(name in names for name, _, _ in parse_loss(cfg.loss))
