@@ -65,7 +65,7 @@ def variant_folder(variant, cfg):
     return os.path.join(cfg.out_dir, "compare", f"{tag}_s{variant.seed}")
 
 
-def parse_variant(spec, cfg):
+def parse_variant(spec, cfg, check=None):
     """A --compare variant -> its Config. A variant is a loss spec (--loss's: terms joined by +,
     each NAME or NAME:FAMILY:SIZE), each term with its weight in front where it is not 1
     (0.5sft: --loss_weights has no per-variant form), then @KEY=VALUE for any PO_KEYS the
@@ -92,6 +92,8 @@ def parse_variant(spec, cfg):
         variant = parse(Config, [f"--{k}={v}" for k, v in flags.items()],
                         base=dataclasses.asdict(cfg))
         validate(variant)
+        if check is not None:  # train.py's own checks of a variant (its step-0 loss)
+            check(variant)
     except ConfigError as e:
         raise ConfigError(f"--compare: bad variant {spec!r}: {e}") from None
     return variant
@@ -109,7 +111,7 @@ def table3_order(variant):
     return (group, rank, *fine, variant_label(variant))
 
 
-def variants(cfg):
+def variants(cfg, check=None):
     """The preference runs: [(label, its Config, its folder)] and the baseline's label. Without
     --compare, the one run in po/; with it, every variant x seed, in Table 3's order, each in
     compare/<variant>_s<seed>/ (all from the same SFT model and the same pairs)."""
@@ -119,7 +121,10 @@ def variants(cfg):
     seeds = [convert("seeds", int, s, text=True) for s in cfg.seeds.split(",") if s.strip()]
     need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
                           f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
-    chosen = sorted(map(partial(parse_variant, cfg=cfg), specs), key=table3_order)
+    twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    need(not twice, f"--seeds {cfg.seeds!r}: seed {', '.join(map(str, twice))} named twice (one run "
+                    f"as two seeds would narrow the CIs with a duplicate)")
+    chosen = sorted(map(partial(parse_variant, cfg=cfg, check=check), specs), key=table3_order)
     labels = [variant_label(v, cfg) for v in chosen]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     need(not twice, f"--compare {cfg.compare!r}: {', '.join(twice)} named twice")

@@ -503,10 +503,11 @@ def plot_comparison(stats, path):
     save_figure(fig, path)
 
 
-def report_run(out_dir, plan, baseline, run, wall_time_s):
-    """4. DIR/summary.json (config, device, every stage's numbers read from its folder) and the
-    tables and plots: the default run's (PO vs SFT), or the comparison's (--compare)."""
-    summary = {"config": read_json(os.path.join(out_dir, "config.json")), "device": run.device,
+def report_run(out_dir, plan, baseline, run, wall_time_s, config):
+    """4. DIR/summary.json (config: this command's, whose --compare, --seeds... may differ from the
+    run's first; device; every stage's numbers read from its folder) and the tables and plots:
+    the default run's (PO vs SFT), or the comparison's (--compare)."""
+    summary = {"config": config, "device": run.device,
                "dtype": run.dtype, "torch": torch.__version__, "wall_time_s": wall_time_s}
     sft_folder = os.path.join(out_dir, "sft")
     summary["sft"] = stage_report(sft_folder)

@@ -677,9 +677,8 @@ def check_inputs(cfg):
 def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
-    plan, baseline = variants(cfg)        # (label, config, folder) of every preference run
-    for _, variant, _ in plan:            # a loss out of float32's range already at step 0
-        check_loss_at_start(variant)
+    check_loss_at_start(cfg)              # a loss out of float32's range already at step 0
+    plan, baseline = variants(cfg, check=check_loss_at_start)  # (label, config, folder) each
     losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
         return print_plan(cfg, losses)
@@ -706,7 +705,8 @@ def main(argv=None):
         for _, variant, folder in plan:
             stage_po(variant, run, folder)  # 3. preference stage     -> po/ or compare/<variant>/
     if run.master:                        # 4. summary.json, tables, plots: read from the folders
-        report_run(cfg.out_dir, plan, baseline, run, wall_time_s=time.time() - t0)
+        report_run(cfg.out_dir, plan, baseline, run, wall_time_s=time.time() - t0,
+                   config=dataclasses.asdict(cfg))
     tracking.finish()
     barrier()
     return read_json(os.path.join(cfg.out_dir, "summary.json"))

@@ -515,6 +515,8 @@ CATALOGUE = [
      "--loss exo_pair needs --label_smoothing > 0"),
     ("compare-bad-seed", T, ["--compare", "dpo", "--seeds", "0,one"],
      "--seeds expects int, got 'one'"),
+    ("compare-seed-twice", T, ["--compare", "dpo,ipo", "--seeds", "0,1,0"],
+     "--seeds '0,1,0': seed 0 named twice"),
     ("offline-pairs-need-arith", T,
      ["--pairs_source", "offline", "--task", "{d}/no_final_answer.jsonl"],
      "--pairs_source offline needs --task arith"),

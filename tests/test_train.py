@@ -9,7 +9,7 @@ import torch
 
 import eval as evaluate
 import train
-from common import read_jsonl
+from common import ConfigError, read_jsonl
 from data import is_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_resume_after_sft_gives_the_same_result(smoke, tmp_path):
 
 def test_resume_refuses_a_different_config(smoke):
     out, _ = smoke
-    with pytest.raises(train.ConfigError, match="different config.*beta"):
+    with pytest.raises(ConfigError, match="different config.*beta"):
         run_main(out, "--beta", "0.3")
 
 
@@ -142,6 +142,8 @@ def test_comparison_harness_reports_paired_differences(smoke, tmp_path):
     res = run_main(tmp_path, "--compare", "dpo,adpo,adpo:adaptive:4", "--seeds", "0,1")
     stats = json.loads((tmp_path / "compare.json").read_text())
     assert res["compare"] == stats
+    on_disk = json.loads((tmp_path / "summary.json").read_text())["config"]  # this command's
+    assert on_disk["compare"] == "dpo,adpo,adpo:adaptive:4" and on_disk["seeds"] == "0,1"
     labels = ["ADPO static k=1", "DPO", "ADPO adaptive m=4"]  # Table 3's order
     assert list(stats["variants"]) == labels
     assert stats["baseline"] == "DPO" and stats["n_test"] == summary["config"]["n_test"]
@@ -160,7 +162,7 @@ def test_comparison_harness_reports_paired_differences(smoke, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert all(label in table for label in labels) and "paired 95% CI" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
-    with pytest.raises(train.ConfigError, match="--baseline ipo: not among the --compare"):
+    with pytest.raises(ConfigError, match="--baseline ipo: not among the --compare"):
         run_main(tmp_path, "--compare", "dpo,adpo", "--baseline", "ipo")
 
 
