@@ -224,7 +224,8 @@ def test_a_moved_task_file_and_model_folder_keep_the_run(tmp_path, capsys):
         shutil.move(path, tmp_path / f"moved_{path.name}")
     summary = train.main(flags("moved_"))
     assert summary["po"]["test"]["n"] == summary["sft"]["test"]["n"] > 0
-    assert summary["config"]["init_from"] == str(model)  # what the run was made from, as given
+    assert common.read_json(out / "config.json")["init_from"] == str(model)  # the run's, as first given
+    assert summary["config"]["init_from"] == str(tmp_path / "moved_qwen")  # this command's
     capsys.readouterr()
     evaluate.main(["--ckpt", str(out / "po" / "ckpt.pt"), "--task",
                    str(tmp_path / "moved_task.jsonl")])
@@ -328,6 +329,8 @@ def test_a_refusal_on_rank_0_under_torchrun_is_one_line(tmp_path):
     out = tmp_path / "run"
     saved = common.parse(train.Config, tiny(out, device="cpu", beta=0.25))
     common.write_json(out / "config.json", dataclasses.asdict(saved))
+    (out / "sft").mkdir()  # what that run computed: a folder of nothing is taken anew
+    common.append_jsonl(out / "sft" / "metrics.jsonl", {"step": 1, "loss": 1.0})
     p = torchrun("train.py", *tiny(out, device="cpu"))
     check_one_line_under_torchrun(p, "holds a run with a different config (beta: 0.25 -> 0.5")
 
