@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["full", "lora"])
 def test_two_sharded_processes_train_like_one(runs, name):
     """Weights within 5e-4 (float rounding, amplified a little by Adam), every logged loss within
-    a relative 1e-5; the discrete rates (accuracy, win rate: near-ties that rounding can flip)
+    a relative 1e-5 (rewards, margins: 1e-4 absolute); the discrete rates (accuracy, win rate: near-ties that rounding can flip)
     within one pair of a step's batch; test accuracy within one question."""
     one, two = runs / f"{name}_one", runs / f"{name}_two"
     for stage in ("sft", "po"):
@@ -86,8 +86,8 @@ def test_two_sharded_processes_train_like_one(runs, name):
             for k in ra:
                 if k.endswith(("accuracy", "win_rate")):
                     assert abs(ra[k] - rb[k]) <= 0.5 + 1e-9, (stage, ra["step"], k)
-                else:
-                    assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (stage, k)
+                else:  # rewards and margins: differences of log-probs of ~-100 (abs 1e-4)
+                    assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-4), (stage, k)
         ea, eb = (json.loads((d / stage / "eval.json").read_text())["metrics"] for d in (one, two))
         assert abs(ea["correct"] - eb["correct"]) <= 1 and ea["n"] == eb["n"] == FLAGS["n_test"]
     assert max((weights(two, "po")[k] - weights(two, "sft")[k]).abs().max().item()
