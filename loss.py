@@ -87,6 +87,15 @@ def _log_ratios(policy_logps, reference_logps, mask, weights=None):
     return torch.where(mask, rho, 0.0)
 
 
+def _rewards(beta, policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask):
+    """The logged rewards β Σ_t ρ_t of the chosen and the rejected responses, (B,) each, out of
+    the graph: the rewards a loss reports beside its value."""
+    chosen = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask).sum(-1)
+    rejected = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask).sum(-1)
+    return beta * chosen.detach(), beta * rejected.detach()
+
+
 def _mean_logps(logps, mask, caller, mask_name):
     """(1/|y|) Σ_t log πθ(y_t) per row, (B,);
     a row with no response token is an error, not 0/0 = NaN."""
@@ -222,11 +231,9 @@ def adpo_loss(policy_chosen_logps, policy_rejected_logps,
     losses = -(F.logsigmoid(beta * (S_w - S_l)) * valid).sum(-1)                      # (B,)
     if segment_mean:
         losses = losses / valid.sum(-1).clamp(min=1)                                  # / T'
-    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
-                                chosen_mask).sum(-1)
-    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                                  rejected_mask).sum(-1)
-    return losses, chosen.detach(), rejected.detach()
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps,
+                              chosen_mask, rejected_mask))
 
 
 def cdpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -556,12 +563,10 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps,
     """
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
-    chosen = beta * _log_ratios(policy_chosen_logps, reference_chosen_logps,
-                                chosen_mask).sum(-1)                                  # (B,)
-    rejected = beta * _log_ratios(policy_rejected_logps, reference_rejected_logps,
-                                  rejected_mask).sum(-1)                              # (B,)
     losses = -_mean_logps(policy_chosen_logps, chosen_mask, "sft_loss", "chosen_mask")
-    return losses, chosen.detach(), rejected.detach()
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps,
+                              chosen_mask, rejected_mask))
 
 
 # -----------------------------------------------------------------------------
