@@ -277,7 +277,7 @@ def model_files(source):
 
 
 def load_settings(source):
-    """The eval.Settings our checkpoint records it was trained with ({} for any other source,
+    """The config.Settings our checkpoint records it was trained with ({} for any other source,
     and for checkpoints written before they recorded them)."""
     path = _our_checkpoint(os.fspath(source))
     return load_checkpoint(path, mmap=True).get("settings", {}) if path else {}

@@ -1,23 +1,67 @@
 """
-Every flag of train.py (Config: eval.Settings, the settings a model is scored with, and the rest)
+Every flag of train.py (Config: Settings, the settings a model is scored with, and the rest)
 and the checks made on them before any work: one line naming the flag for every value a run cannot
 use. The terms of --loss are read here too (loss_terms), for train.py's step and the comparison
 harness (compare.py) alike.
 """
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import tracking
 from common import ConfigError, convert, need
-from eval import Settings
 from loss import LOSSES, SEGMENTED, parse_loss
+
+# -----------------------------------------------------------------------------
+# the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
+
+
+@dataclass
+class Settings:
+    # run
+    seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
+    device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
+    fsdp: bool = False          # under torchrun, shard the weights (training: and grads, AdamW
+                                # states) over the ranks (FSDP2) instead of copying them (DDP)
+    # tokenizer
+    tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
+    chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
+    # task
+    task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
+    task_seed: int = 0          # the embedded task's generator seed (fixed across --seed)
+    arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
+    arith_max_number: int = 10
+    arith_ops: str = "+-"
+    n_train: int = 4000         # training questions (0 = all)
+    n_test: int = 3000          # test questions for accuracy (0 = all): enough for a paired CI of
+                                # about ±1.7 points on the gain over SFT
+    max_len: int = 256          # prompt + response tokens (prompt cut first, keeping its end)
+    # generation and evaluation
+    max_new_tokens: int = 96
+    eval_batch_size: int = 128
+    maj_k: int = 1              # maj@k on the test split as well as greedy accuracy (1 = off)
+    # the preference loss (and its metrics: β, family, size; loss, family and eos_pad decide the
+    # paper's EOS padding of the static family)
+    loss: str = "adpo"          # any key of loss.LOSSES, or terms joined by + (train.py --loss)
+    beta: float = 0.5           # (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy)
+    family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
+    size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
+    eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
+
+
+def settings_of(cfg):
+    """The Settings a checkpoint records it was trained with (train.py saves them in every
+    ckpt.pt: a --compare variant's loss, family, size and seed are its own, not the run's), so
+    that eval.py scores it with them. Device and dtype are left out: they change nothing it is."""
+    return {f.name: getattr(cfg, f.name) for f in fields(Settings)
+            if f.name not in ("device", "dtype")}
 
 
 @dataclass
 class Config(Settings):
     """Every flag of train.py. The settings a model is scored with (seed, device, dtype, tokenizer,
-    the task, generation, the loss and its granularity) are eval.Settings, shared with eval.py."""
+    the task, generation, the loss and its granularity) are Settings, shared with eval.py."""
     # run
     out_dir: str = "out/default"
     compile: bool = False       # torch.compile the training forward
@@ -51,7 +95,7 @@ class Config(Settings):
     top_p: float = 1.0            # nucleus sampling: the smallest set of top tokens holding top_p
                                   # of the probability (1 = off)
     val_frac: float = 0.1         # pairs held out for reward accuracy
-    # preference optimisation (the loss, beta, family, size, eos_pad: eval.Settings)
+    # preference optimisation (the loss, beta, family, size, eos_pad: Settings)
     gamma: float = 0.5          # SimPO margin
     nll_weight: float = 0.0     # λ of an SFT term on the chosen response (0 = pure ADPO)
     segment_mean: bool = False  # ADPO: mean over the T' segments instead of the paper's sum

@@ -20,7 +20,7 @@ import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -32,6 +32,7 @@ from common import (ROOT, ConfigError, all_gather, atomic_write, barrier, change
                     progress_bar, read_json, read_jsonl, read_run_file, setup, write_json,
                     write_jsonl)
 from checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
+from config import Settings
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
 from loss import eos_padded, metric_granularity, parse_loss, preference_metrics
@@ -39,52 +40,6 @@ from parallel import place
 from tables import local_files
 from tokenizer import encode_prompt
 import tracking
-
-# -----------------------------------------------------------------------------
-# the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
-
-
-@dataclass
-class Settings:
-    # run
-    seed: int = 1337            # data order, dropout and sampling (the task itself: task_seed)
-    device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"         # auto (bf16 on CUDA, fp16 on old GPUs, fp32 on CPU) | float32 | ...
-    fsdp: bool = False          # under torchrun, shard the weights (training: and grads, AdamW
-                                # states) over the ranks (FSDP2) instead of copying them (DDP)
-    # tokenizer
-    tokenizer: str = "auto"     # auto (byte for scratch, an HF model's, else gpt2) | byte | gpt2
-    chat_template: str = "auto"  # auto (an HF model's prompts through its chat template) | none
-    # task
-    task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
-    task_seed: int = 0          # the embedded task's generator seed (fixed across --seed)
-    arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
-    arith_max_number: int = 10
-    arith_ops: str = "+-"
-    n_train: int = 4000         # training questions (0 = all)
-    n_test: int = 3000          # test questions for accuracy (0 = all): enough for a paired CI of
-                                # about ±1.7 points on the gain over SFT
-    max_len: int = 256          # prompt + response tokens (prompt cut first, keeping its end)
-    # generation and evaluation
-    max_new_tokens: int = 96
-    eval_batch_size: int = 128
-    maj_k: int = 1              # maj@k on the test split as well as greedy accuracy (1 = off)
-    # the preference loss (and its metrics: β, family, size; loss, family and eos_pad decide the
-    # paper's EOS padding of the static family)
-    loss: str = "adpo"          # any key of loss.LOSSES, or terms joined by + (train.py --loss)
-    beta: float = 0.5           # (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy)
-    family: str = "static"      # ADPO granularity family: static (window k) | adaptive (m segments)
-    size: int = 1               # k or m; static k=1 is the paper's token-level ADPO (Table 1)
-    eos_pad: bool = True        # pad the shorter response of a pair with EOS (static family, paper)
-
-
-def settings_of(cfg):
-    """The Settings a checkpoint records it was trained with (train.py saves them in every
-    ckpt.pt: a --compare variant's loss, family, size and seed are its own, not the run's), so
-    that eval.py scores it with them. Device and dtype are left out: they change nothing it is."""
-    return {f.name: getattr(cfg, f.name) for f in fields(Settings)
-            if f.name not in ("device", "dtype")}
-
 
 # -----------------------------------------------------------------------------
 # generation and accuracy

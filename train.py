@@ -47,12 +47,12 @@ from common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags,
                     cli, file_digest, need, parse, peak_flops, print0, progress_bar, read_json,
                     read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
 from compare import variants
-from config import RUN_ONLY, Config, loss_terms, uses, validate
+from config import RUN_ONLY, Config, loss_terms, settings_of, uses, validate
 from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
 from eval import (complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
-                  report_run, settings_of)
+                  report_run)
 from loss import (LOSSES, REFERENCE_FREE, WEIGHTED, chosen_nll, contrastive_weights,
                   eos_padded, ld_desensitised, metric_granularity, preference_metrics, wpo_weights)
 from lora import apply_lora, lora_settings, lora_targets

@@ -45,7 +45,7 @@ def test_help_is_the_config_its_comments_and_its_sections(capsys, monkeypatch):
     # the comment line aligned under a field's comment continues it
     assert "| a hub id: Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B... (default: " \
            "'scratch')" in flat
-    # a field of the base class eval.Settings: its comment is read from eval.py
+    # a field of the base class config.Settings: its comment too (read up the class tree)
     assert "--beta FLOAT (0.1 is common for LLMs; 0.5 kept this tiny model's accuracy) " \
            "(default: 0.5)" in flat
     assert "--compile [BOOL] torch.compile the training forward (default: False)" in flat
