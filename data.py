@@ -48,8 +48,8 @@ from fractions import Fraction
 
 import torch
 
-from tables import a_kind, bad_text, load_table, require_columns, text_field
-from tokenizer import encode_prompt, encode_response, uses_chat
+from machinery.tables import a_kind, bad_text, load_table, require_columns, text_field
+from machinery.tokenizer import encode_prompt, encode_response, uses_chat
 
 # -----------------------------------------------------------------------------
 # prompt format and grading

@@ -27,19 +27,19 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (ROOT, ConfigError, all_gather, atomic_write, barrier, changed_flags, cli,
+from machinery.common import (ROOT, ConfigError, all_gather, atomic_write, barrier, changed_flags, cli,
                     content_id, file_digest, markdown_table, need, parse, pin_inputs, print0,
                     progress_bar, read_json, read_jsonl, read_run_file, setup, write_json,
                     write_jsonl)
-from checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
-from config import Settings
+from machinery.checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
+from machinery.config import Settings
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
 from loss import eos_padded, metric_granularity, parse_loss, preference_metrics
-from parallel import place
-from tables import local_files
-from tokenizer import encode_prompt
-import tracking
+from machinery.parallel import place
+from machinery.tables import local_files
+from machinery.tokenizer import encode_prompt
+from machinery import tracking
 
 # -----------------------------------------------------------------------------
 # generation and accuracy

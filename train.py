@@ -42,12 +42,12 @@ from functools import lru_cache, partial
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
-from common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags, claim_run_folder,
+from machinery.checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
+from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags, claim_run_folder,
                     cli, file_digest, need, parse, peak_flops, print0, progress_bar, read_json,
                     read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
-from compare import variants
-from config import RUN_ONLY, Config, loss_terms, settings_of, uses, validate
+from machinery.compare import variants
+from machinery.config import RUN_ONLY, Config, loss_terms, settings_of, uses, validate
 from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
@@ -55,12 +55,12 @@ from eval import (complete, evaluate_stage, moved_inputs, pair_logps, pin_run_in
                   report_run)
 from loss import (LOSSES, REFERENCE_FREE, WEIGHTED, chosen_nll, contrastive_weights,
                   eos_padded, ld_desensitised, metric_granularity, preference_metrics, wpo_weights)
-from lora import apply_lora, lora_settings, lora_targets
+from machinery.lora import apply_lora, lora_settings, lora_targets
 from model import GPT, GPTConfig
-from parallel import load_state, place
-from plan import check_fits, print_plan
-from tokenizer import get_tokenizer
-import tracking
+from machinery.parallel import load_state, place
+from machinery.plan import check_fits, print_plan
+from machinery.tokenizer import get_tokenizer
+from machinery import tracking
 
 
 def check_loss_at_start(cfg):

@@ -12,7 +12,7 @@
 #   install               the README's way: pip install -r requirements.txt -r requirements-dev.txt
 #                         -r requirements-bench.txt (already satisfied: a no-op)
 #   gpu-tests             the GPU-only tests (pytest -m cuda), their printed numbers kept (-s)
-#   bench-gpt2            bench.py --device cuda --quick on GPT-2 124M: the preference step
+#   bench-gpt2            scripts/bench.py --device cuda --quick on GPT-2 124M: the preference step
 #                         (compiled) vs TRL: tokens/s, MFU, peak memory; the log-probs' memory
 #   sampling-gpt2         its sampling vs HF generate: eager, and the compiled decode step
 #   bench-gpt2-medium,    the same on gpt2-medium and on a Qwen2.5-0.5B shape, eager (compiling
@@ -138,9 +138,9 @@ NAMES=(gpt2 gpt2-medium qwen2.5-0.5b)
 for i in 0 1 2; do
     parts=pref
     (( i == 0 )) && parts=pref,logps
-    step "bench-${NAMES[i]}" "${BOX[3 + 2 * i]}" "$PY" bench.py "${DEVICE[@]}" \
+    step "bench-${NAMES[i]}" "${BOX[3 + 2 * i]}" "$PY" scripts/bench.py "${DEVICE[@]}" \
         --models "${SHAPES[i]}" --parts "$parts" --compile "${COMPILE[2 * i]}"
-    step "sampling-${NAMES[i]}" "${BOX[4 + 2 * i]}" "$PY" bench.py "${DEVICE[@]}" \
+    step "sampling-${NAMES[i]}" "${BOX[4 + 2 * i]}" "$PY" scripts/bench.py "${DEVICE[@]}" \
         --models "${SHAPES[i]}" --parts sampling --compile "${COMPILE[2 * i + 1]}"
 done
 step qwen-preference-step "${BOX[9]}" "$PY" -m pytest -q -rs -s tests/test_llama.py -k "$QWEN_STEP"

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from common import cli, need, parse, read_json  # noqa: E402
+from machinery.common import cli, need, parse, read_json  # noqa: E402
 
 TIMED = ("log_step", "evaluate_stage", "sample_pairs", "reference_logps")
 

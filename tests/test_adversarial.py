@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import common
+from machinery import common
 import data
 import train
 from conftest import check_one_line_error, cli_env, ROOT, run_cli, tiny, visible_lines
@@ -184,7 +184,7 @@ def test_a_damaged_summary_is_simply_written_again(offline_run, tmp_path):
 KILL_WHILE_WRITING = """
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import common
+from machinery import common
 
 target, write = sys.argv[1], common.atomic_write
 

@@ -4,13 +4,16 @@ import importlib.util
 import math
 import os
 import re
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-import bench
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+sys.path.insert(0, SCRIPTS)
+import bench  # noqa: E402  (scripts/bench.py)
 
 # TRL's own calls into transformers 5 raise this deprecation warning; nothing bench.py can change
 pytestmark = pytest.mark.filterwarnings(

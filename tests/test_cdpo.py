@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 import eval as eval_
 import train
-from checkpoint import load_gpt
+from machinery.checkpoint import load_gpt
 from data import encode_pairs
 from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss, eos_padded
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
+from machinery.tokenizer import get_tokenizer
 from conftest import die_at, Died, make_batch, tiny
 
 

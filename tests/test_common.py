@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import common
-from common import ConfigError, parse
+from machinery import common
+from machinery.common import ConfigError, parse
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import data
-from tokenizer import get_tokenizer
+from machinery.tokenizer import get_tokenizer
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, load_gpt, save_checkpoint
-from common import read_json
-from hf import save_pretrained
+from machinery.checkpoint import load_checkpoint, load_gpt, save_checkpoint
+from machinery.common import read_json
+from machinery.hf import save_pretrained
 from model import GPT, GPTConfig
 from tiny_hf import (GEMMA3, gemma3_to_hub_layout, hf_gemma3, randomize_, to_hub_layout)
 
@@ -256,8 +256,8 @@ def test_deepseek_math_style_llama_matches_transformers(tmp_path, layout):
                                          ("qwen25_math_15b_math500", "math500")])
 def test_presets_are_valid_runs(preset, task):
     import train
-    from common import parse
-    from hf import is_hub_id
+    from machinery.common import parse
+    from machinery.hf import is_hub_id
     cfg = parse(train.Config, ["--preset", preset], presets=True)
     train.validate(cfg)
     plan, baseline = train.variants(cfg)
@@ -288,7 +288,7 @@ def gemma_folder(tmp_path_factory):
 def test_special_tokens_past_the_models_rows_are_let_through_unless_plain(gemma_folder,
                                                                          tmp_path):
     import shutil
-    from checkpoint import load_model
+    from machinery.checkpoint import load_model
     model, tok = load_model(str(gemma_folder))
     assert tok.n_vocab == model.config.vocab_size + 1 and tok.chat_template is not None
     plain = tmp_path / "plain"  # the same extra token, but one text can make: refused
@@ -308,7 +308,7 @@ def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tm
     import subprocess
     import sys
     from conftest import ROOT
-    from tokenizer import TokenizersTokenizer, get_tokenizer
+    from machinery.tokenizer import TokenizersTokenizer, get_tokenizer
     out = tmp_path / "run"
     flags = ["--init_from", str(gemma_folder), "--sft_steps", "0", "--out_dir", str(out),
              "--arith_steps", "1", "--arith_max_number", "5", "--n_train", "40", "--n_test", "8",

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from common import read_jsonl
+from machinery.common import read_jsonl
 from conftest import cli_env, free_port, ROOT, tiny, UNTIMED
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -97,7 +97,7 @@ def test_two_sharded_processes_train_like_one(runs, name):
 KILLER = """
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import checkpoint
+from machinery import checkpoint
 
 save = checkpoint.save_checkpoint
 

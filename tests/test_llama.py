@@ -22,11 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import peak_flops, read_json
-from checkpoint import load_checkpoint, load_gpt, save_checkpoint
-from hf import is_hub_id, save_pretrained
+from machinery.common import peak_flops, read_json
+from machinery.checkpoint import load_checkpoint, load_gpt, save_checkpoint
+from machinery.hf import is_hub_id, save_pretrained
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
+from machinery.tokenizer import get_tokenizer
 from tiny_hf import MODELS, hf_model, randomize_, to_hub_layout, train_tokenizer
 from conftest import free_port, ROOT
 
@@ -334,7 +334,7 @@ def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
 @pytest.mark.parametrize("preset", ["qwen25_05b_gsm8k", "qwen3_06b_gsm8k", "llama32_1b_gsm8k"])
 def test_presets_are_valid_runs(preset):
     import train
-    from common import parse
+    from machinery.common import parse
     cfg = parse(train.Config, ["--preset", preset], presets=True)
     train.validate(cfg)
     plan, baseline = train.variants(cfg)

@@ -12,10 +12,10 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import train
-from common import read_jsonl
-from checkpoint import export, load_checkpoint, load_gpt, save_checkpoint
-from hf import save_pretrained
-from lora import LoRALinear, apply_lora, lora_settings, lora_targets
+from machinery.common import read_jsonl
+from machinery.checkpoint import export, load_checkpoint, load_gpt, save_checkpoint
+from machinery.hf import save_pretrained
+from machinery.lora import LoRALinear, apply_lora, lora_settings, lora_targets
 from model import GPT, GPTConfig
 from tiny_hf import hf_model
 from conftest import die_at, Died, tiny, UNTIMED

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-import compare
+from machinery import compare
 import train
 from conftest import UNTIMED, Died, die_at, make_batch, tiny
-from common import ConfigError, read_jsonl
+from machinery.common import ConfigError, read_jsonl
 from loss import LOSSES, eos_padded, metric_granularity
 
 

@@ -210,7 +210,7 @@ def test_pipeline_on_a_local_math_file(tmp_path, capsys):
     the math grader's, and the per-subject and per-level accuracy reach eval.json, summary.json
     and the printed report."""
     import train
-    from common import read_jsonl
+    from machinery.common import read_jsonl
     out = tmp_path / "run"
     summary = train.main(["--preset", "smoke", "--out_dir", str(out),
                           "--task", str(math_file(tmp_path / "math.jsonl")), "--n_train", "0",

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, load_gpt, save_checkpoint
-from common import peak_flops, setup
+from machinery.checkpoint import load_checkpoint, load_gpt, save_checkpoint
+from machinery.common import peak_flops, setup
 import model as model_module
 from model import GPT, GPTConfig, KVCache
 
@@ -363,7 +363,8 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {REPO!r})
-        import checkpoint, model
+        import model
+        from machinery import checkpoint
         def dying_save(obj, f, *a, **kw):
             f.write(b"PK partial bytes"); f.flush(); os._exit(9)
         torch.save = dying_save

@@ -12,9 +12,9 @@ from functools import partial
 import pytest
 import torch
 
-import plan
+from machinery import plan
 import train
-from lora import apply_lora
+from machinery.lora import apply_lora
 from model import GPT, GPTConfig
 from conftest import ROOT, run_cli
 

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import data
 import eval as evaluate
 import train
-from common import read_jsonl
-from checkpoint import save_checkpoint
-from hf import save_pretrained
+from machinery.common import read_jsonl
+from machinery.checkpoint import save_checkpoint
+from machinery.hf import save_pretrained
 from model import GPT, GPTConfig
 from conftest import (check_one_line_error, cli_env, die_at, Died, free_port, ROOT,
                       run_cli, tiny, UNTIMED, visible_lines)
@@ -132,7 +132,7 @@ def test_resume_after_dying_anywhere_is_bit_identical(reference, tmp_path, chain
 KILLER = """
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import checkpoint
+from machinery import checkpoint
 
 save = checkpoint.save_checkpoint
 

@@ -17,14 +17,14 @@ import time
 import pytest
 import torch
 
-import common
+from machinery import common
 import data
 import eval as evaluate
 import train
-from checkpoint import export, load_tokenizer, save_checkpoint
-from common import ConfigError
+from machinery.checkpoint import export, load_tokenizer, save_checkpoint
+from machinery.common import ConfigError
 from conftest import check_one_line_error, cli_env, die_at, Died, free_port, ROOT, run_cli, tiny
-from hf import config_kwargs, hf_config, save_pretrained
+from machinery.hf import config_kwargs, hf_config, save_pretrained
 from model import GPT, GPTConfig
 
 

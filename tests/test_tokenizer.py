@@ -22,7 +22,7 @@ import pytest
 
 import data
 from tiny_hf import END_OF_TURN, NFC, STYLES, corpus, train_tokenizer
-from tokenizer import HFTokenizer, TokenizersTokenizer, get_tokenizer, has_hf_tokenizer, uses_chat
+from machinery.tokenizer import HFTokenizer, TokenizersTokenizer, get_tokenizer, has_hf_tokenizer, uses_chat
 
 pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import torch
 
 import eval as evaluate
 import train
-from common import ConfigError, read_jsonl
+from machinery.common import ConfigError, read_jsonl
 from data import is_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,6 +3,7 @@ on the console, run tracking (TensorBoard, read back), chat-format pair files, s
 tokens, an offline GPT-2 export, a retry after a failed --init_from, curves.png, and the
 lm-evaluation-harness task file."""
 import json
+import os
 import runpy
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 import eval as evaluate
 import train
-from common import ConfigError, parse, progress_bar
+from machinery.common import ConfigError, parse, progress_bar
 from conftest import ROOT, die_at, Died, tiny
 
 # -----------------------------------------------------------------------------
@@ -26,11 +27,11 @@ def script_help(script, flag, capsys, monkeypatch):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "bench.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "scripts/bench.py"])
 def test_every_script_has_a_help(script, capsys, monkeypatch):
     for flag in ("--help", "-h"):
         text = script_help(script, flag, capsys, monkeypatch)
-        assert text.startswith(f"usage: {script}") and "--device" in text, text
+        assert text.startswith(f"usage: {os.path.basename(script)}") and "--device" in text, text
 
 
 def test_help_is_the_config_its_comments_and_its_sections(capsys, monkeypatch):
@@ -104,7 +105,7 @@ def test_tensorboard_gets_every_metric_and_a_resume_continues_the_same_curve(tmp
     values, the stage's evaluation at its last step, and the run's config."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from common import read_jsonl
+    from machinery.common import read_jsonl
     flags = tiny(tmp_path, stop_after="sft", report_to="tensorboard", dropout=0.0)
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
         die_at(mp, "sft:7")
@@ -129,7 +130,7 @@ def test_tensorboard_gets_every_metric_and_a_resume_continues_the_same_curve(tmp
 
 
 def test_report_to_names_its_missing_package(monkeypatch):
-    import tracking
+    from machinery import tracking
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"--report_to wandb: wandb is not installed \(pip "
                                           r"install wandb\), or use --report_to none"):
@@ -160,7 +161,7 @@ def test_chat_pairs_go_through_the_chat_template_as_trl_renders_them(qwen_folder
     transformers' apply_chat_template, its definition), each response cut at the <|im_end|> that
     becomes its EOS; the ids are transformers' own."""
     import data
-    from tokenizer import get_tokenizer
+    from machinery.tokenizer import get_tokenizer
     folder, hf = qwen_folder
     tok = get_tokenizer(str(folder))
     implicit = {k: CONVERSATION["prompt"] + CONVERSATION[k] for k in ("chosen", "rejected")}
@@ -186,7 +187,7 @@ def test_chat_pairs_go_through_the_chat_template_as_trl_renders_them(qwen_folder
 def test_trl_renders_a_chat_pair_as_we_do(qwen_folder):
     trl = pytest.importorskip("trl")  # requirements-bench.txt
     import data
-    from tokenizer import get_tokenizer
+    from machinery.tokenizer import get_tokenizer
     folder, hf = qwen_folder
     [ours] = data.render_pairs([CONVERSATION], get_tokenizer(str(folder)), verbose=False)
     theirs = trl.maybe_apply_chat_template(CONVERSATION, hf)
@@ -198,8 +199,8 @@ def test_trl_renders_a_chat_pair_as_we_do(qwen_folder):
 def test_the_pairs_stage_renders_a_chat_file_with_the_sft_models_template(qwen_folder, tmp_path):
     """Where it happens: the pairs stage, with the SFT checkpoint's tokenizer, so that
     pairs/train.jsonl holds the prompts evaluation asks (before: "\\n\\nHuman: ..." text)."""
-    from checkpoint import save_checkpoint
-    from common import read_jsonl, setup
+    from machinery.checkpoint import save_checkpoint
+    from machinery.common import read_jsonl, setup
     from model import GPT, GPTConfig
     folder, hf = qwen_folder
     (tmp_path / "chat.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
@@ -221,7 +222,7 @@ def test_a_sampled_special_token_is_the_token_trained_on(qwen_folder):
     the 12 characters of its text (what encode_ordinary made of it)."""
     import data
     import torch
-    from tokenizer import get_tokenizer
+    from machinery.tokenizer import get_tokenizer
     folder, hf = qwen_folder
     tok = get_tokenizer(str(folder))
     special = hf.convert_tokens_to_ids("<|im_start|>")
@@ -248,7 +249,7 @@ def test_a_sampled_special_token_is_the_token_trained_on(qwen_folder):
 def test_a_failed_init_from_leaves_nothing_that_blocks_a_retry(tmp_path, monkeypatch, capsys):
     """--init_from gpt2 offline fails (cleanly) after the run folder got its config.json; the
     retry with another model in the same folder runs (it was refused: 'a different config')."""
-    import hf
+    from machinery import hf
 
     def offline(*args, **kwargs):
         raise ConnectionError("'gpt2' is no local folder, and the Hugging Face hub cannot be "
@@ -271,11 +272,11 @@ def test_a_gpt2_runs_export_works_offline(tmp_path, monkeypatch):
     """The README's export of a run on GPT-2's tokenizer, with the hub unreachable (it used to
     fetch openai-community/gpt2's tokenizer files): the folder loads in transformers, whose
     tokenizer makes tiktoken's ids and whose model gives our logits."""
-    import hf
+    from machinery import hf
     import tiktoken
     import torch
     import transformers
-    from checkpoint import export, save_checkpoint
+    from machinery.checkpoint import export, save_checkpoint
     from model import GPT, GPTConfig
 
     def offline(*args, **kwargs):
@@ -302,7 +303,7 @@ def test_a_gpt2_runs_export_works_offline(tmp_path, monkeypatch):
 
 
 def test_curves_have_labelled_axes_smoothed_curves_and_the_held_out_pairs(tmp_path, monkeypatch):
-    from common import write_json, write_jsonl
+    from machinery.common import write_json, write_jsonl
     rng = __import__("random").Random(0)
     for stage, keys in (("sft", ["loss"]), ("po", ["loss", "rewards/accuracy",
                                                     "rewards/margin"])):
@@ -336,8 +337,8 @@ def test_the_lm_eval_task_is_the_runs_test_set_with_its_prompts_and_grader(tmp_p
     this project's grader (lm-eval itself is run by hand: see the README)."""
     import importlib.util
     yaml = pytest.importorskip("yaml")
-    from checkpoint import save_checkpoint
-    from common import read_jsonl, write_json
+    from machinery.checkpoint import save_checkpoint
+    from machinery.common import read_jsonl, write_json
     from data import is_correct, load_split
     from model import GPT, GPTConfig
     run = tmp_path / "run"

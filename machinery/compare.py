@@ -13,8 +13,8 @@ import os
 import re
 from functools import partial
 
-from common import ConfigError, convert, need, parse
-from config import Config, loss_terms, validate
+from machinery.common import ConfigError, convert, need, parse
+from machinery.config import Config, loss_terms, validate
 from loss import LOSSES, SEGMENTED, WEIGHTED, granularities
 
 

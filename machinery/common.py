@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 class ConfigError(ValueError):

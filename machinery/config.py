@@ -8,8 +8,8 @@ import inspect
 import re
 from dataclasses import dataclass, fields
 
-import tracking
-from common import ConfigError, convert, need
+from machinery import tracking
+from machinery.common import ConfigError, convert, need
 from loss import LOSSES, SEGMENTED, parse_loss
 
 # -----------------------------------------------------------------------------

@@ -11,9 +11,9 @@ Benchmark nanoADPO against its peers, on the same random weights, in one run:
   3. log-probs        peak memory of model(idx, targets) forward+backward vs the naive full float32
                       log-softmax.
 
-    python bench.py --device cpu --quick    # a tiny GPT and a tiny Llama, ~3 min on a 2-core CPU
-    python bench.py --device cuda           # GPT-2 124M and gpt2-medium shapes, bf16, torch.compile
-    python bench.py --device cuda --quick --models qwen2.5-0.5b   # one shape (bench_tools.py's)
+    python scripts/bench.py --device cpu --quick    # a tiny GPT and a tiny Llama, ~3 min on a 2-core CPU
+    python scripts/bench.py --device cuda           # GPT-2 124M and gpt2-medium shapes, bf16, torch.compile
+    python scripts/bench.py --device cuda --quick --models qwen2.5-0.5b   # one shape (bench_tools.py's)
 
 Every flag is a field of `BenchConfig` below. The peers are bench-only dependencies (pip install
 -r requirements-bench.txt; without trl its columns read n/a). No downloads: a random transformers
@@ -46,16 +46,17 @@ from importlib import metadata
 import torch
 import torch.nn.functional as F
 
-import train
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository (train.py, ...), and bench_tools
+
+import train  # noqa: E402
 from bench_tools import (MODEL_SHAPES, clock, make_pairs, mem, pair_tokens, random_prompts,
                          reset_peak, save_random_model, state_bytes, sync, training_peak)
-from checkpoint import load_gpt
-from common import cli, markdown_table, need, parse, peak_flops, setup
+from machinery.checkpoint import load_gpt
+from machinery.common import cli, markdown_table, need, parse, peak_flops, setup
 from data import length_grouped_batches, row_lengths
 from eval import pair_logps
 from model import GPT, KVCache
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT = "BENCH_RESULT "  # a child's last stdout line: this prefix, then its measurements as JSON
 
 
@@ -413,7 +414,7 @@ class ChildFailed(ValueError):  # a ValueError, so that cli() reports it as one 
 
 
 def run_child(kind, spec, label):
-    """One measurement in a fresh interpreter (`python bench.py --child KIND --spec JSON`); its
+    """One measurement in a fresh interpreter (`python scripts/bench.py --child KIND --spec JSON`); its
     result dict."""
     t0 = time.time()
     print(f"[bench] {label} ...", end="", file=sys.stderr, flush=True)

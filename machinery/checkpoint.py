@@ -18,13 +18,13 @@ from dataclasses import asdict, fields
 
 import torch
 
-from common import atomic_write, read_json, write_json
-from hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
+from machinery.common import atomic_write, read_json, write_json
+from machinery.hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, tokenizer_files, weight_files)
-from lora import apply_lora, lora_settings
+from machinery.lora import apply_lora, lora_settings
 from model import GPT, GPTConfig
-from parallel import full_state
-from tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
+from machinery.parallel import full_state
+from machinery.tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
 
 # GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
 # the defaults

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 
-from common import ConfigError
+from machinery.common import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 PROJECT = "nanoADPO"

@@ -21,8 +21,8 @@ import unicodedata
 
 import tiktoken
 
-from common import read_json
-from hf import TOKENIZER_FILES, hub_download, is_gpt2, is_hub_id  # the one hub client
+from machinery.common import read_json
+from machinery.hf import TOKENIZER_FILES, hub_download, is_gpt2, is_hub_id  # the one hub client
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TOKENIZERS = ("gpt2", "byte")

@@ -31,7 +31,7 @@ import tempfile
 
 import torch
 
-from common import atomic_write, read_json
+from machinery.common import atomic_write, read_json
 
 # also accepted as "openai-community/<name>"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

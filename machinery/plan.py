@@ -35,12 +35,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.hooks import RemovableHandle
 
-from checkpoint import _our_checkpoint, load_checkpoint
-from common import markdown_table, need
-from hf import config_kwargs, hub_download, is_gpt2, is_hub_id
-from lora import apply_lora
+from machinery.checkpoint import _our_checkpoint, load_checkpoint
+from machinery.common import markdown_table, need
+from machinery.hf import config_kwargs, hub_download, is_gpt2, is_hub_id
+from machinery.lora import apply_lora
 from model import GPT, GPTConfig
-from parallel import keep_gathered
+from machinery.parallel import keep_gathered
 
 GiB = 2 ** 30
 HEADROOM = 0.9  # a plan fits a GPU when its peak is at most this fraction of the GPU's memory

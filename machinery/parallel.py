@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
                                     register_fsdp_forward_method)
 
-from lora import lora_settings
+from machinery.lora import lora_settings
 
 
 def place(model, run, fsdp=False, whole=False):
