@@ -42,25 +42,28 @@ from functools import lru_cache, partial
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from machinery.checkpoint import load_checkpoint, load_gpt, load_model, load_tokenizer, save_checkpoint
-from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags, claim_run_folder,
-                    cli, file_digest, need, parse, peak_flops, print0, progress_bar, read_json,
-                    read_jsonl, read_run_file, seed_for, setup, write_json, write_jsonl)
-from machinery.compare import variants
-from machinery.config import RUN_ONLY, Config, loss_terms, settings_of, uses, validate
 from data import (encode_pairs, encode_sft, grader, is_correct, length_grouped_batches, load_pairs,
                   load_split, make_arith_pairs, pairs_from_samples, preference_batch, render_pairs,
                   row_lengths, sft_batch, split_pairs)
-from eval import (complete, evaluate_stage, moved_inputs, pair_logps, pin_run_inputs,
-                  report_run)
-from loss import (LOSSES, REFERENCE_FREE, WEIGHTED, chosen_nll, contrastive_weights,
-                  eos_padded, ld_desensitised, metric_granularity, preference_metrics, wpo_weights)
-from machinery.lora import apply_lora, lora_settings, lora_targets
+from eval import complete, evaluate_stage, pair_logps
+from loss import (WEIGHTED, chosen_nll, contrastive_weights, ld_desensitised, preference_metrics,
+                  wpo_weights)
 from model import GPT, GPTConfig
+from machinery import tracking
+from machinery.checkpoint import (load_checkpoint, load_gpt, load_model, load_tokenizer,
+                                  save_checkpoint)
+from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags,
+                              claim_run_folder, cli, file_digest, need, parse, peak_flops, print0,
+                              progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup,
+                              write_json, write_jsonl)
+from machinery.compare import variant_label, variants
+from machinery.config import RUN_ONLY, Config, resolve_loss, settings_of, validate
+from machinery.inputs import moved_inputs, pin_run_inputs
+from machinery.lora import apply_lora, lora_settings, lora_targets
 from machinery.parallel import load_state, place
 from machinery.plan import check_fits, print_plan
+from machinery.report import report_run
 from machinery.tokenizer import get_tokenizer
-from machinery import tracking
 
 
 def check_loss_at_start(cfg):
@@ -71,8 +74,8 @@ def check_loss_at_start(cfg):
     B, T = math.ceil(cfg.po_batch_size / cfg.grad_accum), cfg.max_len
     zeros = torch.zeros(2 * B, T)  # (2B, T) log πθ = log πref (SimPO, reference-free: log 1)
     batch = dict(input_ids=None, targets=None, loss_mask=torch.ones(2 * B, T, dtype=torch.bool),
-                 reference_logps=zeros, rejected_weights=torch.ones(B, T))
-    loss = preference_loss(lambda idx, targets: zeros, batch, cfg)[0].item()
+                 reference_logps=zeros, rejected_weights=torch.ones(B, T), delta=0.0)
+    loss = preference_loss(lambda idx, targets: zeros, batch, resolve_loss(cfg))[0].item()
     knob = "--gamma" if cfg.loss == "simpo" else "--beta"
     need(math.isfinite(loss), f"--loss {cfg.loss} {knob} {getattr(cfg, knob[2:])}: the loss is "
                               f"{loss} at step 0 already, where the policy is the reference: "
@@ -119,38 +122,35 @@ class RewardMean:
         self.steps = state["steps"]
 
 
-def preference_loss(model, batch, cfg, reward_mean=None):
+def preference_loss(model, batch, objective):
     """The paper's step: score chosen and rejected responses in one forward and compare them with
-    the frozen reference through every term of cfg.loss (ADPO by default), each summed over the B
-    pairs and weighted by --loss_weights. reward_mean: bco_pair's δ (a RewardMean the caller
-    holds; none: δ = 0, TRL 1.16's bco_pair)."""
+    the frozen reference through every term of --loss (ADPO alone by default), each summed over
+    the B pairs and weighted by --loss_weights. objective: config.objective(cfg), resolved once."""
     logps = model(batch["input_ids"], batch["targets"])  # (2B, T) float32: log πθ(y_t | x, y_<t)
     ref = batch["reference_logps"]                       # (2B, T) log πref, precomputed
     mask = batch["loss_mask"]                            # (2B, T) True on response tokens + EOS
     B = mask.size(0) // 2                                # rows [0, B): chosen, [B, 2B): rejected
     six = (logps[:B], logps[B:], ref[:B], ref[B:], mask[:B], mask[B:])
+    # -- the extensions beyond the paper's step (each off by default; docs/losses.md) ----------
     # LD-DPO: the log-ratios of the tokens past the shorter response of a pair count α times
-    ratios = six if cfg.ld_alpha == 1 else ld_desensitised(*six, ld_alpha=cfg.ld_alpha)
+    ld = six if objective.ld_alpha == 1 else ld_desensitised(*six, ld_alpha=objective.ld_alpha)
     # WPO: each pair weighted by how likely the policy is to produce it, (B,), no gradient
-    pair_weights = wpo_weights(*six[:2], *six[4:]) if cfg.use_weighting else 1.0
-    delta = reward_mean.value if reward_mean else 0.0  # BCO's shift, the caller's running mean
+    pair_weights = wpo_weights(*six[:2], *six[4:]) if objective.use_weighting else 1.0
+    # ---------------------------------------------------------------------------------------------
     loss = 0.0
-    for name, weight, options in loss_terms(cfg):
-        extra = {}
-        if name in WEIGHTED:  # cDPO / cADPO: contrastive weights on the rejected tokens
-            extra["rejected_weights"] = batch["rejected_weights"]  # (B, T)
-        if name == "bco_pair":
-            extra["delta"] = delta
-        inputs = six if name in REFERENCE_FREE else ratios
-        losses, _, _ = LOSSES[name](*inputs, **options, **extra)  # (B,)
-        loss = loss + weight * (pair_weights * losses).sum()
-    if cfg.nll_weight:  # + λ · NLL of the chosen response (keeps its probability from sinking)
-        loss = loss + cfg.nll_weight * chosen_nll(logps[:B], mask[:B]).sum()
-    family, size = metric_granularity(cfg.loss, cfg.family, cfg.size)
-    metrics = preference_metrics(*(t.detach() for t in six), beta=cfg.beta, family=family,
+    for term in objective.terms:
+        # from the batch, where it has them: cDPO's token weights, BCO's running shift δ
+        given = {key: batch[key] for key in term.from_batch if key in batch}
+        inputs = ld if term.desensitised else six
+        losses, _, _ = term.fn(*inputs, **term.options, **given)  # (B,) one loss per pair
+        loss = loss + term.weight * (pair_weights * losses).sum()
+    if objective.nll_weight:  # + λ · NLL of the chosen response: keeps its probability up
+        loss = loss + objective.nll_weight * chosen_nll(logps[:B], mask[:B]).sum()
+    family, size = objective.metric_grain
+    metrics = preference_metrics(*(t.detach() for t in six), beta=objective.beta, family=family,
                                  size=size)  # means over the B pairs
-    if uses(cfg, ("bco_pair",)):  # the δ the step used, logged
-        metrics["bco/delta"] = logps.new_tensor(delta)
+    if objective.uses("bco_pair"):  # the δ the step used, logged
+        metrics["bco/delta"] = logps.new_tensor(batch.get("delta", 0.0))
     return loss, {"loss": loss.detach(), **{k: B * v for k, v in metrics.items()}}
 
 
@@ -572,13 +572,13 @@ def stage_contrastive(cfg, run):
            f"{torch.cat(weights).mean():.3f}")
 
 
-def pair_batch(rows, reference, cfg, eot, weights=None):
+def pair_batch(rows, reference, eot, eos_pad, weights=None, **padding):
     """Pairs as one (2B, T) batch, chosen rows then rejected rows, with the reference's per-token
-    log-probs dropped into the same (2B, T) layout; n = B (the loss is per pair). With cDPO's
-    token weights (one 1-D tensor per rejected response), also (B, T) rejected_weights: 1 off
-    the response and on the EOS tokens of the paper's static padding."""
-    eos_pad = eos_padded(cfg.loss, cfg.family, cfg.eos_pad)
-    batch = preference_batch(rows, eot, eos_pad=eos_pad, **bucket(cfg))
+    log-probs dropped into the same (2B, T) layout; n = B (the loss is per pair). eos_pad: the
+    paper's EOS padding of the static family (Objective.eos_pad). With cDPO's token weights (one
+    1-D tensor per rejected response), also (B, T) rejected_weights: 1 off the response and on
+    the EOS tokens of that padding. padding: bucket(cfg)'s, under torch.compile."""
+    batch = preference_batch(rows, eot, eos_pad=eos_pad, **padding)
     mask = batch["loss_mask"]
     batch["reference_logps"] = torch.zeros(mask.shape)  # (2B, T) float32, 0 off the mask
     values = [c for c, _ in reference] + [r for _, r in reference]  # chosen rows, then rejected
@@ -592,7 +592,7 @@ def pair_batch(rows, reference, cfg, eot, weights=None):
     return {**batch, "n": len(rows)}
 
 
-def reference_logps(cfg, run, rows, val_rows, out):
+def reference_logps(cfg, run, rows, val_rows, out, eos_pad):
     """The frozen SFT model's per-token log-probs of every pair, computed once (ADPO needs them per
     token, and the reference never changes) and reused every epoch -> out/reference_logps.pt"""
     path = os.path.join(out, "reference_logps.pt")
@@ -602,7 +602,7 @@ def reference_logps(cfg, run, rows, val_rows, out):
     sft = place(sft, run, cfg.fsdp, whole=True).eval()
     eot = tok.eot_token
     kw = dict(batch_size=cfg.po_batch_size, device=run.device, ctx=run.ctx, progress=run.master,
-              eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad))
+              eos_pad=eos_pad)
     reference = {"train": pair_logps(sft, rows, eot, desc="reference log-probs", **kw),
                  "val": pair_logps(sft, val_rows, eot, desc="reference log-probs (val)", **kw)}
     if run.master:
@@ -625,28 +625,32 @@ def stage_po(cfg, run, out):
                         f"(--n_samples, --n_pair_questions) or use --pairs_source offline")
     need(rows, f"all {stats['rows']} training pairs were dropped: none has a response token "
                f"within --max_len {cfg.max_len} ({stats})")
-    reference = reference_logps(cfg, run, rows, val_rows, out)
+    objective = resolve_loss(cfg)  # --loss, once: what every step computes
+    reference = reference_logps(cfg, run, rows, val_rows, out, objective.eos_pad)
     if not os.path.exists(os.path.join(out, "ckpt.pt")):
         policy = place(load_gpt(sft_ckpt(cfg), dropout=cfg.dropout), run, cfg.fsdp)
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
-               f"val pairs ({stats}) | {loss_terms(cfg)} | at step 0 the policy is "
-               f"the reference: every ρ is 0 (DPO/ADPO: loss T'·ln2 per pair), margins 0, reward "
-               f"accuracy 0 (ties count as wrong), up to float noise: under autocast, on a GPU or "
-               f"with dropout, margins of ~1e-7 tip some ties, and step 1 may log an accuracy "
-               f"above 0")
+               f"val pairs ({stats}) | {variant_label(cfg)}, beta {cfg.beta} | at step 0 the "
+               f"policy is the reference: loss T'·ln2 per pair (DPO/ADPO), margins and reward "
+               f"accuracy 0, up to float noise (docs/losses.md#step-0)")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = BatchOrder(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None
-        if uses(cfg, WEIGHTED):  # one per pair of pairs/train.jsonl; rows[i]["idx"] is its pair
+        if objective.uses(*WEIGHTED):  # one per pair of pairs/train.jsonl (rows[i]["idx"])
             weights = read_run_file(os.path.join(cfg.out_dir, "cdpo", "weights.pt"))
             weights = [weights[r["idx"]] for r in rows]
-        make_batch = lambda ix: pair_batch(  # noqa: E731
-            [rows[i] for i in ix], [reference["train"][i] for i in ix], cfg, tok.eot_token,
-            None if weights is None else [weights[i] for i in ix])
-        reward_mean = RewardMean() if uses(cfg, ("bco_pair",)) else None  # bco_pair's δ
-        train(policy, out, order, make_batch,
-              partial(preference_loss, cfg=cfg, reward_mean=reward_mean), cfg.po_lr, cfg, run,
-              loss_state=reward_mean)
+        reward_mean = RewardMean() if objective.uses("bco_pair") else None  # bco_pair's δ
+
+        def make_batch(ix):
+            batch = pair_batch([rows[i] for i in ix], [reference["train"][i] for i in ix],
+                               tok.eot_token, objective.eos_pad,
+                               None if weights is None else [weights[i] for i in ix], **bucket(cfg))
+            if reward_mean is not None:  # the shift δ of this step: the mean of the steps before
+                batch["delta"] = reward_mean.value
+            return batch
+
+        train(policy, out, order, make_batch, partial(preference_loss, objective=objective),
+              cfg.po_lr, cfg, run, loss_state=reward_mean)
         save_checkpoint(os.path.join(out, "ckpt.pt"), policy, base=lora_base(cfg), tokenizer=tok,
                         chat_template=cfg.chat_template, settings=settings_of(cfg))
     drop_training_state(out, run)
@@ -679,7 +683,8 @@ def main(argv=None):
     validate(cfg)
     check_loss_at_start(cfg)              # a loss out of float32's range already at step 0
     plan, baseline = variants(cfg, check=check_loss_at_start)  # (label, config, folder) each
-    losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
+    # what plan.py traces
+    losses = dict(sft=sft_loss, po=partial(preference_loss, objective=resolve_loss(cfg)))
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
         return print_plan(cfg, losses)
     check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here
@@ -699,7 +704,7 @@ def main(argv=None):
     stage_sft(cfg, run)                   # 1. SFT                    -> sft/
     if cfg.stop_after != "sft":
         stage_pairs(cfg, run)             # 2. on-policy pairs        -> pairs/
-    if cfg.stop_after == "po" and any(uses(v, WEIGHTED) for _, v, _ in plan):
+    if cfg.stop_after == "po" and any(resolve_loss(v).uses(*WEIGHTED) for _, v, _ in plan):
         stage_contrastive(cfg, run)       # 2b. cDPO's token weights   -> cdpo/
     if cfg.stop_after == "po":
         for _, variant, folder in plan:

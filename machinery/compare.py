@@ -13,9 +13,9 @@ import os
 import re
 from functools import partial
 
+from loss import LOSSES, SEGMENTED, WEIGHTED
 from machinery.common import ConfigError, convert, need, parse
-from machinery.config import Config, loss_terms, validate
-from loss import LOSSES, SEGMENTED, WEIGHTED, granularities
+from machinery.config import Config, resolve_loss, validate
 
 
 # the settings a --compare variant may set for itself (robust@label_smoothing=0.1): only the
@@ -30,8 +30,7 @@ NAMES = {"dpo": "DPO", "adpo": "ADPO", "ipo": "IPO", "simpo": "SimPO", "cdpo": "
 def variant_terms(cfg):
     """[(name, weight, (family, size) or None)]: each term of --loss, with the granularity it
     compares at (None: the whole responses)."""
-    grains = granularities(cfg.loss, cfg.family, cfg.size)
-    return [(name, weight, grain) for (name, weight, _), grain in zip(loss_terms(cfg), grains)]
+    return [(term.name, term.weight, term.grain) for term in resolve_loss(cfg).terms]
 
 
 def overridden(variant, cfg):

@@ -1,16 +1,18 @@
 """
 Every flag of train.py (Config: Settings, the settings a model is scored with, and the rest)
 and the checks made on them before any work: one line naming the flag for every value a run cannot
-use. The terms of --loss are read here too (loss_terms), for train.py's step and the comparison
-harness (compare.py) alike.
+use. --loss is resolved here too, once, into the Objective that train.py's step reads and the
+comparison harness (compare.py) labels.
 """
 import inspect
 import re
 from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple
 
+from loss import (LOSSES, REFERENCE_FREE, SEGMENTED, WEIGHTED, eos_padded, granularities,
+                  metric_granularity, parse_loss)
 from machinery import tracking
 from machinery.common import ConfigError, convert, need
-from loss import LOSSES, SEGMENTED, parse_loss
 
 # -----------------------------------------------------------------------------
 # the settings a model is scored with: train.py's Config extends them, eval.py's EvalConfig too
@@ -221,14 +223,45 @@ def loss_options(cfg, name, family=None, size=None):
     return options
 
 
-def loss_terms(cfg):
-    """The terms of --loss: [(name, weight, options)], weights from --loss_weights (1 without)."""
-    terms = parse_loss(cfg.loss)
+class Term(NamedTuple):
+    """One term of --loss, resolved: weight · fn(six tensors, **options, **batch[from_batch])."""
+    name: str           # its key in loss.LOSSES
+    fn: Callable        # LOSSES[name]
+    weight: float       # from --loss_weights (1 without)
+    options: dict       # its keyword arguments: beta, family, size, label_smoothing, ...
+    grain: tuple        # (family, size) it compares at, or None: the whole responses
+    from_batch: tuple   # what the step's batch hands it: cDPO's rejected_weights, BCO's delta
+    desensitised: bool  # LD-DPO applies to it (a loss of log-ratios, --ld_alpha < 1)
+
+
+class Objective(NamedTuple):
+    """What a preference step optimises, resolved once from the config (the step reads it on
+    every micro-batch; nothing parses --loss there)."""
+    terms: tuple         # the terms of --loss, each a Term
+    nll_weight: float    # λ of the chosen response's NLL added to them (0: none)
+    ld_alpha: float      # LD-DPO's α (1: off)
+    use_weighting: bool  # WPO's pair weights on every term
+    beta: float          # the β of the logged rewards
+    metric_grain: tuple  # (family, size) where segments/win_rate is measured
+    eos_pad: bool        # the pairs are EOS-padded (the paper's static family)
+
+    def uses(self, *names):
+        """Whether a term of --loss is one of these losses."""
+        return any(term.name in names for term in self.terms)
+
+
+def resolve_loss(cfg):
+    """cfg's --loss, --loss_weights and the settings of its terms, resolved once: an Objective."""
+    parsed = parse_loss(cfg.loss)
     weights = [float(w) for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
-    return [(name, weight, loss_options(cfg, name, family, size))
-            for (name, family, size), weight in zip(terms, weights or [1.0] * len(terms))]
-
-
-def uses(cfg, names):
-    """Whether a term of --loss is one of these losses."""
-    return any(name in names for name, _, _ in parse_loss(cfg.loss))
+    grains = granularities(cfg.loss, cfg.family, cfg.size)
+    terms = []
+    for (name, family, size), weight, grain in zip(parsed, weights or [1.0] * len(parsed),
+                                                   grains):
+        from_batch = ("rejected_weights",) if name in WEIGHTED else ()
+        from_batch += ("delta",) if name == "bco_pair" else ()
+        terms.append(Term(name, LOSSES[name], weight, loss_options(cfg, name, family, size),
+                          grain, from_batch, cfg.ld_alpha != 1 and name not in REFERENCE_FREE))
+    return Objective(tuple(terms), cfg.nll_weight, cfg.ld_alpha, cfg.use_weighting, cfg.beta,
+                     metric_granularity(cfg.loss, cfg.family, cfg.size),
+                     eos_padded(cfg.loss, cfg.family, cfg.eos_pad))

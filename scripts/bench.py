@@ -53,6 +53,7 @@ import train  # noqa: E402
 from bench_tools import (MODEL_SHAPES, clock, make_pairs, mem, pair_tokens, random_prompts,
                          reset_peak, save_random_model, state_bytes, sync, training_peak)
 from machinery.checkpoint import load_gpt
+from machinery.config import resolve_loss
 from machinery.common import cli, markdown_table, need, parse, peak_flops, setup
 from data import length_grouped_batches, row_lengths
 from eval import pair_logps
@@ -144,15 +145,17 @@ def child_pref_ours(s):
     model.train()
     optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, run.device_type)
     score = model  # score(idx, targets) -> (2B, T) float32 log-probs, as in train.py
+    objective = resolve_loss(cfg)  # --loss resolved once, as in train.py
     if s["compile"]:  # one graph per padded length: pair_batch pads to multiples of 64
         score = torch.compile(model, dynamic=False)
 
     def step(ix):
-        batch = train.pair_batch([rows[i] for i in ix], [ref[i] for i in ix], cfg, eos)
+        batch = train.pair_batch([rows[i] for i in ix], [ref[i] for i in ix], eos,
+                                 objective.eos_pad, **train.bucket(cfg))
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}  # (2B, T) tensors, and n = B pairs
         with run.ctx:
-            loss, metrics = train.preference_loss(score, batch, cfg)  # sums over the B pairs
+            loss, metrics = train.preference_loss(score, batch, objective)  # sums over B pairs
         (loss / batch["n"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()

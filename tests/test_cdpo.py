@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import eval as eval_
 import train
+from machinery.config import resolve_loss
 from machinery.checkpoint import load_gpt
 from data import encode_pairs
 from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss, eos_padded
@@ -81,9 +82,9 @@ def test_cadpo_static_pads_with_eos_like_adpo_static_and_unit_weights_give_its_s
             cfg = train.Config(loss=loss, family="static", size=2, beta=0.3, eos_pad=eos_pad)
             ref = eval_.pair_logps(reference, rows, tok.eot_token, eos_pad=eos_padded(cfg.loss, cfg.family, cfg.eos_pad),
                                    progress=False)
-            batch = train.pair_batch(rows, ref, cfg, tok.eot_token,
+            batch = train.pair_batch(rows, ref, tok.eot_token, resolve_loss(cfg).eos_pad,
                                      weights=ones if loss == "cadpo" else None)
-            steps.append((batch["loss_mask"], train.preference_loss(policy, batch, cfg)[0]))
+            steps.append((batch["loss_mask"], train.preference_loss(policy, batch, resolve_loss(cfg))[0]))
         (mask_a, loss_a), (mask_c, loss_c) = steps
         assert torch.equal(mask_a, mask_c) and torch.equal(loss_a, loss_c)
         lengths = mask_c.sum(-1)  # chosen rows, then rejected rows

@@ -356,6 +356,7 @@ def preference_steps(config, device, B, T, steps=4):
     AdamW) on random tokens, bf16 autocast, activation checkpointing, as many times as `steps`
     -> (last loss, tokens/s of the fastest step after the first, peak memory in GiB or None)."""
     from train import Config, preference_loss
+    from machinery.config import resolve_loss
     torch.manual_seed(0)
     model = GPT(GPTConfig(**config)).to(device).train()
     model.activation_checkpointing = True
@@ -375,7 +376,7 @@ def preference_steps(config, device, B, T, steps=4):
             torch.cuda.synchronize()
         t0 = time.time()
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss, _ = preference_loss(model, batch, cfg)
+            loss, _ = preference_loss(model, batch, resolve_loss(cfg))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import train
+from machinery.config import resolve_loss
 from machinery.common import read_jsonl
 from machinery.checkpoint import export, load_checkpoint, load_gpt, save_checkpoint
 from machinery.hf import save_pretrained
@@ -92,7 +93,7 @@ def test_gradients_reach_only_the_adapters_and_the_optimizer_holds_only_them():
                        n_kv_head=2, n_embd=32, n_inner=48, bias=False, tie_embeddings=False)
     model = apply_lora(GPT(config), 4, 8, seed=0)
     batch = preference_batch()
-    loss, _ = train.preference_loss(model, batch, PO_CFG)
+    loss, _ = train.preference_loss(model, batch, resolve_loss(PO_CFG))
     loss.backward()
     for name, p in model.named_parameters():
         has_grad = p.grad is not None and p.grad.abs().sum() > 0
@@ -125,7 +126,7 @@ def preference_steps(model, steps=3):
     optimizer = model.configure_optimizers(0.0, 2e-2, (0.9, 0.95), "cpu")
     model.train()
     for step in range(steps):
-        loss, _ = train.preference_loss(model, preference_batch(seed=step), PO_CFG)
+        loss, _ = train.preference_loss(model, preference_batch(seed=step), resolve_loss(PO_CFG))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,7 +235,7 @@ def test_lora_under_compile_and_activation_checkpointing_gives_the_eager_gradien
     batch = preference_batch()
     losses, grads = [], []
     for model, wrap in ((eager, lambda m: m), (other, torch.compile)):
-        loss, _ = train.preference_loss(wrap(model), batch, PO_CFG)
+        loss, _ = train.preference_loss(wrap(model), batch, resolve_loss(PO_CFG))
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

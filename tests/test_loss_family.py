@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from machinery.config import resolve_loss
 from loss import (LOSSES, NO_GRANULARITY, ld_desensitised, parse_loss, wpo_weights)
 from conftest import log_sigmoid, make_batch, ragged_mask, response, split
 
@@ -478,7 +479,7 @@ def step_loss(batch, **config):
     step = dict(input_ids=torch.zeros(policy.shape, dtype=torch.long),
                 targets=torch.zeros(policy.shape, dtype=torch.long),
                 loss_mask=batch["mask"], reference_logps=batch["reference"])
-    loss, _ = train.preference_loss(lambda idx, targets: policy, step, cfg)
+    loss, _ = train.preference_loss(lambda idx, targets: policy, step, resolve_loss(cfg))
     return loss / batch["B"]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from machinery import compare
 import train
+from machinery.config import resolve_loss
 from conftest import UNTIMED, Died, die_at, make_batch, tiny
 from machinery.common import ConfigError, read_jsonl
 from loss import LOSSES, eos_padded, metric_granularity
@@ -42,7 +43,7 @@ def test_a_weighted_sum_is_each_term_summed_over_pairs_then_weighted():
     batch = make_batch(seed=40)
     step, model = step_batch(batch)
     cfg = train.Config(loss="dpo+hinge:adaptive:3+sft", loss_weights="1,0.25,0.5", beta=0.3)
-    loss, metrics = train.preference_loss(model, step, cfg)
+    loss, metrics = train.preference_loss(model, step, resolve_loss(cfg))
     six = six_of(batch)
     want = (LOSSES["dpo"](*six, beta=0.3)[0].sum()
             + 0.25 * LOSSES["hinge"](*six, beta=0.3, family="adaptive", size=3)[0].sum()
@@ -59,12 +60,13 @@ def test_a_batch_split_in_parts_sums_to_the_whole(loss, weights):
     batch = make_batch(seed=41)
     for extra in ({}, {"ld_alpha": 0.5, "use_weighting": True}):
         cfg = train.Config(loss=loss, loss_weights=weights, **extra)
-        whole = train.preference_loss(step_batch(batch)[1], step_batch(batch)[0], cfg)[0]
+        whole = train.preference_loss(step_batch(batch)[1], step_batch(batch)[0],
+                                      resolve_loss(cfg))[0]
         parts = 0.0
         for rows in (slice(0, 2), slice(2, 6)):
             part = {k: v[rows] for k, v in batch.items()}
             step, model = step_batch(part)
-            parts = parts + train.preference_loss(model, step, cfg)[0]
+            parts = parts + train.preference_loss(model, step, resolve_loss(cfg))[0]
         torch.testing.assert_close(whole, parts)
 
 
@@ -73,12 +75,12 @@ def test_the_default_loss_is_today_s_step_bit_for_bit():
     batch = make_batch(seed=42)
     step, model = step_batch(batch)
     cfg = train.Config()
-    loss, _ = train.preference_loss(model, step, cfg)
+    loss, _ = train.preference_loss(model, step, resolve_loss(cfg))
     want = LOSSES["adpo"](*six_of(batch), beta=cfg.beta, family=cfg.family, size=cfg.size)[0]
     assert torch.equal(loss, want.sum())
 
 
-def test_bco_pair_takes_its_shift_from_the_callers_running_mean():
+def test_bco_pair_takes_its_shift_from_the_running_mean_its_batch_carries():
     batch = make_batch(seed=43)
     step, model = step_batch(batch)
     cfg = train.Config(loss="bco_pair", beta=0.3)
@@ -86,11 +88,12 @@ def test_bco_pair_takes_its_shift_from_the_callers_running_mean():
     for chosen, rejected in ((0.0, 0.0), (0.3, -0.1), (0.5, 0.1)):
         mean.update({"rewards/chosen": chosen, "rewards/rejected": rejected})
     assert mean.value == pytest.approx((0.0 + 0.1 + 0.3) / 3) and mean.steps == 3
-    loss, metrics = train.preference_loss(model, step, cfg, reward_mean=mean)
+    loss, metrics = train.preference_loss(model, step | {"delta": mean.value}, resolve_loss(cfg))
     want = LOSSES["bco_pair"](*six_of(batch), beta=0.3, delta=mean.value)[0].sum()
     torch.testing.assert_close(loss, want)
     assert metrics["bco/delta"].item() == pytest.approx(6 * mean.value)  # summed over 6 pairs
-    assert not torch.allclose(loss, train.preference_loss(model, step, cfg)[0])  # δ = 0
+    at_zero = train.preference_loss(model, step | {"delta": 0.0}, resolve_loss(cfg))[0]
+    assert not torch.allclose(loss, at_zero)  # δ = 0
     again = train.RewardMean()
     again.load_state_dict(mean.state_dict())
     assert vars(again) == vars(mean)

@@ -14,6 +14,7 @@ import torch
 
 from machinery import plan
 import train
+from machinery.config import resolve_loss
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
 from conftest import ROOT, run_cli
@@ -25,7 +26,7 @@ QWEN = GPTConfig(model_type="qwen2", block_size=64, vocab_size=300, n_layer=3, n
 
 
 def losses(cfg):
-    return dict(sft=train.sft_loss, po=partial(train.preference_loss, cfg=cfg))
+    return dict(sft=train.sft_loss, po=partial(train.preference_loss, objective=resolve_loss(cfg)))
 
 
 def by_hand(config, mode, gpus):
@@ -75,7 +76,8 @@ def test_the_fake_trace_is_the_real_cpu_step():
     tracker = plan.PeakTracker()
     tracker.track_external(model, optimizer)
     with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = train.preference_loss(model.train(), plan.fake_batch(config, 4, 24), cfg)
+        loss, _ = train.preference_loss(model.train(), plan.fake_batch(config, 4, 24),
+                                        resolve_loss(cfg))
         loss.backward()
     real = tracker.bytes("peak")["Total"]
     # fake: the forward/backward peak plus the optimizer's states (allocated at the first step)
@@ -138,7 +140,7 @@ def test_the_plan_is_within_15_percent_of_a_real_gpu_step():
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = train.preference_loss(model.train(), batch, cfg)
+            loss, _ = train.preference_loss(model.train(), batch, resolve_loss(cfg))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import eval as evaluate
+from machinery import report
 import train
 from machinery.common import ConfigError, parse, progress_bar
 from conftest import ROOT, die_at, Died, tiny
@@ -313,11 +314,11 @@ def test_curves_have_labelled_axes_smoothed_curves_and_the_held_out_pairs(tmp_pa
              "val": {"rewards/accuracy": 0.7, "rewards/margin": 0.4}}
     write_json(tmp_path / "po" / "eval.json", {"metrics": {"accuracy": 0.5}, "pairs": pairs})
     drawn = []
-    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path: drawn.append((fig, path)))
-    evaluate.plot_curves(str(tmp_path))
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append((fig, path)))
+    report.plot_curves(str(tmp_path))
     [(fig, path)] = drawn
     assert path.endswith("curves.png") and len(fig.axes) == 4
-    for ax, (_, key, label) in zip(fig.axes, evaluate.CURVES):
+    for ax, (_, key, label) in zip(fig.axes, report.CURVES):
         assert ax.get_xlabel() == "step" and ax.get_ylabel() == label
         raw, smooth, *held = ax.get_lines()
         assert raw.get_alpha() < 0.5 and smooth.get_alpha() is None  # raw faint under smoothed
