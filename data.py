@@ -202,8 +202,11 @@ def _hub_math(name, split):
     return rows, columns, where
 
 def _example(question, solution, answer):
+    """steps: the solution's lines of reasoning (arith: its steps; GSM8K: its lines before the
+    final answer), the length axis of a report (eval.BREAKDOWNS)."""
+    steps = sum(1 for line in solution.splitlines() if line.strip() and not line.startswith("####"))
     return dict(question=question, prompt=format_prompt(question), response=" " + solution,
-                answer=answer)
+                answer=answer, steps=steps)
 
 # -----------------------------------------------------------------------------
 # the embedded "arith" task: short multi-step word problems in GSM8K's format, e.g.
@@ -393,7 +396,8 @@ def load_split(cfg, split, tok=None):
     the prompts are rendered through its chat template (chat_example)."""
     knobs = {}
     if cfg.task == "arith":
-        knobs = dict(steps=cfg.arith_steps, max_number=cfg.arith_max_number, ops=cfg.arith_ops)
+        steps = (cfg.arith_steps, max(cfg.arith_steps, cfg.arith_max_steps))  # (min, max)
+        knobs = dict(steps=steps, max_number=cfg.arith_max_number, ops=cfg.arith_ops)
     n = cfg.n_train if split == "train" else cfg.n_test
     examples = load_task(cfg.task, split, n=n or None, seed=cfg.task_seed, **knobs)
     if tok is not None and uses_chat(tok):

@@ -15,12 +15,14 @@ set that differs from the run's is said so. train.py calls the functions below, 
 and this script's numbers come from the same code.
 """
 import json
+import math
 import os
 import sys
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -111,12 +113,15 @@ def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, t
     return records
 
 
-BREAKDOWNS = ("subject", "level")  # what MATH's examples carry: accuracy per value as well
+# what examples carry beside their question, accuracy per value as well: MATH's subject and
+# level; the lines of reasoning of a worked solution (arith's steps, GSM8K's lines: data._example)
+BREAKDOWNS = ("subject", "level", "steps")
 
 
 def accuracy_of(records, maj_k=1):
     """{accuracy, correct, n} (+ maj@k) counted from graded records; with MATH's subjects and
-    levels, by_subject and by_level: {value: {accuracy, correct, n}}."""
+    levels or the solutions' steps, by_subject, by_level, by_steps: {value: {accuracy, correct,
+    n}}."""
     n = len(records)
     correct = sum(r["correct"] for r in records)
     metrics = {"accuracy": correct / max(n, 1), "correct": correct, "n": n,
@@ -128,19 +133,19 @@ def accuracy_of(records, maj_k=1):
         for r in records:
             if key in r:
                 groups.setdefault(r[key], []).append(r["correct"])
-        if groups:  # (in sorted order: levels 1..5, subjects alphabetically)
+        if groups:  # (in sorted order: levels 1..5, steps 1.., subjects alphabetically)
             metrics[f"by_{key}"] = {str(v): {"accuracy": sum(c) / len(c), "correct": sum(c),
                                              "n": len(c)} for v, c in sorted(groups.items())}
     return metrics
 
 
 def breakdown_table(tests):
-    """Per-subject and per-level accuracy of each model ({label: test metrics}) side by side,
-    '' when the task has none (only MATH's does)."""
+    """Accuracy per subject, level or steps of each model ({label: test metrics}) side by side,
+    '' when the task's questions do not differ in them (a task of 2-step problems alone)."""
     tables = []
     for key in BREAKDOWNS:
         found = [m[f"by_{key}"] for m in tests.values() if f"by_{key}" in m]
-        if not found:
+        if not found or len(found[0]) < 2:
             continue
         rows = [[value, found[0][value]["n"],
                  *(f"{100 * m[f'by_{key}'][value]['accuracy']:.1f}" for m in tests.values())]
@@ -262,22 +267,78 @@ def tracked(result):
 # paired statistics: two models scored on the same questions
 
 
-def bootstrap(correct, baseline=None, n_boot=2000, seed=0):
-    """Mean accuracy of `correct` (0/1 per question, (N,) or (seeds, N)) with a 95 % percentile
-    bootstrap CI, or, given `baseline` (same shape: the same questions, runs with the same seeds),
-    the mean and CI of the paired difference correct − baseline. Every bootstrap sample redraws
-    the questions, the same ones for both models (that is the pairing: the question-to-question
-    spread cancels), and, with several seeds, the seeds too. -> (mean, [lo, hi]) as fractions."""
+def paired(correct, baseline=None):
+    """(S, N) float64: 0/1 per run and question, or the paired differences correct − baseline
+    (the same questions, runs matched one to one). (N,) counts as one run."""
     x = np.atleast_2d(np.asarray(correct, dtype=np.float64))                  # (S, N)
     if baseline is not None:
         x = x - np.atleast_2d(np.asarray(baseline, dtype=np.float64))
+    return x
+
+
+def bootstrap_means(x, n_boot=2000, seed=0):
+    """(n_boot,) bootstrap replicates of the mean of x (S, N), at two levels: each replicate
+    redraws the S runs (seeds), then the N questions, and the same questions for every run (and,
+    for differences, for both models: that is the pairing, the question-to-question spread
+    cancels). Drawn as multinomial weights, 2000 replicates at a time (memory: 2000 × N)."""
     S, N = x.shape
     rng = np.random.default_rng(seed)
-    seeds = rng.multinomial(S, np.full(S, 1 / S), size=n_boot) / S            # (n_boot, S) weights
-    questions = rng.multinomial(N, np.full(N, 1 / N), size=n_boot) / N        # (n_boot, N) weights
-    means = ((seeds @ x) * questions).sum(-1)                                 # (n_boot,)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    means = []
+    for start in range(0, n_boot, 2000):
+        b = min(2000, n_boot - start)
+        seeds = rng.multinomial(S, np.full(S, 1 / S), size=b) / S             # (b, S) weights
+        questions = rng.multinomial(N, np.full(N, 1 / N), size=b) / N         # (b, N) weights
+        means.append(((seeds @ x) * questions).sum(-1))                       # (b,)
+    return np.concatenate(means)
+
+
+def bootstrap(correct, baseline=None, n_boot=2000, seed=0):
+    """Mean accuracy of `correct` (0/1 per question, (N,) or (runs, N)) with a 95 % percentile
+    bootstrap CI (bootstrap_means: runs, then questions), or, given `baseline` (same shape: the
+    same questions, runs matched one to one), the mean and CI of the paired difference
+    correct − baseline. -> (mean, [lo, hi]) as fractions."""
+    x = paired(correct, baseline)
+    lo, hi = np.percentile(bootstrap_means(x, n_boot, seed), [2.5, 97.5])
     return float(x.mean()), [float(lo), float(hi)]
+
+
+def bootstrap_p(correct, baseline, n_boot=10000, seed=0):
+    """Two-sided p-value of "no difference" from the bootstrap distribution of the paired mean
+    difference (the dual of the percentile CI): 2·min(share of replicates ≤ 0, share ≥ 0), with
+    the +1 of a Monte-Carlo p-value so that it is never 0 (its floor is 2/(n_boot + 1))."""
+    means = bootstrap_means(paired(correct, baseline), n_boot, seed)
+    tail = min((means <= 0).sum(), (means >= 0).sum())
+    return min(1.0, 2 * (tail + 1) / (n_boot + 1))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment (family-wise error rate) of k p-values, in their order: the
+    i-th smallest is multiplied by k − i + 1 (i from 1), and an adjusted p-value is never below
+    the one before it in that order. Significant at level α after correction: adjusted ≤ α."""
+    k = len(p_values)
+    adjusted = [0.0] * k
+    running = 0.0
+    for rank, i in enumerate(sorted(range(k), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (k - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detectable_effect(correct, baseline, alpha=0.05, power=0.8):
+    """The smallest true difference this design detects with probability `power` in a two-sided
+    test at level alpha: (z_{1−α/2} + z_power) · SE, SE the standard error of the pooled mean
+    difference. decision: with S >= 2 runs, SE² = max(s², σ²/N) / S, s² the variance of the runs'
+    mean differences (it holds the seed's spread and the questions' noise) and σ²/N its floor,
+    the questions' noise alone (σ²: the per-question variance of the difference, which the
+    discordant questions make); with one run SE² = σ²/N: the questions' noise only, a lower bound
+    when seeds matter. With few runs s² is itself uncertain (S − 1 degrees of freedom)."""
+    x = paired(correct, baseline)                                              # (S, N)
+    S, N = x.shape
+    within = x.var(axis=1).mean() / N                                          # σ²/N
+    between = x.mean(axis=1).var(ddof=1) if S > 1 else 0.0                     # s²
+    se = math.sqrt(max(between, within) / S)
+    z = NormalDist()
+    return (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) * se
 
 
 def correctness_of(folders):

@@ -52,17 +52,17 @@ from model import GPT, GPTConfig
 from machinery import tracking
 from machinery.checkpoint import (load_checkpoint, load_gpt, load_model, load_tokenizer,
                                   save_checkpoint)
-from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags,
-                              claim_run_folder, cli, file_digest, need, parse, peak_flops, print0,
-                              progress_bar, read_json, read_jsonl, read_run_file, seed_for, setup,
-                              write_json, write_jsonl)
-from machinery.compare import variant_label, variants
-from machinery.config import RUN_ONLY, Config, resolve_loss, settings_of, validate
-from machinery.inputs import moved_inputs, pin_run_inputs
+from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, changed_flags, cli,
+                              file_digest, need, parse, peak_flops, print0, progress_bar,
+                              read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
+                              write_jsonl)
+from machinery.compare import pipelines, variant_label, variants
+from machinery.config import Config, resolve_loss, settings_of, validate
+from machinery.inputs import open_run_folder
 from machinery.lora import apply_lora, lora_settings, lora_targets
 from machinery.parallel import load_state, place
 from machinery.plan import check_fits, print_plan
-from machinery.report import report_run
+from machinery.report import report_pipelines, report_run
 from machinery.tokenizer import get_tokenizer
 
 
@@ -682,7 +682,8 @@ def main(argv=None):
     cfg = parse(Config, sys.argv[1:] if argv is None else argv, presets=True)
     validate(cfg)
     check_loss_at_start(cfg)              # a loss out of float32's range already at step 0
-    plan, baseline = variants(cfg, check=check_loss_at_start)  # (label, config, folder) each
+    runs = pipelines(cfg)                 # this run, or one per --pipeline_seeds seed
+    plans = [variants(sub, check=check_loss_at_start) for sub in runs]  # [(label, cfg, folder)]
     # what plan.py traces
     losses = dict(sft=sft_loss, po=partial(preference_loss, objective=resolve_loss(cfg)))
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
@@ -692,26 +693,29 @@ def main(argv=None):
     need(not cfg.fsdp or (run.world > 1 and run.dtype != "float16"), "--fsdp true shards over "
          "torchrun's processes in bf16 or float32: torchrun --nproc_per_node=N (N >= 2) train.py")
     n_test = check_inputs(cfg)            # (a bad file fails before it claims the folder)
-    claim_run_folder(cfg.out_dir, dataclasses.asdict(cfg), RUN_ONLY + moved_inputs(cfg),
-                     defaults=dataclasses.asdict(Config()))  # new, or a resume
-    pin_run_inputs(cfg)                   # the same content as the run read before
-    tracking.start(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg))  # --report_to
+    open_run_folder(cfg)                  # new, or a resume; its inputs pinned; --report_to
     print0(f"device {run.device} | dtype {run.dtype} | world size {run.world} | task {cfg.task}: "
            f"{n_test} test questions | torch {torch.__version__}")
     print0(f"config: {changed_flags(cfg)} (the rest: defaults, see --help; "
            f"all of it: {os.path.join(cfg.out_dir, 'config.json')})")
     t0 = time.time()
-    stage_sft(cfg, run)                   # 1. SFT                    -> sft/
-    if cfg.stop_after != "sft":
-        stage_pairs(cfg, run)             # 2. on-policy pairs        -> pairs/
-    if cfg.stop_after == "po" and any(resolve_loss(v).uses(*WEIGHTED) for _, v, _ in plan):
-        stage_contrastive(cfg, run)       # 2b. cDPO's token weights   -> cdpo/
-    if cfg.stop_after == "po":
-        for _, variant, folder in plan:
-            stage_po(variant, run, folder)  # 3. preference stage     -> po/ or compare/<variant>/
-    if run.master:                        # 4. summary.json, tables, plots: read from the folders
-        report_run(cfg.out_dir, plan, baseline, run, wall_time_s=time.time() - t0,
-                   config=dataclasses.asdict(cfg))
+    for sub, (plan, baseline) in zip(runs, plans):
+        if sub is not cfg:
+            open_run_folder(sub)          # DIR/seed_<s>/: a run folder of its own
+        stage_sft(sub, run)               # 1. SFT                    -> sft/
+        if sub.stop_after != "sft":
+            stage_pairs(sub, run)         # 2. on-policy pairs        -> pairs/
+        if sub.stop_after == "po" and any(resolve_loss(v).uses(*WEIGHTED) for _, v, _ in plan):
+            stage_contrastive(sub, run)   # 2b. cDPO's token weights   -> cdpo/
+        if sub.stop_after == "po":
+            for _, variant, folder in plan:
+                stage_po(variant, run, folder)  # 3. preference stage -> po/ or compare/<variant>/
+        if run.master:                    # 4. summary.json, tables, plots: read from the folders
+            report_run(sub.out_dir, plan, baseline, run, wall_time_s=time.time() - t0,
+                       config=dataclasses.asdict(sub))
+    if cfg.pipeline_seeds and run.master:  # 4b. the seeds pooled: DIR/summary.json, compare.*
+        report_pipelines(cfg.out_dir, [(sub.out_dir, *plan) for sub, plan in zip(runs, plans)],
+                         run, wall_time_s=time.time() - t0, config=dataclasses.asdict(cfg))
     tracking.finish()
     barrier()
     return read_json(os.path.join(cfg.out_dir, "summary.json"))

@@ -1,9 +1,11 @@
 """
 The comparison harness (--compare): every variant x seed trained from the same SFT model and the
-same pairs, in Table 3's order, each in compare/<variant>_s<seed>/; the report (eval.report_run)
-pairs each variant with the baseline question by question.
+same pairs, in Table 3's order, each in compare/<variant>_s<seed>/; with --pipeline_seeds the
+whole pipeline once per seed, each in DIR/seed_<s>/. The report (report.report_run,
+report_pipelines) pairs each variant with the baseline question by question.
 
     python train.py --compare dpo,adpo:static:4,adpo:adaptive:256,ipo,hinge:adaptive:16 --seeds 0,1
+    python train.py --compare dpo,adpo --pipeline_seeds 0,1,2    # SFT and pairs vary too
 
 A variant is a --loss spec (terms joined by +, each NAME or NAME:FAMILY:SIZE, a weight in front
 where it is not 1: dpo+0.5sft), then @KEY=VALUE for the preference-stage settings it sets itself.
@@ -110,6 +112,33 @@ def table3_order(variant):
     return (group, rank, *fine, variant_label(variant))
 
 
+def seed_list(flag, text):
+    """--seeds / --pipeline_seeds '0,1,2' -> [0, 1, 2]; each seed once (one run counted as two
+    would narrow the CIs with a duplicate)."""
+    seeds = [convert(flag, int, s, text=True) for s in text.split(",") if s.strip()]
+    need(seeds, f"--{flag} {text!r}: expected comma-separated seeds (e.g. 0,1,2)")
+    twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    need(not twice, f"--{flag} {text!r}: seed {', '.join(map(str, twice))} named twice (one run as "
+                    f"two seeds would narrow the CIs with a duplicate)")
+    need(all(seed >= 0 for seed in seeds), f"--{flag} {text!r}: seeds must be >= 0")
+    return seeds
+
+
+def pipelines(cfg):
+    """The runs of the whole pipeline this command makes: cfg itself, or with --pipeline_seeds
+    one config per seed in DIR/seed_<s>/, a run folder of its own (`--seed S --out_dir
+    DIR/seed_S` names the same run), whose stages, its preference stage included, all use that
+    seed: its SFT model, its pairs and every --compare variant differ from the other seeds'."""
+    if not cfg.pipeline_seeds:
+        return [cfg]
+    need(cfg.seeds == Config.seeds, f"--seeds {cfg.seeds} with --pipeline_seeds "
+                                    f"{cfg.pipeline_seeds}: choose one (a pipeline seed seeds its "
+                                    f"preference stage too)")
+    return [dataclasses.replace(cfg, seed=seed, seeds=str(seed), pipeline_seeds="",
+                                out_dir=os.path.join(cfg.out_dir, f"seed_{seed}"))
+            for seed in seed_list("pipeline_seeds", cfg.pipeline_seeds)]
+
+
 def variants(cfg, check=None):
     """The preference runs: [(label, its Config, its folder)] and the baseline's label. Without
     --compare, the one run in po/; with it, every variant x seed, in Table 3's order, each in
@@ -117,12 +146,9 @@ def variants(cfg, check=None):
     if not cfg.compare:
         return [(variant_label(cfg), cfg, os.path.join(cfg.out_dir, "po"))], None
     specs = [s for s in cfg.compare.split(",") if s.strip()]
-    seeds = [convert("seeds", int, s, text=True) for s in cfg.seeds.split(",") if s.strip()]
-    need(specs and seeds, f"--compare {cfg.compare!r} --seeds {cfg.seeds!r}: expected "
-                          f"comma-separated variants (e.g. dpo,adpo:static:4) and seeds (e.g. 0,1)")
-    twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    need(not twice, f"--seeds {cfg.seeds!r}: seed {', '.join(map(str, twice))} named twice (one run "
-                    f"as two seeds would narrow the CIs with a duplicate)")
+    need(specs, f"--compare {cfg.compare!r}: expected comma-separated variants (e.g. "
+                f"dpo,adpo:static:4)")
+    seeds = seed_list("seeds", cfg.seeds)
     chosen = sorted(map(partial(parse_variant, cfg=cfg, check=check), specs), key=table3_order)
     labels = [variant_label(v, cfg) for v in chosen]
     twice = sorted({label for label in labels if labels.count(label) > 1})

@@ -33,6 +33,8 @@ class Settings:
     task: str = "arith"         # arith | gsm8k | a local file / hub id with question/answer columns
     task_seed: int = 0          # the embedded task's generator seed (fixed across --seed)
     arith_steps: int = 2        # arith difficulty: steps per problem, operand range, operations
+    arith_max_steps: int = 0    # with it, each problem has arith_steps..arith_max_steps steps
+                                # (0: arith_steps exactly): one task of short and long answers
     arith_max_number: int = 10
     arith_ops: str = "+-"
     n_train: int = 4000         # training questions (0 = all)
@@ -125,12 +127,15 @@ class Config(Settings):
                                 # and each stage's evaluation, also sent there (pip install it)
     # comparison harness (see the module docstring)
     compare: str = ""           # variants, e.g. dpo,adpo:static:4,adpo:adaptive:256,ipo,simpo
-    seeds: str = "0"            # every variant runs once per seed
+    seeds: str = "0"            # every variant runs once per seed (of the preference stage)
+    pipeline_seeds: str = ""    # e.g. 0,1,2: the whole pipeline (SFT, pairs, every variant) once
+                                # per seed, each in DIR/seed_<s>/, pooled in DIR/compare.md
     baseline: str = "dpo"       # the variant the others are compared with (paired, per question)
 
 
 # flags that may change between the runs of one folder: they change nothing a stage computes
-RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "baseline", "device", "log_every",
+RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "pipeline_seeds", "baseline", "device",
+            "log_every",
             "ckpt_every", "activation_checkpointing", "report_to", "plan", "plan_gpus",
             "gpu_gib")
 STAGES = ("sft", "pairs", "po")
@@ -160,6 +165,9 @@ def validate(cfg):
         need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
     for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs", "lora_alpha"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
+    need(cfg.arith_max_steps == 0 or cfg.arith_max_steps >= cfg.arith_steps,
+         f"--arith_max_steps {cfg.arith_max_steps}: expected 0 (off) or at least --arith_steps "
+         f"({cfg.arith_steps})")
     need(0 <= cfg.val_frac < 1, f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")

@@ -4,14 +4,19 @@ from and a pair file are recorded by the first run of a folder that reads them, 
 whose input holds other content is refused (moved, the same input; edited, not). eval.py says when
 it scores another test set than the run's.
 """
+import dataclasses
 import os
 
+from machinery import tracking
 from machinery.checkpoint import model_files
-from machinery.common import content_id, file_digest, pin_inputs, read_json, read_run_file
+from machinery.common import (claim_run_folder, content_id, file_digest, pin_inputs, read_json,
+                              read_run_file)
+from machinery.config import RUN_ONLY
 from machinery.tables import local_files
 
 # what of a config makes its test set
-TEST_SET = ("task", "task_seed", "arith_steps", "arith_max_number", "arith_ops", "n_test", "split")
+TEST_SET = ("task", "task_seed", "arith_steps", "arith_max_steps", "arith_max_number", "arith_ops",
+            "n_test", "split")
 
 PINNED = ("task", "init_from", "pairs_source")
 
@@ -86,3 +91,13 @@ def changed_pairs(cfg, folder):
     return "" if same else f"; --pairs {cfg.pairs} is NOT the file the run's pairs stage wrote"
 
 
+
+
+def open_run_folder(cfg):
+    """Claim cfg.out_dir for this config (a new folder, or the same config to resume it:
+    common.claim_run_folder), pin the inputs it reads, and start its tracker (--report_to)."""
+    config = dataclasses.asdict(cfg)
+    claim_run_folder(cfg.out_dir, config, RUN_ONLY + moved_inputs(cfg),
+                     defaults=dataclasses.asdict(type(cfg)()))
+    pin_run_inputs(cfg)
+    tracking.start(cfg.report_to, cfg.out_dir, config)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import train
 from machinery.tokenizer import get_tokenizer
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
@@ -37,7 +38,18 @@ def test_arith_deterministic_and_seeded():
     c = data.load_task("arith", "train", n=200, seed=1)
     assert a == b
     assert [e["question"] for e in a] != [e["question"] for e in c]
-    assert len(a) == 200 and set(a[0]) == {"question", "prompt", "response", "answer"}
+    assert len(a) == 200 and set(a[0]) == {"question", "prompt", "response", "answer", "steps"}
+
+
+def test_a_range_of_steps_mixes_short_and_long_problems_and_each_knows_its_length():
+    examples = data.load_task("arith", "test", n=300, seed=0, steps=(1, 6), max_number=10)
+    assert {e["steps"] for e in examples} == {1, 2, 3, 4, 5, 6}
+    for e in examples:  # a step is a line "a+b=c" of the worked solution
+        assert e["steps"] == e["response"].count("=")
+    cfg = train.Config(arith_steps=1, arith_max_steps=6, n_test=300)
+    assert data.load_split(cfg, "test") == examples
+    fixed = data.load_split(train.Config(n_test=300), "test")
+    assert {e["steps"] for e in fixed} == {2}  # the default: two steps each
 
 def test_arith_splits_disjoint_and_distinct():
     train = {e["question"] for e in data.load_task("arith", "train", n=3000, seed=0)}

@@ -75,7 +75,7 @@ def test_compare_stats_are_consistent(tmp_path):
     sft = stage(tmp_path / "sft", rng.integers(0, 2, 300).tolist())
     runs = {label: [stage(tmp_path / f"{label}_s{s}", rng.integers(0, 2, 300).tolist())
                     for s in range(2)] for label in ("DPO", "ADPO adaptive m=4")}
-    stats = report.compare_stats(runs, "DPO", sft)
+    stats = report.compare_stats(runs, "DPO", [sft, sft])
     assert stats["baseline"] == "DPO" and stats["n_test"] == 300
     base = stats["variants"]["DPO"]
     for label, v in stats["variants"].items():
@@ -84,7 +84,8 @@ def test_compare_stats_are_consistent(tmp_path):
         d = v["diff_vs_baseline"]
         assert d["mean"] == pytest.approx(mean - sum(base["accuracy"]) / 2)
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
-    assert base["diff_vs_baseline"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    same = base["diff_vs_baseline"]  # the baseline against itself: no difference at all
+    assert (same["mean"], same["ci95"], same["p"], same["detectable"]) == (0.0, [0.0, 0.0], 1.0, 0.0)
     table = report.report_comparison(str(tmp_path), stats)
     assert "(baseline)" in table and json.loads((tmp_path / "compare.json").read_text()) == stats
     assert (tmp_path / "compare.png").stat().st_size > 0
@@ -94,4 +95,4 @@ def test_runs_on_other_questions_cannot_be_paired(tmp_path):
     sft = stage(tmp_path / "sft", [1, 0, 1])
     other = stage(tmp_path / "other", [1, 0, 1], questions=["a", "b", "c"])
     with pytest.raises(ValueError, match="scored other test questions"):
-        report.compare_stats({"DPO": [other]}, "DPO", sft)
+        report.compare_stats({"DPO": [other]}, "DPO", [sft])

@@ -134,8 +134,8 @@ def test_chat_template_renders_like_apply_chat_template(tok_folder):
 def test_chat_prompts_and_masks_in_the_pipeline(tok_folder):
     style, folder = tok_folder
     tok = get_tokenizer(str(folder))
-    cfg = SimpleNamespace(task="arith", arith_steps=2, arith_max_number=10, arith_ops="+-",
-                          n_train=5, n_test=5, task_seed=0)
+    cfg = SimpleNamespace(task="arith", arith_steps=2, arith_max_steps=0, arith_max_number=10,
+                          arith_ops="+-", n_train=5, n_test=5, task_seed=0)
     plain = data.load_split(cfg, "train")
     chat = data.load_split(cfg, "train", tok)
     for p, c in zip(plain, chat):
