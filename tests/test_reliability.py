@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import data
 import eval as evaluate
+from machinery import report
 import train
 from machinery.common import read_jsonl
 from machinery.checkpoint import save_checkpoint
@@ -41,7 +42,7 @@ def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "plot_curves", lambda *a, **k: None)
+        mp.setattr(report, "plot_curves", lambda *a, **k: None)
         yield
     torch.set_num_threads(threads)
 
