@@ -690,18 +690,22 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
                                        (strictly)
     rewards/margin                     mean of chosen − rejected reward
     logps/chosen, logps/rejected       mean summed policy log-prob Σ_t log πθ(y_t)
+    logps/chosen_vs_ref                mean Σ_t ρ_t(y^w): how far the policy moved the preferred
+                                       response's log-likelihood from the reference's; below 0,
+                                       y^w became less likely (what dpop and spo act on)
+    logps/chosen_vs_ref_per_token      the same per token, mean (1/|y^w|) Σ_t ρ_t(y^w)
     segments/win_rate                  per pair, the fraction of its T' compared ADPO segments
                                        (family, size) where S^w > S^l; then the mean over pairs
 
     Every number is a mean over pairs, so that a batch split into parts (micro-batches, ranks)
     gives the same numbers as a whole: the means of the parts weighted by their pair counts.
     Ties count as wrong (strict >, as TRL counts them), so at step 0 (policy == reference, every
-    ρ is exactly 0) accuracy and win rate are 0, the margin is 0 and the loss is ln 2 (DPO) or
-    T'·ln 2 (ADPO) per pair: expected, not a bug. Observed in training: exactly so on a CPU in
-    float32 without dropout; under bf16/fp16 autocast, on a GPU or with dropout, the policy's
-    forward and the precomputed reference differ by float noise (margins ~1e-7), which tips some
-    ties either way: step 1 may log an accuracy of 0.1-0.25 with margins near 0. No tolerance is
-    applied (decision: the metric stays TRL's).
+    ρ is exactly 0) accuracy and win rate are 0, the margin and chosen_vs_ref are 0 and the loss
+    is ln 2 (DPO) or T'·ln 2 (ADPO) per pair: expected, not a bug. Observed in training: exactly
+    so on a CPU in float32 without dropout; under bf16/fp16 autocast, on a GPU or with dropout,
+    the policy's forward and the precomputed reference differ by float noise (margins ~1e-7),
+    which tips some ties either way: step 1 may log an accuracy of 0.1-0.25 with margins near 0.
+    No tolerance is applied (decision: the metric stays TRL's).
     """
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
@@ -709,6 +713,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
     rho_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask)      # (B, T)
     rho_l = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask)
     chosen, rejected = beta * rho_w.sum(-1), beta * rho_l.sum(-1)                        # (B,)
+    length_w = chosen_mask.sum(-1).clamp(min=1)                                          # (B,)
     S_w, S_l, valid = _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask, family, size)
     return {
         "rewards/chosen": chosen.mean(),
@@ -718,6 +723,8 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
         "logps/chosen": torch.where(chosen_mask, _float(policy_chosen_logps), 0.0).sum(-1).mean(),
         "logps/rejected":
             torch.where(rejected_mask, _float(policy_rejected_logps), 0.0).sum(-1).mean(),
+        "logps/chosen_vs_ref": rho_w.sum(-1).mean(),
+        "logps/chosen_vs_ref_per_token": (rho_w.sum(-1) / length_w).mean(),
         "segments/win_rate": (((S_w > S_l) & valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean(),
     }
 
