@@ -1,7 +1,8 @@
 """
 Preference losses: DPO and Autoregressive DPO (ADPO), their token-weighted forms cDPO and cADPO,
 and the DPO family a researcher compares them with (IPO, SimPO and TRL's loss types), each of the
-pairwise ones at every granularity.
+pairwise ones at every granularity; and two that keep the preferred answer likely, DPO-Positive
+and a term for any loss after Stable Preference Optimization (reconstructed: spo_loss says how).
 
 Read this file next to "Autoregressive Direct Preference Optimization" (Oi, Ukai, Kaneko, Okazaki,
 Inoue, ICML 2026, arXiv 2602.09533). The whole paper, as code, is one move: DPO sums the log-ratios
@@ -472,6 +473,27 @@ def discopop_loss(h_w, h_l, beta=0.1, discopop_tau=0.05):
     return logistic + torch.exp(F.logsigmoid(x / discopop_tau) - x)
 
 
+@pairwise
+def dpop_loss(h_w, h_l, beta=0.1, dpop_lambda=50.0):
+    """DPO-Positive (Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation
+    with DPO-Positive", arXiv 2402.13228, Eq. 3 with the brackets of its July 2024 revision): DPO
+    whose margin loses λ times how much less likely the policy makes the preferred response than
+    the reference did,
+
+        ℓ = − log σ( β [ h^w − h^l − λ · max(0, −h^w) ] ),      λ = dpop_lambda ≥ 0
+
+    max(0, −h^w) = max(0, log πref(y^w)/πθ(y^w)) is 0 while the policy keeps y^w at least as
+    likely as the reference, so DPOP is DPO there; λ = 0 is DPO everywhere. λ = 50, the paper's
+    (as its implementers quote it); its authors later found results insensitive to λ in [5, 500].
+    decision: at a granularity the penalty is per segment, max(0, −S^w(i)) inside segment i's
+    log-sigmoid: each segment of y^w is kept from falling below the reference. The paper's
+    failure is local (after the one token where a low-edit-distance pair differs, the preferred
+    tokens lose probability), and the sum of the whole response can hide it.
+    """
+    _require(dpop_lambda >= 0, f"dpop: dpop_lambda must be >= 0, got {dpop_lambda!r}")
+    return -F.logsigmoid(beta * (h_w - h_l - dpop_lambda * F.relu(-h_w)))
+
+
 def simpo_loss(policy_chosen_logps, policy_rejected_logps,
                reference_chosen_logps, reference_rejected_logps,
                chosen_mask, rejected_mask, beta=2.0, gamma=0.5):
@@ -569,6 +591,37 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps,
                               chosen_mask, rejected_mask))
 
 
+def spo_loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps,
+             chosen_mask, rejected_mask, beta=0.1):
+    """Stable Preference Optimization's penalty as a term of any loss (Jian, Yang, Ouyang, Ye
+    2025, arXiv 2507.07723): simpo+spo, adpo+spo, dpo+spo, and dpo+2spo in --compare.
+    RECONSTRUCTED from the paper's abstract and structure: its own equation is in no text we
+    have. The NLL of the preferred response in excess of the reference's, where there is any:
+
+        L = max(0, NLL_θ(y^w) − NLL_ref(y^w)) = max(0, −Σ_t ρ_t(y^w))
+
+    The bilevel problem puts preference optimisation above and SFT below; the SFT model (the
+    reference) solves the lower level, so its value-function penalty λ·[L_SFT(θ) − min L_SFT]
+    is, per pair, this excess. 0 with a zero gradient while the policy keeps y^w at least as
+    likely as the reference; below it, a push of λ however large the margin. λ is the term's
+    weight (--loss_weights; dpo+2spo is λ = 2): the one way a term is scaled.
+    decision: the NLL summed over tokens, log πθ(y^w), the abstract's "absolute probability",
+    not a per-token mean: the same zero set, but every token of a fallen y^w is pushed with λ,
+    on the scale of DPO's β·σ(·), where the mean's push would shrink as 1/|y^w|.
+    If the paper's regulariser differs (a mean, a margin, a square, the penalty inside the
+    log-sigmoid as in dpop_loss), this function changes; the term and its weight stay.
+    No granularity. β only scales the logged rewards β Σ_t ρ_t.
+    """
+    _validate(beta, policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps, chosen_mask, rejected_mask)
+    h_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask).sum(-1)  # (B,)
+    losses = F.relu(-h_w)  # (relu's gradient at 0 is 0: none while y^w is as likely as before)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps,
+                              chosen_mask, rejected_mask))
+
+
 # -----------------------------------------------------------------------------
 # length desensitisation and pair weights: the caller applies them around any loss
 
@@ -621,7 +674,7 @@ def chosen_nll(policy_chosen_logps, chosen_mask):
 
     The SFT term train.py adds with weight λ: DPO-style losses can push the chosen log-prob down
     as long as the margin grows; this term keeps the preferred output's absolute probability rising
-    (the simplest form of "stable preference optimisation", Jian et al. 2025, arXiv 2507.07723).
+    (always, where spo_loss and dpop_loss act only once it falls below the reference's).
     """
     return -_mean_logps(policy_chosen_logps, chosen_mask, "chosen_nll", "chosen_mask")
 
@@ -637,18 +690,22 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
                                        (strictly)
     rewards/margin                     mean of chosen − rejected reward
     logps/chosen, logps/rejected       mean summed policy log-prob Σ_t log πθ(y_t)
+    logps/chosen_vs_ref                mean Σ_t ρ_t(y^w): how far the policy moved the preferred
+                                       response's log-likelihood from the reference's; below 0,
+                                       y^w became less likely (what dpop and spo act on)
+    logps/chosen_vs_ref_per_token      the same per token, mean (1/|y^w|) Σ_t ρ_t(y^w)
     segments/win_rate                  per pair, the fraction of its T' compared ADPO segments
                                        (family, size) where S^w > S^l; then the mean over pairs
 
     Every number is a mean over pairs, so that a batch split into parts (micro-batches, ranks)
     gives the same numbers as a whole: the means of the parts weighted by their pair counts.
     Ties count as wrong (strict >, as TRL counts them), so at step 0 (policy == reference, every
-    ρ is exactly 0) accuracy and win rate are 0, the margin is 0 and the loss is ln 2 (DPO) or
-    T'·ln 2 (ADPO) per pair: expected, not a bug. Observed in training: exactly so on a CPU in
-    float32 without dropout; under bf16/fp16 autocast, on a GPU or with dropout, the policy's
-    forward and the precomputed reference differ by float noise (margins ~1e-7), which tips some
-    ties either way: step 1 may log an accuracy of 0.1-0.25 with margins near 0. No tolerance is
-    applied (decision: the metric stays TRL's).
+    ρ is exactly 0) accuracy and win rate are 0, the margin and chosen_vs_ref are 0 and the loss
+    is ln 2 (DPO) or T'·ln 2 (ADPO) per pair: expected, not a bug. Observed in training: exactly
+    so on a CPU in float32 without dropout; under bf16/fp16 autocast, on a GPU or with dropout,
+    the policy's forward and the precomputed reference differ by float noise (margins ~1e-7),
+    which tips some ties either way: step 1 may log an accuracy of 0.1-0.25 with margins near 0.
+    No tolerance is applied (decision: the metric stays TRL's).
     """
     _validate(beta, policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
@@ -656,6 +713,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
     rho_w = _log_ratios(policy_chosen_logps, reference_chosen_logps, chosen_mask)      # (B, T)
     rho_l = _log_ratios(policy_rejected_logps, reference_rejected_logps, rejected_mask)
     chosen, rejected = beta * rho_w.sum(-1), beta * rho_l.sum(-1)                        # (B,)
+    length_w = chosen_mask.sum(-1).clamp(min=1)                                          # (B,)
     S_w, S_l, valid = _segment_sums(rho_w, rho_l, chosen_mask, rejected_mask, family, size)
     return {
         "rewards/chosen": chosen.mean(),
@@ -665,6 +723,8 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps,
         "logps/chosen": torch.where(chosen_mask, _float(policy_chosen_logps), 0.0).sum(-1).mean(),
         "logps/rejected":
             torch.where(rejected_mask, _float(policy_rejected_logps), 0.0).sum(-1).mean(),
+        "logps/chosen_vs_ref": rho_w.sum(-1).mean(),
+        "logps/chosen_vs_ref_per_token": (rho_w.sum(-1) / length_w).mean(),
         "segments/win_rate": (((S_w > S_l) & valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean(),
     }
 
@@ -676,7 +736,9 @@ LOSSES = {"dpo": dpo_loss, "adpo": adpo_loss, "ipo": ipo_loss, "simpo": simpo_lo
           "hinge": hinge_loss, "robust": robust_loss, "exo_pair": exo_pair_loss,
           "nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
           "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "discopop": discopop_loss,
-          "sigmoid_norm": sigmoid_norm_loss, "sft": sft_loss}
+          "sigmoid_norm": sigmoid_norm_loss, "sft": sft_loss,
+          # keeping the preferred answer likely: DPO-Positive, and SPO's penalty as a term
+          "dpop": dpop_loss, "spo": spo_loss}
 # the losses that take cDPO's contrastive token weights (train.py computes them first)
 WEIGHTED = ("cdpo", "cadpo")
 # the losses whose name alone takes --family/--size: ADPO's segments
@@ -689,6 +751,7 @@ NO_GRANULARITY = {
     "sigmoid_norm": "length-averaged, not a function of the summed log-ratios",
     "bco_pair": "its shift δ is a running mean of whole-response rewards",
     "sft": "the chosen response's NLL compares nothing",
+    "spo": "a penalty on the chosen response's whole NLL, the bilevel problem's SFT level",
 }
 # the losses of the policy's log-probs alone: LD-DPO's desensitisation leaves them as they are
 REFERENCE_FREE = ("simpo", "sft")

@@ -22,11 +22,11 @@ from machinery.config import Config, resolve_loss, validate
 
 # the settings a --compare variant may set for itself (robust@label_smoothing=0.1): only the
 # preference stage reads them
-PO_KEYS = ("beta", "gamma", "label_smoothing", "discopop_tau", "ld_alpha", "use_weighting",
-           "nll_weight", "segment_mean", "eos_pad", "po_epochs", "po_lr")
+PO_KEYS = ("beta", "gamma", "label_smoothing", "discopop_tau", "dpop_lambda", "ld_alpha",
+           "use_weighting", "nll_weight", "segment_mean", "eos_pad", "po_epochs", "po_lr")
 # how the tables name the losses (the others by their TRL names: hinge, robust, ...)
 NAMES = {"dpo": "DPO", "adpo": "ADPO", "ipo": "IPO", "simpo": "SimPO", "cdpo": "cDPO",
-         "cadpo": "cADPO", "sft": "SFT"}
+         "cadpo": "cADPO", "sft": "SFT", "dpop": "DPOP", "spo": "SPO"}
 
 
 def variant_terms(cfg):

@@ -106,6 +106,7 @@ class Config(Settings):
     loss_weights: str = ""      # one weight per term of --loss, e.g. 1,0.5 for dpo+sft ("" = 1s)
     label_smoothing: float = 0.0  # robust: the rate ε of flipped labels; exo_pair: its ε (> 0)
     discopop_tau: float = 0.05  # DiscoPOP's τ
+    dpop_lambda: float = 50.0   # DPO-Positive's λ (Smaug, arXiv 2402.13228; 0 = DPO)
     ld_alpha: float = 1.0       # LD-DPO's α on the tokens past the shorter response (1 = off)
     use_weighting: bool = False  # WPO's pair weights on every term of the loss
     po_epochs: float = 2.0
@@ -214,6 +215,7 @@ def validate_loss(cfg):
     need("exo_pair" not in names or cfg.label_smoothing > 0,
          "--loss exo_pair needs --label_smoothing > 0 (EXO's ε; its paper uses 1e-3)")
     need(cfg.discopop_tau > 0, f"--discopop_tau must be > 0, got {cfg.discopop_tau}")
+    need(cfg.dpop_lambda >= 0, f"--dpop_lambda must be >= 0, got {cfg.dpop_lambda}")
     need(0 <= cfg.ld_alpha <= 1, f"--ld_alpha must be in [0, 1], got {cfg.ld_alpha}")
 
 

@@ -364,6 +364,8 @@ def test_metrics_by_hand():
     m = preference_metrics(**small_example(), beta=0.5, family="static", size=1)
     expected = {"rewards/chosen": 0.0, "rewards/rejected": -0.0625, "rewards/accuracy": 0.5,
                 "rewards/margin": 0.0625, "logps/chosen": -3.5, "logps/rejected": -2.5,
+                # Σ_t ρ_t(y^w): (1, -1), per token (.5, -.5)
+                "logps/chosen_vs_ref": 0.0, "logps/chosen_vs_ref_per_token": 0.0,
                 # token level: pair 0 (.5 > 0, .5 > -.5, 0 > 0) -> 2 of 3;
                 #              pair 1 (-1 > .25, 0 > 0) -> 0 of 2; mean over the pairs
                 "segments/win_rate": (2 / 3 + 0 / 2) / 2}
