@@ -165,6 +165,8 @@ def compare_stats(runs, baseline, sft_folders, scope="preference"):
         variants[label]["vs_sft"] = dict(zip(("mean", "ci95"), bootstrap(correct, sft)))
         val = [(stage_report(f).get("pairs") or {}).get("val", {}) for f in folders]
         variants[label]["val_reward_accuracy"] = [v.get("rewards/accuracy") for v in val]
+        # how the preferred responses' log-likelihood moved from the reference's (held out)
+        variants[label]["val_chosen_vs_ref"] = [v.get("logps/chosen_vs_ref") for v in val]
         if lengths:
             variants[label]["by_length"] = {
                 str(v): paired_stats(correct[:, ix], base[:, ix])
@@ -208,20 +210,22 @@ def comparison_table(stats):
     rows = []
     if "SFT" not in stats["variants"]:  # (without --compare the SFT model is the baseline)
         rows.append(["SFT (reference)", "-", percent(stats["sft"]["accuracy"],
-                                                     stats["sft"]["ci95"]), "-", "-", "-", "-"])
+                                                     stats["sft"]["ci95"]), *["-"] * 5])
     for label, v in stats["variants"].items():
         mean = sum(v["accuracy"]) / len(v["accuracy"])
         diff = v["diff_vs_baseline"]
         val = [a for a in v["val_reward_accuracy"] if a is not None]
+        drift = [d for d in v.get("val_chosen_vs_ref", []) if d is not None]
         rows.append([label, " / ".join(f"{100 * a:.1f}" for a in v["accuracy"]),
                      percent(mean, v["ci95"]),
                      "(baseline)" if label == base else percent(diff["mean"], diff["ci95"], "+"),
                      "-" if label == base else f"{diff['p_holm']:.3f}",
                      "-" if diff["spread"] is None else f"{100 * diff['spread']:.1f}",
-                     f"{100 * sum(val) / len(val):.1f}" if val else "-"])
+                     f"{100 * sum(val) / len(val):.1f}" if val else "-",
+                     f"{sum(drift) / len(drift):+.2f}" if drift else "-"])
     header = ["method", "accuracy % per run", "mean accuracy % [95% CI]",
               f"vs {base}, points [paired 95% CI]", "p (Holm)", "spread between runs, points",
-              "held-out reward acc. %"]
+              "held-out reward acc. %", "held-out log πθ(y_w) − log πref(y_w)"]
     return markdown_table(header, rows) + "\n\n" + comparison_notes(stats)
 
 
@@ -236,14 +240,15 @@ def comparison_notes(stats):
              f"{stats['runs']} run(s) per variant: {SCOPES[stats['scope']]}."]
     if k:
         detectable = max(d["detectable"] for d in others.values())
+        seen = (f"{100 * detectable:.1f} points: a null result here rules out differences of "
+                f"that size, not smaller ones" if detectable else
+                "not estimable: no question was answered differently")
         lines.append(
             f"{k} comparison(s) with {base} at 95 %: {0.05 * k:.2f} false alarm(s) expected by "
             f"chance alone; after Holm's correction (family-wise 5 %) "
             + (f"{len(found)} differ: {', '.join(found)}" if found else "none differs")
             + f". Detectable effect (80 % power, 5 % two-sided, from the observed per-question "
-              f"discordance and the spread between runs; the largest of the variants'): "
-              f"{100 * detectable:.1f} points: a null result here rules out differences of that "
-              f"size, not smaller ones.")
+              f"discordance and the spread between runs; the largest of the variants'): {seen}.")
     return "\n".join(lines)
 
 
