@@ -632,7 +632,7 @@ def stage_po(cfg, run, out):
         print0(f"[{os.path.relpath(out, cfg.out_dir)}] {len(rows)} train pairs, {len(val_rows)} "
                f"val pairs ({stats}) | {variant_label(cfg)}, beta {cfg.beta} | at step 0 the "
                f"policy is the reference: loss T'·ln2 per pair (DPO/ADPO), margins and reward "
-               f"accuracy 0, up to float noise (docs/losses.md#step-0)")
+               f"accuracy 0, up to float noise (loss.preference_metrics says why)")
         steps = math.ceil(cfg.po_epochs * math.ceil(len(rows) / cfg.po_batch_size))
         order = BatchOrder(rows, cfg.po_batch_size, steps, seed_for(cfg.seed, "po"))
         weights = None
