@@ -29,8 +29,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from machinery.common import (ROOT, ConfigError, all_gather, atomic_write, barrier, changed_flags, cli,
                     content_id, file_digest, markdown_table, need, parse, pin_inputs, print0,
-                    progress_bar, read_json, read_jsonl, read_run_file, setup, write_json,
-                    write_jsonl)
+                    process_rank, progress_bar, read_json, read_jsonl, read_run_file, setup,
+                    write_json, write_jsonl)
 from machinery.checkpoint import load_gpt, load_model, load_settings, load_tokenizer, model_files
 from machinery.config import Settings
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
@@ -606,7 +606,7 @@ def moved_inputs(cfg):
     """The PINNED flags whose value is not the run's config.json's but names the content the run
     pinned: the same input at another path (a moved model folder), which may differ. (Rank 0
     claims the folder: the other ranks need not hash a thing.)"""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if process_rank() != 0:
         return ()
     try:
         saved = read_json(os.path.join(cfg.out_dir, "config.json"))
@@ -621,7 +621,7 @@ def pin_run_inputs(cfg):
     """Pin (common.pin_inputs) the inputs of a train.py run: each is recorded by the first run of
     the folder, and checked while the run reads it: the task always, the source model until SFT
     is done, the pair source until the pairs are (neither is read after that)."""
-    if int(os.environ.get("RANK", 0)) != 0:  # rank 0 checks and records: only it hashes
+    if process_rank() != 0:  # rank 0 checks and records: only it hashes
         return pin_inputs(cfg.out_dir, {})
     sft_done = os.path.exists(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
     pairs_done = os.path.exists(os.path.join(cfg.out_dir, "pairs", "stats.json"))

@@ -18,7 +18,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from machinery.common import atomic_write, read_json, write_json
+from machinery.common import atomic_write, process_rank, read_json, write_json
 from machinery.hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, tokenizer_files, weight_files)
 from machinery.lora import apply_lora, lora_settings
@@ -55,7 +55,7 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
         if getattr(tok, "files", None):
             extra["tokenizer_files"] = tok.files  # {file name: bytes}
     weights, optim = full_state(model, optimizer)  # (a collective for a sharded model)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if process_rank() != 0:
         return
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}

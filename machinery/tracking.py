@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 
-from machinery.common import ConfigError
+from machinery.common import ConfigError, process_rank
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 PROJECT = "nanoADPO"
@@ -34,7 +34,7 @@ def start(report_to, out_dir, config):
     """Open the tracker of a run (rank 0; a no-op for --report_to none)."""
     global _tracker
     finish()
-    if report_to == "none" or int(os.environ.get("RANK", 0)) != 0:
+    if report_to == "none" or process_rank() != 0:
         return
     trackers = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
     if report_to not in trackers:
