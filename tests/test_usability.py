@@ -77,6 +77,31 @@ def test_a_typo_in_a_preset_gets_the_close_matches(tmp_path):
                                           r"did you mean 'beta'\?"):
         parse(train.Config, ["--preset", str(tmp_path / "p.json")], presets=True)
 
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("beta", "0", "--beta must be > 0, got 0.0"),
+    ("size", "0", "--size (k or m) must be >= 1, got 0"),
+    ("family", "diagonal", "--family must be static or adaptive, got 'diagonal'"),
+    ("loss", "nope", "--loss 'nope': expected one of"),
+    ("loss", "dpo+0.5sft", "--loss 'dpo+0.5sft': give the weights with --loss_weights"),
+    ("tokenizer", "bpe", "--tokenizer 'bpe': expected auto, byte or gpt2"),
+    ("chat_template", "yes", "--chat_template 'yes': expected auto or none"),
+    ("max_len", "0", "--max_len must be >= 1, got 0"),
+    ("maj_k", "0", "--maj_k must be >= 1, got 0"),
+    ("n_test", "-1", "--n_test must be >= 0, got -1"),
+    ("seed", "-1", "--seed must be >= 0, got -1"),
+    ("task", " ", "--task is empty (expected e.g. 'arith')"),
+])
+def test_train_and_eval_refuse_a_bad_setting_alike(flag, value, message):
+    """The settings a model is scored with are checked by one function for both scripts."""
+    messages = []
+    for script, cls, extra in ((train, train.Config, []), (evaluate, evaluate.EvalConfig,
+                                                          ["--ckpt", "x.pt"])):
+        with pytest.raises(ConfigError) as e:
+            script.validate(parse(cls, [f"--{flag}", value, *extra]))
+        messages.append(str(e.value))
+    assert message in messages[0] and messages[0] == messages[1], messages
+
 # -----------------------------------------------------------------------------
 # progress
 
