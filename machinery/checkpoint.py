@@ -22,15 +22,9 @@ from machinery.common import atomic_write, process_rank, read_json, write_json
 from machinery.hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, tokenizer_files, weight_files)
 from machinery.lora import apply_lora, lora_settings
-from model import GPT, GPTConfig
+from model import GPT, LLAMA_FIELDS, GPTConfig
 from machinery.parallel import full_state
 from machinery.tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
-
-# GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
-# the defaults
-LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
-                "rope_scaling", "tie_embeddings", "layer_types", "sliding_window",
-                "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
 
 # -----------------------------------------------------------------------------
 # our checkpoints: one file, written atomically
@@ -69,8 +63,9 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
 
 
 def _config_dict(config):
-    """The config as a checkpoint stores it: the fields the Llama family added only where they
-    differ from their defaults, so a GPT-2 checkpoint is exactly what it was before them."""
+    """The config as a checkpoint stores it: the fields the Llama family added (LLAMA_FIELDS) only
+    where they differ from their defaults, so a GPT-2 checkpoint is exactly what it was before
+    them."""
     defaults = {f.name: f.default for f in fields(GPTConfig)}
     return {k: v for k, v in asdict(config).items()
             if k not in LLAMA_FIELDS or v != defaults[k]}
