@@ -6,6 +6,7 @@ import json
 import os
 import runpy
 import sys
+import types
 
 import pytest
 
@@ -160,6 +161,55 @@ def test_report_to_names_its_missing_package(monkeypatch):
     with pytest.raises(ConfigError, match=r"--report_to wandb: wandb is not installed \(pip "
                                           r"install wandb\), or use --report_to none"):
         tracking.start("wandb", "unused", {})
+
+
+class FakeTracker(types.ModuleType):
+    """A stand-in for wandb or trackio that records what it is asked (init returns it as the
+    run: the module's functions and the run's methods are one record)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def define_metric(self, *args, **kwargs):
+        self.calls.append(("define_metric", args, kwargs))
+
+    def log(self, metrics):
+        self.calls.append(("log", metrics))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.mark.parametrize("package", ["wandb", "trackio"])
+def test_wandb_and_trackio_get_each_stages_numbers_and_resume_the_folders_run(
+        package, tmp_path, monkeypatch):
+    from machinery import tracking
+    fake = FakeTracker(package)
+    monkeypatch.setitem(sys.modules, package, fake)
+    (tmp_path / "config.json").write_text('{"beta": 0.5}')
+    tracking.start(package, str(tmp_path), {"beta": 0.5})
+    tracking.log("sft", 1, {"loss": 2, "step": 1, "note": "text", "done": True})
+    tracking.log("sft", 2, {"loss": 1.5})
+    tracking.log("po", 1, {"loss": 3})
+    tracking.finish()
+    run_id = tracking.run_id(str(tmp_path))
+    init = dict(project="nanoADPO", config={"beta": 0.5}, resume="allow")
+    if package == "wandb":  # the folder's id resumes the run; each stage against its own step
+        init.update(name=tmp_path.name, id=run_id, dir=str(tmp_path))
+        sft, po = [[("define_metric", (f"{s}/*",), {"step_metric": f"{s}/step"})]
+                   for s in ("sft", "po")]
+    else:  # trackio resumes a run by its name
+        init.update(name=run_id)
+        sft, po = [], []
+    assert fake.calls == [("init", init), *sft,
+                          ("log", {"sft/step": 1, "sft/loss": 2.0}),
+                          ("log", {"sft/step": 2, "sft/loss": 1.5}), *po,
+                          ("log", {"po/step": 1, "po/loss": 3.0}), ("finish",)]
 
 # -----------------------------------------------------------------------------
 # chat-format pair files, and special tokens a model samples
