@@ -26,6 +26,7 @@ from machinery.hf import TOKENIZER_FILES, hub_download, is_gpt2, is_hub_id  # th
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TOKENIZERS = ("gpt2", "byte")
 
+
 def get_tokenizer(name="gpt2", chat_template="auto"):
     """'gpt2': GPT-2's BPE (50257 tokens). 'byte': one token per UTF-8 byte + <|endoftext|>=256
     (257 tokens), so every digit is its own token and digit-level arithmetic is learnable.
@@ -48,6 +49,7 @@ def get_tokenizer(name="gpt2", chat_template="auto"):
                      f"(choices: {', '.join(repr(t) for t in TOKENIZERS)}, "
                      f"or a Hugging Face folder or hub id with a tokenizer.json)")
 
+
 def has_hf_tokenizer(source):
     """Whether a model source brings its own Hugging Face tokenizer: a folder with a tokenizer.json,
     or a hub id, other than a GPT-2's (GPT-2 keeps tiktoken's "gpt2" encoding)."""
@@ -56,6 +58,7 @@ def has_hf_tokenizer(source):
         gpt2 = os.path.isfile(config) and read_json(config).get("model_type", "gpt2") == "gpt2"
         return os.path.isfile(os.path.join(source, "tokenizer.json")) and not gpt2
     return is_hub_id(source) and not is_gpt2(source)
+
 
 def _byte_decoder():
     """GPT-2's byte <-> unicode table, reversed: byte-level BPE writes every byte as a printable
@@ -68,7 +71,9 @@ def _byte_decoder():
     table.update({chr(256 + n): b for n, b in enumerate(others)})
     return table
 
+
 BYTE_DECODER = _byte_decoder()
+
 
 class HFTokenizer:
     """A Hugging Face checkpoint's tokenizer.json, run by the `tokenizers` library (what
@@ -207,6 +212,7 @@ class HFTokenizer:
                              f"use --chat_template none")
         return self._special_tokens[max(ends, key=len)]
 
+
 def _bos_ids(spec):
     """The special tokens tokenizer.json's post-processor puts before a text (Llama-3: BOS)."""
     post = spec.get("post_processor") or {}
@@ -219,6 +225,7 @@ def _bos_ids(spec):
                     return ids
                 ids += step["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
     return []
+
 
 def _token_configs(folder):
     """bos_token, eos_token, pad_token... as text, from tokenizer_config.json and
@@ -236,6 +243,7 @@ def _token_configs(folder):
                     out[k] = v["content"] if isinstance(v, dict) else v
     return out
 
+
 def _chat_template_source(folder):
     """The chat template where transformers saves it: chat_template.jinja, chat_template.json,
     or tokenizer_config.json (a string, or a list of named templates: 'default'); else None."""
@@ -251,6 +259,7 @@ def _chat_template_source(folder):
         if template:
             return template
     return None
+
 
 def _compile_template(source, path):
     """A chat template compiled the way transformers does: a sandbox, trim_blocks, lstrip_blocks,
@@ -270,12 +279,14 @@ def _compile_template(source, path):
     except jinja2.TemplateError as e:
         raise ValueError(f"{path}: the chat template does not compile: {e}") from None
 
+
 def encode_prompt(tok, prompt):
     """A prompt's token ids. gpt2 / byte: plain text. A Hugging Face tokenizer: its BOS in front
     (Llama-3 has one) and the special tokens a chat template wrote as their ids."""
     if isinstance(tok, HFTokenizer):
         return tok.encode_prompt(prompt)
     return tok.encode_ordinary(prompt)
+
 
 def encode_response(tok, text):
     """A response's token ids, by the rule prompts follow (encode_prompt) less the BOS: with a
@@ -288,9 +299,8 @@ def encode_response(tok, text):
         return tok.encode(text, allowed_special="all")
     return tok.encode_ordinary(text)
 
+
 def uses_chat(tok):
     """Whether prompts go through a chat template (a Hugging Face tokenizer that has one, and
     --chat_template auto)."""
     return isinstance(tok, HFTokenizer) and tok.chat_template is not None
-
-# a number: optional sign and $, digits with thousands commas, optional decimals. Not preceded by a
