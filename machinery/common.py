@@ -35,6 +35,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -539,38 +540,44 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-_LOCKS = {}  # run folder -> the open lock file this process holds (released when it exits)
+_LOCKS = {}  # run folder -> the FileLock this process holds (released when it exits)
 
 
 def lock_run_folder(out_dir):
-    """One process (one torchrun job) per run folder: a second is refused. flock locks die with
-    their process, so a killed run never leaves the folder locked."""
+    """One process (one torchrun job) per run folder: a second is refused, with the pid of the
+    first. The lock is filelock's flock on DIR/.lock, which dies with its process, so a killed
+    run never leaves the folder locked; the pid is kept beside it, in DIR/.lock.pid (filelock may
+    truncate DIR/.lock each time a process tries it)."""
     if process_rank() != 0 or os.path.realpath(out_dir) in _LOCKS:
         return
-    import fcntl  # POSIX
+    lock = FileLock(os.path.join(out_dir, ".lock"))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
+        lock.acquire(timeout=0)
+        with open(os.path.join(out_dir, ".lock.pid"), "w") as f:
+            f.write(str(os.getpid()))
+    except Timeout:  # (a TimeoutError: an OSError, so caught first)
+        raise ConfigError(f"{out_dir} is in use by another run (pid {_lock_owner(out_dir)}): "
+                          f"wait for it to end, or use another --out_dir") from None
     except OSError as e:  # e.g. a read-only folder
+        lock.release()  # (a no-op if it was not taken)
         raise OSError(f"{out_dir}: cannot write in this run folder ({e.strerror or e}); a "
                       f"run writes its files there: use another --out_dir, or make it "
                       f"writable") from None
+    _LOCKS[os.path.realpath(out_dir)] = lock
+
+
+def _lock_owner(out_dir):
+    """The pid in DIR/.lock.pid, or '?' where it cannot be read."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise ConfigError(f"{out_dir} is in use by another run (pid {owner}): wait for it to "
-                          f"end, or use another --out_dir") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    _LOCKS[os.path.realpath(out_dir)] = f
+        with open(os.path.join(out_dir, ".lock.pid")) as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"
 
 
 # what a run folder may hold before a stage has computed anything
-NOT_COMPUTED = (".lock", "config.json", "inputs.json", "tensorboard", "wandb")
+NOT_COMPUTED = (".lock", ".lock.pid", "config.json", "inputs.json", "tensorboard", "wandb")
 
 
 def claim_run_folder(out_dir, config, free=(), defaults=None):

@@ -176,6 +176,20 @@ def test_a_run_folder_belongs_to_one_config(tmp_path, capsys):
         common.claim_run_folder(str(tmp_path / "file"), {})
 
 
+def test_every_process_refused_a_locked_folder_is_told_its_owner(tmp_path):
+    """The owner's pid survives the tries of the refused processes (filelock may truncate the
+    lock file itself on each try)."""
+    out = str(tmp_path / "run")
+    common.lock_run_folder(out)
+    code = f"from machinery import common; common.cli(lambda: common.lock_run_folder({out!r}))"
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=common.ROOT, timeout=120)
+        assert p.returncode == 1 and p.stderr == (f"error: {out} is in use by another run (pid "
+                                                  f"{os.getpid()}): wait for it to end, or use "
+                                                  f"another --out_dir\n"), p.stderr
+    common.lock_run_folder(out)  # this process holds it already: no error
+
 def test_cli_turns_bad_input_into_one_line(capsys):
     def main():
         raise ValueError("data.jsonl row 3: field 'chosen' is empty\n  (expected a string)")

@@ -333,7 +333,8 @@ def test_a_failed_init_from_leaves_nothing_that_blocks_a_retry(tmp_path, monkeyp
     out = tmp_path / "run"
     with pytest.raises(ConnectionError, match="cannot be reached"):
         train.main(tiny(out, init_from="gpt2", stop_after="sft"))
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "inputs.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".lock.pid", "config.json",
+                                                     "inputs.json"]
     summary = train.main(tiny(out, stop_after="sft", sft_steps=1, n_test=2))
     assert summary["config"]["init_from"] == "scratch" and summary["sft"]["test"]["n"] == 2
     said = capsys.readouterr().out
