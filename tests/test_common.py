@@ -89,7 +89,7 @@ def test_setup_on_cpu():
 
 @pytest.mark.slow
 def test_seeds_are_pure_functions_of_their_parts():
-    code = "import common; print(common.seed_for(1337, 'po', 12, 1))"
+    code = "from machinery import common; print(common.seed_for(1337, 'po', 12, 1))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                            env=dict(os.environ, PYTHONHASHSEED=h)).stdout for h in ("1", "2")}

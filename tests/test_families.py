@@ -330,7 +330,8 @@ def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tm
     sft, po = (load_checkpoint(out / s / "ckpt.pt")["model"] for s in ("sft", "po"))
     assert max((po[k] - sft[k]).abs().max().item() for k in po) > 1e-3  # it trained
     export = tmp_path / "hf"
-    code = f"from checkpoint import export; export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})"
+    code = (f"from machinery.checkpoint import export; "
+            f"export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120, env=env)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     assert type(hf) is transformers.Gemma3ForCausalLM
