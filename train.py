@@ -58,7 +58,6 @@ from loss import (LOSSES, REFERENCE_FREE, WEIGHTED, chosen_nll, contrastive_weig
 from machinery.lora import apply_lora, lora_settings, lora_targets
 from model import GPT, GPTConfig
 from machinery.parallel import load_state, place
-from machinery.plan import check_fits, print_plan
 from machinery.tokenizer import get_tokenizer
 from machinery import tracking
 
@@ -680,6 +679,7 @@ def main(argv=None):
     check_loss_at_start(cfg)              # a loss out of float32's range already at step 0
     plan, baseline = variants(cfg, check=check_loss_at_start)  # (label, config, folder) each
     losses = dict(sft=sft_loss, po=partial(preference_loss, cfg=cfg))  # what plan.py traces
+    from machinery.plan import check_fits, print_plan  # (not at the top: ~1 s of torch imports)
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
         return print_plan(cfg, losses)
     check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here
