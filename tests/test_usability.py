@@ -5,6 +5,7 @@ lm-evaluation-harness task file."""
 import json
 import os
 import runpy
+import subprocess
 import sys
 import types
 
@@ -34,6 +35,15 @@ def test_every_script_has_a_help(script, capsys, monkeypatch):
         text = script_help(script, flag, capsys, monkeypatch)
         assert text.startswith(f"usage: {os.path.basename(script)}") and "--device" in text, text
 
+
+def test_importing_the_scripts_leaves_fsdp_and_the_memory_planner_out():
+    """They are imported where a model is sharded or a plan is made: a run without them does
+    not wait for them (torch's compiler stack comes with them)."""
+    code = ("import sys, train, eval; print(sorted(m for m in ('torch.distributed.fsdp', "
+            "'torch.distributed.checkpoint', 'machinery.plan') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout == "[]\n", p.stdout + p.stderr[-2000:]
 
 def test_help_is_the_config_its_comments_and_its_sections(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
