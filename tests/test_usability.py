@@ -234,6 +234,7 @@ CONVERSATION = dict(
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
     """A tiny Qwen2.5-style tokenizer folder with its chat template (and transformers' view)."""
+    pytest.importorskip("transformers")  # (tiny_hf saves the tokenizer with it)
     from tiny_hf import train_tokenizer
     folder = tmp_path_factory.mktemp("qwen_tok")
     return folder, train_tokenizer("qwen2.5", folder)
