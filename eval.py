@@ -30,13 +30,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
-from loss import eos_padded, metric_granularity, parse_loss, preference_metrics
+from loss import eos_padded, metric_granularity, preference_metrics
 from machinery import tracking
 from machinery.checkpoint import load_gpt, load_model, load_settings, load_tokenizer
 from machinery.common import (ROOT, ConfigError, all_gather, atomic_write, barrier, changed_flags,
                               cli, markdown_table, need, parse, print0, progress_bar, read_json,
                               read_jsonl, read_run_file, setup, write_json, write_jsonl)
-from machinery.config import Settings
+from machinery.config import Settings, validate_settings
 from machinery.inputs import changed_inputs, changed_pairs
 from machinery.parallel import place
 from machinery.tokenizer import encode_prompt
@@ -389,16 +389,7 @@ def run_folder(ckpt):
 
 def validate(cfg):
     need(cfg.ckpt, "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)")
-    for k in ("eval_batch_size", "maj_k", "max_new_tokens", "size", "max_len"):
-        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
-    need(cfg.n_test >= 0, f"--n_test must be >= 0, got {cfg.n_test}")
-    need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
-    try:
-        parse_loss(cfg.loss)
-    except ValueError as e:
-        raise ConfigError(f"--loss {cfg.loss!r}: {e}") from None
-    need(cfg.family in ("static", "adaptive"),
-         f"--family must be static or adaptive, got {cfg.family!r}")
+    validate_settings(cfg)
 
 
 LM_EVAL_GRADER = """# the grader of nanoADPO (data.is_correct), as lm-evaluation-harness calls it

@@ -61,7 +61,6 @@ from machinery.config import Config, resolve_loss, settings_of, validate
 from machinery.inputs import open_run_folder
 from machinery.lora import apply_lora, lora_settings, lora_targets
 from machinery.parallel import load_state, place
-from machinery.plan import check_fits, print_plan
 from machinery.report import report_pipelines, report_run
 from machinery.tokenizer import get_tokenizer
 
@@ -686,6 +685,7 @@ def main(argv=None):
     plans = [variants(sub, check=check_loss_at_start) for sub in runs]  # [(label, cfg, folder)]
     # what plan.py traces
     losses = dict(sft=sft_loss, po=partial(preference_loss, objective=resolve_loss(cfg)))
+    from machinery.plan import check_fits, print_plan  # (not at the top: ~1 s of torch imports)
     if cfg.plan:                          # memory per stage and GPU, from config.json; no work
         return print_plan(cfg, losses)
     check_fits(cfg, losses)               # on a GPU: a plan that does not fit fails here

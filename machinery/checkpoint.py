@@ -18,19 +18,13 @@ from dataclasses import asdict, fields
 
 import torch
 
-from machinery.common import atomic_write, read_json, write_json
+from machinery.common import atomic_write, process_rank, read_json, write_json
 from machinery.hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, tokenizer_files, weight_files)
 from machinery.lora import apply_lora, lora_settings
-from model import GPT, GPTConfig
+from model import GPT, LLAMA_FIELDS, GPTConfig
 from machinery.parallel import full_state
 from machinery.tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
-
-# GPTConfig fields added with the Llama family and Gemma-3: stored only where they differ from
-# the defaults
-LLAMA_FIELDS = ("model_type", "n_kv_head", "head_dim", "n_inner", "norm_eps", "rope_theta",
-                "rope_scaling", "tie_embeddings", "layer_types", "sliding_window",
-                "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
 
 # -----------------------------------------------------------------------------
 # our checkpoints: one file, written atomically
@@ -55,7 +49,7 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
         if getattr(tok, "files", None):
             extra["tokenizer_files"] = tok.files  # {file name: bytes}
     weights, optim = full_state(model, optimizer)  # (a collective for a sharded model)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if process_rank() != 0:
         return
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
@@ -69,8 +63,9 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
 
 
 def _config_dict(config):
-    """The config as a checkpoint stores it: the fields the Llama family added only where they
-    differ from their defaults, so a GPT-2 checkpoint is exactly what it was before them."""
+    """The config as a checkpoint stores it: the fields the Llama family added (LLAMA_FIELDS) only
+    where they differ from their defaults, so a GPT-2 checkpoint is exactly what it was before
+    them."""
     defaults = {f.name: f.default for f in fields(GPTConfig)}
     return {k: v for k, v in asdict(config).items()
             if k not in LLAMA_FIELDS or v != defaults[k]}

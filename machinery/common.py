@@ -3,6 +3,7 @@ Plumbing shared by train.py, eval.py and bench.py, so that each of them does the
 
     parse(Config, argv)      presets/NAME.json, then --key value flags, into a dataclass
     setup(device, dtype)     device, mixed precision, the DDP process group -> Run
+    process_rank()           this process's rank under torchrun (0 alone): rank 0 writes the files
     peak_flops(device)       the GPU's dense bf16 peak, for MFU
     seed_for(...)            random draws as functions of (seed, stage, step, rank): no RNG state
     atomic_write(path, ...)  every file a run writes appears whole or not at all
@@ -34,6 +35,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -236,9 +238,14 @@ class Run:
         return self.rank == 0
 
 
+def process_rank():
+    """This process's rank under torchrun (0 in a single process): the one place it is read.
+    Rank 0 prints and writes the files; it is known before setup() joins the process group."""
+    return int(os.environ.get("RANK", 0))
+
+
 def setup(device="auto", dtype="auto"):
     """Pick the device and precision, and join the process group under torchrun."""
-    rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
          f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
@@ -266,7 +273,7 @@ def setup(device="auto", dtype="auto"):
     ctx = nullcontext()
     if dtype != "float32":
         ctx = torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return Run(device, device_type, dtype, ctx, rank, world)
+    return Run(device, device_type, dtype, ctx, process_rank(), world)
 
 
 # dense bf16 tensor-core peak FLOP/s by GPU name, for MFU: the datasheets' figures without 2:4
@@ -297,7 +304,7 @@ def peak_flops(device=None):
 
 def print0(*args, **kwargs):
     """print on rank 0 only (the others compute the same story), above any progress bar."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if process_rank() == 0:
         with tqdm.external_write_mode(file=kwargs.get("file", sys.stdout)):
             print(*args, **kwargs, flush=True)
 
@@ -533,38 +540,44 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-_LOCKS = {}  # run folder -> the open lock file this process holds (released when it exits)
+_LOCKS = {}  # run folder -> the FileLock this process holds (released when it exits)
 
 
 def lock_run_folder(out_dir):
-    """One process (one torchrun job) per run folder: a second is refused. flock locks die with
-    their process, so a killed run never leaves the folder locked."""
-    if int(os.environ.get("RANK", 0)) != 0 or os.path.realpath(out_dir) in _LOCKS:
+    """One process (one torchrun job) per run folder: a second is refused, with the pid of the
+    first. The lock is filelock's flock on DIR/.lock, which dies with its process, so a killed
+    run never leaves the folder locked; the pid is kept beside it, in DIR/.lock.pid (filelock may
+    truncate DIR/.lock each time a process tries it)."""
+    if process_rank() != 0 or os.path.realpath(out_dir) in _LOCKS:
         return
-    import fcntl  # POSIX
+    lock = FileLock(os.path.join(out_dir, ".lock"))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
+        lock.acquire(timeout=0)
+        with open(os.path.join(out_dir, ".lock.pid"), "w") as f:
+            f.write(str(os.getpid()))
+    except Timeout:  # (a TimeoutError: an OSError, so caught first)
+        raise ConfigError(f"{out_dir} is in use by another run (pid {_lock_owner(out_dir)}): "
+                          f"wait for it to end, or use another --out_dir") from None
     except OSError as e:  # e.g. a read-only folder
+        lock.release()  # (a no-op if it was not taken)
         raise OSError(f"{out_dir}: cannot write in this run folder ({e.strerror or e}); a "
                       f"run writes its files there: use another --out_dir, or make it "
                       f"writable") from None
+    _LOCKS[os.path.realpath(out_dir)] = lock
+
+
+def _lock_owner(out_dir):
+    """The pid in DIR/.lock.pid, or '?' where it cannot be read."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise ConfigError(f"{out_dir} is in use by another run (pid {owner}): wait for it to "
-                          f"end, or use another --out_dir") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    _LOCKS[os.path.realpath(out_dir)] = f
+        with open(os.path.join(out_dir, ".lock.pid")) as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"
 
 
 # what a run folder may hold before a stage has computed anything
-NOT_COMPUTED = (".lock", "config.json", "inputs.json", "tensorboard", "wandb")
+NOT_COMPUTED = (".lock", ".lock.pid", "config.json", "inputs.json", "tensorboard", "wandb")
 
 
 def claim_run_folder(out_dir, config, free=(), defaults=None):
@@ -575,7 +588,7 @@ def claim_run_folder(out_dir, config, free=(), defaults=None):
     nothing while it keeps its default). A folder whose run stopped before it computed anything
     (a model that failed to load, a bad task file) holds nothing to resume: a new config takes
     it. Rank 0 checks and writes; the other ranks wait for it."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if process_rank() == 0:
         need(not os.path.isfile(out_dir),
              f"--out_dir {out_dir} is a file (expected a run folder, new or to resume)")
         lock_run_folder(out_dir)
@@ -606,7 +619,7 @@ def pin_inputs(out_dir, inputs):
     work (the same content at another path is fine). inputs: {flag: (its value, its content_id,
     or None where there is nothing to check now)}. Rank 0 checks and writes; the others wait."""
     path = os.path.join(out_dir, "inputs.json")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if process_rank() == 0:
         pinned = read_run_file(path) if os.path.exists(path) else {}
         for flag, (value, now) in inputs.items():
             then = pinned.get(flag)
@@ -666,7 +679,7 @@ def cli(main):
             print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # exit at once: torch's threads may not survive the usual teardown
-        if int(os.environ.get("RANK", 0)) == 0:  # (a terminal's Ctrl-C reaches every process)
+        if process_rank() == 0:  # (a terminal's Ctrl-C reaches every process)
             print("\ninterrupted: what was saved is intact; the same command resumes the run",
                   file=sys.stderr, flush=True)
         os._exit(130)

@@ -142,27 +142,47 @@ RUN_ONLY = ("out_dir", "stop_after", "compare", "seeds", "pipeline_seeds", "base
 STAGES = ("sft", "pairs", "po")
 
 
-def validate(cfg):
-    """One line naming the flag for every value the run cannot use; checked before any work."""
-    validate_loss(cfg)
+def validate_settings(cfg):
+    """The Settings (train.py's Config and eval.py's EvalConfig alike): one line naming the flag
+    for every value a model cannot be trained or scored with; checked before any work."""
+    need(not re.search(r"(^|\+)\s*[\d.]", cfg.loss),  # 0.5sft: --compare's spelling
+         f"--loss {cfg.loss!r}: give the weights with --loss_weights "
+         f"(e.g. --loss dpo+sft --loss_weights 1,0.5)")
+    try:
+        parse_loss(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"--loss {cfg.loss!r}: {e} (add yours to LOSSES in loss.py)") from None
     need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
     need(cfg.size >= 1, f"--size (k or m) must be >= 1, got {cfg.size}")
     need(cfg.family in ("static", "adaptive"),
          f"--family must be static or adaptive, got {cfg.family!r}")
-    need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
     need(cfg.tokenizer in ("auto", "byte", "gpt2"),
          f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
     need(cfg.chat_template in ("auto", "none"),
          f"--chat_template {cfg.chat_template!r}: expected auto or none")
+    for k in ("eval_batch_size", "max_new_tokens", "max_len", "maj_k"):
+        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("n_train", "n_test", "seed", "task_seed"):
+        need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("task", "arith_ops"):
+        need(getattr(cfg, k).strip() != "",
+             f"--{k} is empty (expected e.g. {getattr(Settings, k)!r})")
+
+
+def validate(cfg):
+    """Config: its Settings (validate_settings), then the flags of training, each a one-line
+    error naming the flag; checked before any work."""
+    validate_settings(cfg)
+    validate_loss(cfg)
+    need(cfg.stop_after in STAGES, f"--stop_after must be one of {STAGES}, got {cfg.stop_after!r}")
     need(cfg.report_to in tracking.REPORT_TO,
          f"--report_to {cfg.report_to!r}: expected one of {', '.join(tracking.REPORT_TO)}")
     for k in ("sft_batch_size", "po_batch_size", "cdpo_batch_size", "cdpo_steps", "grad_accum",
-              "eval_batch_size", "n_samples", "plan_gpus",
-              "max_new_tokens", "max_len", "log_every", "ckpt_every", "maj_k", "n_layer", "n_head",
+              "n_samples", "plan_gpus", "log_every", "ckpt_every", "n_layer", "n_head",
               "n_embd", "block_size"):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("sft_steps", "n_train", "n_test", "n_pair_questions", "top_k", "seed", "task_seed",
-              "weight_decay", "grad_clip", "nll_weight", "lora_rank", "gpu_gib"):
+    for k in ("sft_steps", "n_pair_questions", "top_k", "weight_decay", "grad_clip",
+              "nll_weight", "lora_rank", "gpu_gib"):
         need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
     for k in ("sft_lr", "po_lr", "cdpo_lr", "temperature", "po_epochs", "lora_alpha"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
@@ -180,7 +200,7 @@ def validate(cfg):
              for b in (cfg.sft_batch_size, cfg.po_batch_size, cfg.cdpo_batch_size)),
          f"--grad_accum ({cfg.grad_accum}) must divide --sft_batch_size ({cfg.sft_batch_size}), "
          f"--po_batch_size ({cfg.po_batch_size}) and --cdpo_batch_size ({cfg.cdpo_batch_size})")
-    for k in ("out_dir", "init_from", "task", "pairs_source", "arith_ops"):
+    for k in ("out_dir", "init_from", "pairs_source"):
         need(getattr(cfg, k).strip() != "",
              f"--{k} is empty (expected e.g. {getattr(Config, k)!r})")
     need(cfg.pairs_source != "offline" or cfg.task == "arith",
@@ -194,15 +214,9 @@ def validate(cfg):
 
 
 def validate_loss(cfg):
-    """--loss (a spec: terms joined by +, each NAME or NAME:FAMILY:SIZE), its weights and the
-    hyperparameters of its terms, each a one-line error naming the flag."""
-    need(not re.search(r"(^|\+)\s*[\d.]", cfg.loss),  # 0.5sft: --compare's spelling
-         f"--loss {cfg.loss!r}: give the weights with --loss_weights "
-         f"(e.g. --loss dpo+sft --loss_weights 1,0.5)")
-    try:
-        terms = parse_loss(cfg.loss)
-    except ValueError as e:
-        raise ConfigError(f"--loss {cfg.loss!r}: {e} (add yours to LOSSES in loss.py)") from None
+    """The weights of --loss's terms (--loss itself: validate_settings) and the hyperparameters
+    of its terms, each a one-line error naming the flag."""
+    terms = parse_loss(cfg.loss)
     weights = [w.strip() for w in cfg.loss_weights.split(",")] if cfg.loss_weights else []
     need(not weights or len(weights) == len(terms),
          f"--loss_weights {cfg.loss_weights!r}: {len(weights)} weights for the {len(terms)} "

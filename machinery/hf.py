@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import tempfile
+from functools import partial
 
 import torch
 
@@ -130,11 +131,7 @@ def config_kwargs(folder):
         return _gemma3_config(cfg, config_path)
     if cfg.get("model_type") in ARCHITECTURES and cfg["model_type"] != "gpt2":
         return _llama_config(cfg, config_path)
-
-    def refuse(key, expected):
-        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
-                         f"by this GPT-2 (expected {expected})")
-
+    refuse = partial(_refuse, config_path, cfg, "GPT-2")
     if cfg.get("model_type", "gpt2") != "gpt2":
         refuse("model_type", f"one of {', '.join(ARCHITECTURES)}")
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
@@ -162,6 +159,12 @@ def config_kwargs(folder):
                 dropout=0.0, bias=True)
 
 
+def _refuse(config_path, cfg, model, key, expected):
+    """config.json's `key` is a value `model` would compute differently: one line naming both."""
+    raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
+                     f"by this {model} (expected {expected})")
+
+
 def _count(value):
     """A size read as what it is: an int >= 1 (JSON's true is no 1, 0 heads no model)."""
     return type(value) is int and value >= 1
@@ -178,10 +181,7 @@ LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 def _llama_config(cfg, config_path):
     """GPTConfig's keyword arguments from a Llama / Qwen2 / Qwen3 config.json in either layout:
     the hub's (rope_theta, rope_scaling at the top level) or transformers 5's (rope_parameters)."""
-    def refuse(key, expected):
-        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
-                         f"by this {cfg['model_type']} model (expected {expected})")
-
+    refuse = partial(_refuse, config_path, cfg, f"{cfg['model_type']} model")
     _check_shape(cfg, refuse)
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "'silu' (SwiGLU)")
@@ -252,11 +252,8 @@ def _gemma3_config(cfg, config_path):
     either layout: the hub's (rope_theta and rope_scaling for the global layers,
     rope_local_base_freq for the local ones, layer_types or the older sliding_window_pattern:
     every n-th layer global) or transformers 5's (rope_parameters per kind of layer)."""
-    def refuse(key, expected):
-        raise ValueError(f"{config_path}: {key}={cfg.get(key)!r} cannot be represented "
-                         f"by this gemma3_text model (expected {expected})")
-
-    cfg = {**GEMMA3_DEFAULTS, **cfg}
+    cfg = {**GEMMA3_DEFAULTS, **cfg}  # (a refused key shows the value the model would use)
+    refuse = partial(_refuse, config_path, cfg, "gemma3_text model")
     _check_shape(cfg, refuse)
     if cfg["hidden_activation"] != "gelu_pytorch_tanh":
         refuse("hidden_activation", "'gelu_pytorch_tanh' (GeGLU with the tanh GELU)")

@@ -9,8 +9,8 @@ import os
 
 from machinery import tracking
 from machinery.checkpoint import model_files
-from machinery.common import (claim_run_folder, content_id, file_digest, pin_inputs, read_json,
-                              read_run_file)
+from machinery.common import (claim_run_folder, content_id, file_digest, pin_inputs,
+                              process_rank, read_json, read_run_file)
 from machinery.config import RUN_ONLY
 from machinery.tables import local_files
 
@@ -42,7 +42,7 @@ def moved_inputs(cfg):
     """The PINNED flags whose value is not the run's config.json's but names the content the run
     pinned: the same input at another path (a moved model folder), which may differ. (Rank 0
     claims the folder: the other ranks need not hash a thing.)"""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if process_rank() != 0:
         return ()
     try:
         saved = read_json(os.path.join(cfg.out_dir, "config.json"))
@@ -57,7 +57,7 @@ def pin_run_inputs(cfg):
     """Pin (common.pin_inputs) the inputs of a train.py run: each is recorded by the first run of
     the folder, and checked while the run reads it: the task always, the source model until SFT
     is done, the pair source until the pairs are (neither is read after that)."""
-    if int(os.environ.get("RANK", 0)) != 0:  # rank 0 checks and records: only it hashes
+    if process_rank() != 0:  # rank 0 checks and records: only it hashes
         return pin_inputs(cfg.out_dir, {})
     sft_done = os.path.exists(os.path.join(cfg.out_dir, "sft", "ckpt.pt"))
     pairs_done = os.path.exists(os.path.join(cfg.out_dir, "pairs", "stats.json"))

@@ -15,14 +15,14 @@ What sharding changes, each handled where it happens:
     ranks sample different prompts for different numbers of       place(whole=True): every unit
     steps, but each gather is a collective all ranks must join    gathered once, none after
     state dicts of DTensors                                       full_state(), load_state()
+
+torch.distributed.fsdp and torch.distributed.checkpoint are imported where a model is sharded
+(about a second: they pull in torch's compiler stack), so that a run without --fsdp never pays
+for them.
 """
+import sys
+
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
-                                    register_fsdp_forward_method)
 
 from machinery.lora import lora_settings
 
@@ -45,6 +45,8 @@ def place(model, run, fsdp=False, whole=False):
         model.requires_grad_(False)
     if not fsdp:
         return model.to(run.device)
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     policy = MixedPrecisionPolicy()  # CPU (gloo) or float32: everything in float32
     if run.device_type == "cuda" and run.dtype != "float32":
         policy = MixedPrecisionPolicy(param_dtype=getattr(torch, run.dtype),
@@ -60,13 +62,15 @@ def place(model, run, fsdp=False, whole=False):
 
 def keep_gathered(model):
     """Every FSDP unit of `model` gathered now and never resharded after a forward."""
+    from torch.distributed.fsdp import FSDPModule
     for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
 
 
 def is_sharded(model):
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported yet: nothing is sharded)
+    return fsdp is not None and isinstance(getattr(model, "_orig_mod", model), fsdp.FSDPModule)
 
 
 def full_state(model, optimizer=None):
@@ -77,6 +81,9 @@ def full_state(model, optimizer=None):
     distributed format), that of any other by index (torch.optim's): a run folder is resumed
     with the --fsdp it began with (the flag is part of its config)."""
     if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict,
+                                                             get_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True,
                                    ignore_frozen_params=True)
         weights = get_model_state_dict(model, options=options)
@@ -94,6 +101,9 @@ def load_state(model, optimizer, weights, optim):
     LoRA `weights` are the adapters: every one must be there, the base is left as it is."""
     lora = lora_settings(model) is not None
     if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, strict=not lora)
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(model, optimizer, optim, options=options)

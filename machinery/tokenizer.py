@@ -4,11 +4,11 @@ eot_token) whatever backs it.
 
     get_tokenizer("byte")     one token per UTF-8 byte + <|endoftext|> (257): digits are tokens
     get_tokenizer("gpt2")     GPT-2's BPE (50257), tiktoken's own
-    get_tokenizer(folder)     a Hugging Face checkpoint's tokenizer.json with its chat template:
-                              byte-level BPE (Llama-3.x, Qwen2.5, Qwen3) as a tiktoken Encoding,
-                              where that conversion is exact; the others (Gemma-3's SentencePiece-
-                              style BPE with byte fallback, DeepSeek's several split rules) run by
-                              the `tokenizers` library itself behind the same interface
+    get_tokenizer(folder)     a Hugging Face checkpoint's tokenizer.json with its chat template,
+                              run by the `tokenizers` library (Hugging Face's own: its ids for
+                              every kind, byte-level BPE as Llama-3.x's and Qwen's, Gemma-3's
+                              SentencePiece-style BPE with byte fallback, DeepSeek's several
+                              split rules) behind the same interface
 
 A chat template is rendered the way transformers renders it (a Jinja sandbox), and the token that
 closes an assistant turn becomes the EOS every response ends with.
@@ -17,7 +17,6 @@ closes an assistant turn becomes the EOS every response ends with.
 import json
 import os
 import re
-import unicodedata
 
 import tiktoken
 
@@ -27,11 +26,12 @@ from machinery.hf import TOKENIZER_FILES, hub_download, is_gpt2, is_hub_id  # th
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TOKENIZERS = ("gpt2", "byte")
 
+
 def get_tokenizer(name="gpt2", chat_template="auto"):
     """'gpt2': GPT-2's BPE (50257 tokens). 'byte': one token per UTF-8 byte + <|endoftext|>=256
     (257 tokens), so every digit is its own token and digit-level arithmetic is learnable.
-    A Hugging Face folder or hub id (Llama-3.x, Qwen2.5, Qwen3...): its tokenizer.json as an
-    HFTokenizer (below); chat_template: auto (use the checkpoint's, if it has one) | none."""
+    A Hugging Face folder or hub id (Llama-3.x, Qwen2.5, Qwen3, Gemma-3...): its tokenizer.json
+    as an HFTokenizer (below); chat_template: auto (use the checkpoint's, if it has one) | none."""
     if name == "gpt2":
         return tiktoken.get_encoding("gpt2")
     if name == "byte":
@@ -41,21 +41,14 @@ def get_tokenizer(name="gpt2", chat_template="auto"):
     if chat_template not in ("auto", "none"):
         raise ValueError(f"chat_template must be 'auto' or 'none', got {chat_template!r}")
     if os.path.isdir(name):
-        return _hf_tokenizer(name, os.path.abspath(name), chat_template)
+        return HFTokenizer(name, os.path.abspath(name), chat_template)
     if is_hub_id(name):
         folder = hub_download(name, ("config.json", *TOKENIZER_FILES))
-        return _hf_tokenizer(folder, name, chat_template)
+        return HFTokenizer(folder, name, chat_template)
     raise ValueError(f"unknown tokenizer {name!r} "
                      f"(choices: {', '.join(repr(t) for t in TOKENIZERS)}, "
                      f"or a Hugging Face folder or hub id with a tokenizer.json)")
 
-def _hf_tokenizer(folder, name, chat_template):
-    """tiktoken where it reproduces the tokenizer.json exactly (byte-level BPE), else the
-    `tokenizers` library (TokenizersTokenizer): the same interface either way."""
-    try:
-        return HFTokenizer(folder, name, chat_template)
-    except NotByteLevel:
-        return TokenizersTokenizer(folder, name, chat_template)
 
 def has_hf_tokenizer(source):
     """Whether a model source brings its own Hugging Face tokenizer: a folder with a tokenizer.json,
@@ -65,6 +58,7 @@ def has_hf_tokenizer(source):
         gpt2 = os.path.isfile(config) and read_json(config).get("model_type", "gpt2") == "gpt2"
         return os.path.isfile(os.path.join(source, "tokenizer.json")) and not gpt2
     return is_hub_id(source) and not is_gpt2(source)
+
 
 def _byte_decoder():
     """GPT-2's byte <-> unicode table, reversed: byte-level BPE writes every byte as a printable
@@ -77,19 +71,16 @@ def _byte_decoder():
     table.update({chr(256 + n): b for n, b in enumerate(others)})
     return table
 
+
 BYTE_DECODER = _byte_decoder()
-# why tiktoken cannot run a tokenizer.json (the tokenizers library runs it instead)
-SUPPORTED = ("tiktoken runs only byte-level BPE exactly (GPT-2, Llama-3.x, Qwen2.5, Qwen3: "
-             "a BPE model, a ByteLevel pre-tokenizer after at most one Split regex, a ByteLevel "
-             "decoder, no normalizer or NFC)")
 
-class NotByteLevel(ValueError):
-    """A tokenizer.json tiktoken cannot reproduce exactly: the `tokenizers` library runs it."""
 
-class HFTokenizer(tiktoken.Encoding):
-    """A Hugging Face checkpoint's byte-level BPE tokenizer.json as a tiktoken Encoding: the
-    vocabulary mapped back through GPT-2's byte table to mergeable ranks, the pre-tokenizer's split
-    regex, the added tokens. From the checkpoint's configs it also knows
+class HFTokenizer:
+    """A Hugging Face checkpoint's tokenizer.json, run by the `tokenizers` library (what
+    transformers' fast tokenizers run), so its ids are Hugging Face's by construction, behind
+    tiktoken's interface: encode_ordinary, encode, decode, n_vocab, eot_token,
+    special_tokens_set (every added token), encode_single_token. From the checkpoint's configs it
+    also knows
         eos_token_id     end of text (tokenizer_config.json's eos_token, or config.json's)
         end_of_turn_id   the token the chat template closes an assistant turn with
         eot_token        what every response ends with and generation stops at: end_of_turn_id
@@ -97,21 +88,26 @@ class HFTokenizer(tiktoken.Encoding):
         chat_template    the Jinja source in use (None: plain prompts)
         bos              the ids Hugging Face puts before a text (Llama-3's <|begin_of_text|>)
     As in Hugging Face, encode_ordinary matches the added tokens that are not special (Qwen3's
-    <think>) and applies the NFC normalizer when there is one; special tokens only come from
+    <think>) and reads special ones as text; special tokens only come from
     encode(..., allowed_special) and encode_prompt."""
 
     def __init__(self, folder, name, chat_template="auto"):
+        from tokenizers import Tokenizer  # (only a Hugging Face model needs it)
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder}: no tokenizer.json (the file Hugging Face's fast "
                                     f"tokenizers are saved in)")
-        spec = read_json(path)
-        added = _added_tokens(spec, path)  # {content: (id, special)}
-        super().__init__(name=name, pat_str=_split_regex(spec, path),
-                         mergeable_ranks=_mergeable_ranks(spec, added, path),
-                         special_tokens={text: i for text, (i, _) in added.items()})
-        self._plain_added = {text for text, (_, special) in added.items() if not special}
-        self._nfc = (spec.get("normalizer") or {}).get("type") == "NFC"
+        spec = read_json(path)  # a broken file names itself
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # the library's own parser: a message of its own, from Rust
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            raise ValueError(f"{path}: the tokenizers library cannot read it ({reason})") from None
+        self.name = name
+        added = spec.get("added_tokens") or []
+        self._special_tokens = {t["content"]: t["id"] for t in added}  # tiktoken's name for them
+        self._plain_added = {t["content"] for t in added if not t.get("special")}
+        self.n_vocab = max(self._tok.get_vocab().values(), default=-1) + 1  # the largest id + 1
         self.bos = _bos_ids(spec)
         self._read_configs(folder, path, chat_template)
 
@@ -132,18 +128,41 @@ class HFTokenizer(tiktoken.Encoding):
     def eot_token(self):
         return self.end_of_turn_id if self.chat_template is not None else self.eos_token_id
 
-    def _normalize(self, text):
-        return unicodedata.normalize("NFC", text) if self._nfc else text
+    @property
+    def special_tokens_set(self):
+        return set(self._special_tokens)
+
+    def _ids(self, text, specials):
+        """The library's ids; specials=False reads special tokens as plain text."""
+        self._tok.encode_special_tokens = not specials
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_ordinary(self, text):
-        return super().encode(self._normalize(text), allowed_special=self._plain_added,
-                              disallowed_special=())
+        return self._ids(text, specials=False)
 
     def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
-        if allowed_special != "all":  # Hugging Face always matches the non-special added tokens
-            allowed_special = set(allowed_special) | self._plain_added
-        return super().encode(self._normalize(text), allowed_special=allowed_special,
-                              disallowed_special=disallowed_special)
+        """tiktoken's rules: a special token in the text is an error unless allowed."""
+        if allowed_special == "all":
+            return self._ids(text, specials=True)
+        special = self.special_tokens_set - self._plain_added
+        allowed = set(allowed_special) & special
+        banned = special - allowed if disallowed_special == "all" else set(disallowed_special)
+        found = next((t for t in sorted(banned) if t in text), None)
+        if found is not None:
+            raise ValueError(f"{self.name}: the text holds the special token {found!r}; pass "
+                             f"allowed_special to encode it as one")
+        if not allowed:
+            return self._ids(text, specials=False)
+        ids = []  # the allowed special tokens as their ids, the text between them as text
+        for piece in re.split("(" + "|".join(map(re.escape, allowed)) + ")", text):
+            ids += [self._special_tokens[piece]] if piece in allowed else self._ids(piece, False)
+        return ids
+
+    def encode_single_token(self, text):
+        return self._special_tokens.get(text, self._tok.token_to_id(text))
+
+    def decode(self, tokens, errors="replace"):
+        return self._tok.decode(list(tokens), skip_special_tokens=False)
 
     def encode_prompt(self, prompt):
         """A prompt's ids as Hugging Face makes them: the special tokens a chat template wrote
@@ -193,126 +212,6 @@ class HFTokenizer(tiktoken.Encoding):
                              f"use --chat_template none")
         return self._special_tokens[max(ends, key=len)]
 
-class TokenizersTokenizer(HFTokenizer):
-    """A tokenizer.json tiktoken cannot reproduce exactly (SentencePiece-style BPE with byte
-    fallback, as Gemma-3's; a Sequence of several Split rules, as DeepSeek's), run by the
-    `tokenizers` library itself, so its ids are Hugging Face's by construction. The interface
-    and everything HFTokenizer reads from the configs (eos_token_id, bos, the chat template and
-    its end-of-turn id, encode_prompt, render_chat) are the same; tiktoken's other methods
-    (encode_batch, ...) are not there. As in HFTokenizer, encode_ordinary matches the added
-    tokens that are not special and reads special ones as text."""
-
-    def __init__(self, folder, name, chat_template="auto"):
-        from tokenizers import Tokenizer
-        path = os.path.join(folder, "tokenizer.json")
-        spec = read_json(path)
-        try:
-            self._tok = Tokenizer.from_file(path)
-        except Exception as e:  # the library's own parser: a message of its own, from Rust
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
-            raise ValueError(f"{path}: the tokenizers library cannot read it ({reason})") from None
-        self.name = name
-        added = spec.get("added_tokens") or []
-        # tiktoken's names: every added token by its text, and the largest id
-        self._special_tokens = {t["content"]: t["id"] for t in added}
-        self._plain_added = {t["content"] for t in added if not t.get("special")}
-        self.max_token_value = max([*self._tok.get_vocab().values(), -1])
-        self.bos = _bos_ids(spec)
-        self._read_configs(folder, path, chat_template)
-
-    def _ids(self, text, specials):
-        """The library's ids; specials=False reads special tokens as plain text."""
-        self._tok.encode_special_tokens = not specials
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_ordinary(self, text):
-        return self._ids(text, specials=False)
-
-    def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
-        """tiktoken's rules: a special token in the text is an error unless allowed."""
-        if allowed_special == "all":
-            return self._ids(text, specials=True)
-        special = self.special_tokens_set - self._plain_added
-        allowed = set(allowed_special) & special
-        banned = special - allowed if disallowed_special == "all" else set(disallowed_special)
-        found = next((t for t in sorted(banned) if t in text), None)
-        if found is not None:
-            raise ValueError(f"{self.name}: the text holds the special token {found!r}; pass "
-                             f"allowed_special to encode it as one")
-        if not allowed:
-            return self._ids(text, specials=False)
-        ids = []  # the allowed special tokens as their ids, the text between them as text
-        for piece in re.split("(" + "|".join(map(re.escape, allowed)) + ")", text):
-            ids += [self._special_tokens[piece]] if piece in allowed else self._ids(piece, False)
-        return ids
-
-    def encode_single_token(self, text):
-        return self._special_tokens.get(text, self._tok.token_to_id(text))
-
-    def decode(self, tokens, errors="replace"):
-        return self._tok.decode(list(tokens), skip_special_tokens=False)
-
-def _added_tokens(spec, path):
-    """{content: (id, special)} of tokenizer.json's added tokens."""
-    added = {}
-    for t in spec.get("added_tokens") or []:
-        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-            raise NotByteLevel(f"{path}: added token {t.get('content')!r} strips spaces or matches "
-                             f"single words only, which tiktoken cannot do; {SUPPORTED}")
-        added[t["content"]] = (t["id"], bool(t.get("special")))
-    return added
-
-def _split_regex(spec, path):
-    """The regex that cuts text into pieces before BPE, from tokenizer.json's pre_tokenizer:
-    Split(regex) then ByteLevel (Llama-3, Qwen2), or ByteLevel with GPT-2's own regex."""
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    byte_level = steps[-1]
-    if (spec.get("normalizer") or {}).get("type", "NFC") != "NFC" \
-            or (spec.get("decoder") or {}).get("type") != "ByteLevel" \
-            or kinds[-1] != "ByteLevel" or byte_level.get("add_prefix_space"):
-        raise NotByteLevel(f"{path}: normalizer, pre_tokenizer or decoder is not byte-level BPE's "
-                         f"(pre_tokenizer: {'+'.join(map(str, kinds))}); {SUPPORTED}")
-    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return GPT2_PAT
-    split = steps[0]
-    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) \
-            and "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" \
-            and not split.get("invert"):
-        return split["pattern"]["Regex"]
-    raise NotByteLevel(f"{path}: pre_tokenizer {'+'.join(map(str, kinds))} is not one Split "
-                     f"regex (isolated) before ByteLevel; {SUPPORTED}")
-
-def _mergeable_ranks(spec, added, path):
-    """tiktoken's mergeable ranks: the bytes of every vocabulary token -> its id. tiktoken merges
-    the adjacent pair whose token has the lowest rank; Hugging Face applies the merges in list
-    order. They agree when the merges produce tokens in increasing id order, which is checked."""
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") \
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise NotByteLevel(f"{path}: model type {model.get('type')!r} (with byte_fallback, "
-                         f"subword prefix or suffix?) is not byte-level BPE; {SUPPORTED}")
-    skip = {i for i, _ in added.values()}
-    try:
-        ranks = {bytes(BYTE_DECODER[c] for c in token): i
-                 for token, i in model["vocab"].items() if i not in skip}
-    except KeyError as e:
-        raise NotByteLevel(f"{path}: vocabulary token with character {e} outside GPT-2's byte "
-                         f"table; {SUPPORTED}") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise NotByteLevel(f"{path}: the vocabulary lacks {len(missing)} of the 256 single bytes "
-                         f"(e.g. byte {missing[0]}); {SUPPORTED}")
-    last = -1
-    for m in model.get("merges", []):
-        left, right = m.split(" ") if isinstance(m, str) else m
-        merged = ranks.get(bytes(BYTE_DECODER[c] for c in left + right), -1)
-        if merged <= last:
-            raise NotByteLevel(f"{path}: merge {left!r} + {right!r} makes id {merged}, not above "
-                             f"the previous merge's {last}: tiktoken ranks merges by id")
-        last = merged
-    return ranks
 
 def _bos_ids(spec):
     """The special tokens tokenizer.json's post-processor puts before a text (Llama-3: BOS)."""
@@ -326,6 +225,7 @@ def _bos_ids(spec):
                     return ids
                 ids += step["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
     return []
+
 
 def _token_configs(folder):
     """bos_token, eos_token, pad_token... as text, from tokenizer_config.json and
@@ -343,6 +243,7 @@ def _token_configs(folder):
                     out[k] = v["content"] if isinstance(v, dict) else v
     return out
 
+
 def _chat_template_source(folder):
     """The chat template where transformers saves it: chat_template.jinja, chat_template.json,
     or tokenizer_config.json (a string, or a list of named templates: 'default'); else None."""
@@ -358,6 +259,7 @@ def _chat_template_source(folder):
         if template:
             return template
     return None
+
 
 def _compile_template(source, path):
     """A chat template compiled the way transformers does: a sandbox, trim_blocks, lstrip_blocks,
@@ -377,12 +279,14 @@ def _compile_template(source, path):
     except jinja2.TemplateError as e:
         raise ValueError(f"{path}: the chat template does not compile: {e}") from None
 
+
 def encode_prompt(tok, prompt):
     """A prompt's token ids. gpt2 / byte: plain text. A Hugging Face tokenizer: its BOS in front
     (Llama-3 has one) and the special tokens a chat template wrote as their ids."""
     if isinstance(tok, HFTokenizer):
         return tok.encode_prompt(prompt)
     return tok.encode_ordinary(prompt)
+
 
 def encode_response(tok, text):
     """A response's token ids, by the rule prompts follow (encode_prompt) less the BOS: with a
@@ -395,9 +299,8 @@ def encode_response(tok, text):
         return tok.encode(text, allowed_special="all")
     return tok.encode_ordinary(text)
 
+
 def uses_chat(tok):
     """Whether prompts go through a chat template (a Hugging Face tokenizer that has one, and
     --chat_template auto)."""
     return isinstance(tok, HFTokenizer) and tok.chat_template is not None
-
-# a number: optional sign and $, digits with thousands commas, optional decimals. Not preceded by a

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 
-from machinery.common import ConfigError
+from machinery.common import ConfigError, process_rank
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 PROJECT = "nanoADPO"
@@ -34,12 +34,14 @@ def start(report_to, out_dir, config):
     """Open the tracker of a run (rank 0; a no-op for --report_to none)."""
     global _tracker
     finish()
-    if report_to == "none" or int(os.environ.get("RANK", 0)) != 0:
+    if report_to == "none" or process_rank() != 0:
         return
-    trackers = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
-    if report_to not in trackers:
+    if report_to not in REPORT_TO:
         raise ConfigError(f"--report_to {report_to!r}: expected one of {', '.join(REPORT_TO)}")
-    _tracker = trackers[report_to](out_dir, config)
+    if report_to == "tensorboard":
+        _tracker = TensorBoard(out_dir, config)
+    else:
+        _tracker = Hosted(report_to, out_dir, config)
 
 
 def log(stage, step, metrics, purge=True):
@@ -102,34 +104,27 @@ class TensorBoard:
             writer.close()
 
 
-class WandB:
-    """A Weights & Biases run, resumed by the run folder's id."""
+class Hosted:
+    """A Weights & Biases or Trackio run, through the module's own init / log / finish (trackio
+    mirrors wandb's; both act on the one run of the process). The run folder's id (run_id)
+    resumes the tracked run: W&B's run id (the folder's name shown), Trackio's run name. W&B
+    also plots each stage against its own step."""
 
-    def __init__(self, out_dir, config):
-        self.wandb = _require("wandb", "wandb")
-        self.run = self.wandb.init(project=PROJECT, name=os.path.basename(os.path.abspath(out_dir)),
-                                   id=run_id(out_dir), resume="allow", config=config, dir=out_dir)
+    def __init__(self, module, out_dir, config):
+        self.module = _require(module, module)
+        self.wandb = module == "wandb"
+        named = dict(name=run_id(out_dir))
+        if self.wandb:
+            named = dict(id=run_id(out_dir), name=os.path.basename(os.path.abspath(out_dir)),
+                         dir=out_dir)
+        self.module.init(project=PROJECT, config=config, resume="allow", **named)
         self.stages = set()
 
     def log(self, stage, step, numbers, purge):
-        if stage not in self.stages:  # each stage's curves against its own step
-            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        if self.wandb and stage not in self.stages:  # each stage's curves against its own step
+            self.module.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
             self.stages.add(stage)
-        self.run.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in numbers.items()}})
+        self.module.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in numbers.items()}})
 
     def finish(self):
-        self.run.finish()
-
-
-class Trackio:
-    """A Trackio run (its local database, or the Space it is set up with), resumed by name."""
-
-    def __init__(self, out_dir, config):
-        self.trackio = _require("trackio", "trackio")
-        self.trackio.init(project=PROJECT, name=run_id(out_dir), config=config, resume="allow")
-
-    def log(self, stage, step, numbers, purge):
-        self.trackio.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in numbers.items()}})
-
-    def finish(self):
-        self.trackio.finish()
+        self.module.finish()

@@ -91,7 +91,7 @@ ENVIRONMENT='
 import platform, shutil, subprocess
 from importlib import metadata
 import torch
-from common import peak_flops
+from machinery.common import peak_flops
 if shutil.which("nvidia-smi"):
     query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"]
     print(subprocess.run(query, capture_output=True, text=True).stdout.strip())

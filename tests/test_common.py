@@ -89,7 +89,7 @@ def test_setup_on_cpu():
 
 @pytest.mark.slow
 def test_seeds_are_pure_functions_of_their_parts():
-    code = "import common; print(common.seed_for(1337, 'po', 12, 1))"
+    code = "from machinery import common; print(common.seed_for(1337, 'po', 12, 1))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                            env=dict(os.environ, PYTHONHASHSEED=h)).stdout for h in ("1", "2")}
@@ -175,6 +175,20 @@ def test_a_run_folder_belongs_to_one_config(tmp_path, capsys):
     with pytest.raises(ConfigError, match="is a file"):
         common.claim_run_folder(str(tmp_path / "file"), {})
 
+
+def test_every_process_refused_a_locked_folder_is_told_its_owner(tmp_path):
+    """The owner's pid survives the tries of the refused processes (filelock may truncate the
+    lock file itself on each try)."""
+    out = str(tmp_path / "run")
+    common.lock_run_folder(out)
+    code = f"from machinery import common; common.cli(lambda: common.lock_run_folder({out!r}))"
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=common.ROOT, timeout=120)
+        assert p.returncode == 1 and p.stderr == (f"error: {out} is in use by another run (pid "
+                                                  f"{os.getpid()}): wait for it to end, or use "
+                                                  f"another --out_dir\n"), p.stderr
+    common.lock_run_folder(out)  # this process holds it already: no error
 
 def test_cli_turns_bad_input_into_one_line(capsys):
     def main():

@@ -308,7 +308,7 @@ def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tm
     import subprocess
     import sys
     from conftest import ROOT
-    from machinery.tokenizer import TokenizersTokenizer, get_tokenizer
+    from machinery.tokenizer import HFTokenizer, get_tokenizer
     out = tmp_path / "run"
     flags = ["--init_from", str(gemma_folder), "--sft_steps", "0", "--out_dir", str(out),
              "--arith_steps", "1", "--arith_max_number", "5", "--n_train", "40", "--n_test", "8",
@@ -320,7 +320,7 @@ def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tm
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     tok = get_tokenizer(str(gemma_folder))
-    assert isinstance(tok, TokenizersTokenizer) and tok.eot_token == tok.encode_single_token(
+    assert isinstance(tok, HFTokenizer) and tok.eot_token == tok.encode_single_token(
         "<end_of_turn>")
     pair = json.loads((out / "pairs" / "train.jsonl").read_text().splitlines()[0])
     assert pair["prompt"].startswith("<bos><start_of_turn>user\n")
@@ -330,7 +330,8 @@ def test_pipeline_on_gemma3_with_a_chat_template_and_its_export(gemma_folder, tm
     sft, po = (load_checkpoint(out / s / "ckpt.pt")["model"] for s in ("sft", "po"))
     assert max((po[k] - sft[k]).abs().max().item() for k in po) > 1e-3  # it trained
     export = tmp_path / "hf"
-    code = f"from checkpoint import export; export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})"
+    code = (f"from machinery.checkpoint import export; "
+            f"export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120, env=env)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     assert type(hf) is transformers.Gemma3ForCausalLM

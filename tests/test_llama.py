@@ -318,7 +318,8 @@ def test_pipeline_on_a_chat_model_and_its_export(qwen_folder, tmp_path):
     assert first["rewards/accuracy"] == 0 and abs(first["rewards/margin"]) < 1e-4
     # export the final model: the one-liner of the README
     export = tmp_path / "hf"
-    code = f"from checkpoint import export; export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})"
+    code = (f"from machinery.checkpoint import export; "
+            f"export({str(out / 'po' / 'ckpt.pt')!r}, {str(export)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     auto = transformers.AutoTokenizer.from_pretrained(export)

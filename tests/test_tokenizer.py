@@ -1,11 +1,10 @@
 """
 Tests for tokenizer.py's Hugging Face tokenizers, trained here with the `tokenizers` library in the
-styles of Qwen2.5, Qwen3 and Llama-3 (byte-level BPE, read as a tiktoken Encoding), Gemma-3
-(SentencePiece-style BPE with byte fallback) and DeepSeek-Math (several split rules), the last two
-run by the `tokenizers` library: every kind gives the ids of Hugging Face's tokenizers and decodes
-back to the text; chat templates render as transformers' apply_chat_template; end-of-text /
-end-of-turn ids; what falls back from tiktoken to the library; chat prompts in the data pipeline;
-grading of instruct models' answers.
+styles of Qwen2.5, Qwen3 and Llama-3 (byte-level BPE), Gemma-3 (SentencePiece-style BPE with byte
+fallback) and DeepSeek-Math (several split rules), all run by the `tokenizers` library: every kind
+gives the ids of Hugging Face's tokenizers and decodes back to the text; chat templates render as
+transformers' apply_chat_template; end-of-text / end-of-turn ids; byte-level tokenizers edited
+into other kinds; chat prompts in the data pipeline; grading of instruct models' answers.
 """
 
 import json
@@ -22,7 +21,7 @@ import pytest
 
 import data
 from tiny_hf import END_OF_TURN, NFC, STYLES, corpus, train_tokenizer
-from machinery.tokenizer import HFTokenizer, TokenizersTokenizer, get_tokenizer, has_hf_tokenizer, uses_chat
+from machinery.tokenizer import HFTokenizer, get_tokenizer, has_hf_tokenizer, uses_chat
 
 pytest.importorskip("transformers")
 
@@ -57,8 +56,7 @@ def test_ids_match_hugging_face_and_decode_back(tok_folder):
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok = get_tokenizer(str(folder))
     assert tok.n_vocab == hf.get_vocab_size()
-    # tiktoken where its conversion is exact, the tokenizers library for the other kinds
-    assert isinstance(tok, TokenizersTokenizer) == (style not in STYLES)
+    assert isinstance(tok, HFTokenizer) and uses_chat(tok)
     for text in TEXTS:
         ids = tok.encode(text, allowed_special="all")  # Hugging Face matches special tokens too
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
@@ -161,7 +159,7 @@ def edited(folder, tmp_path, edit):
     return str(out)
 
 
-NOT_TIKTOKEN = {  # byte-level BPE tokenizers edited into what tiktoken cannot reproduce
+NOT_BYTE_LEVEL = {  # byte-level BPE tokenizers edited into other kinds
     "byte_fallback": lambda s: s["model"].update(byte_fallback=True),
     "metaspace": lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁",
                                                    "prepend_scheme": "always", "split": True}),
@@ -173,22 +171,20 @@ NOT_TIKTOKEN = {  # byte-level BPE tokenizers edited into what tiktoken cannot r
 }
 
 
-@pytest.mark.parametrize("kind", sorted(NOT_TIKTOKEN))
+@pytest.mark.parametrize("kind", sorted(NOT_BYTE_LEVEL))
 @pytest.mark.parametrize("style", sorted(STYLES))
-def test_what_tiktoken_cannot_reproduce_runs_in_the_tokenizers_library(tmp_path, style, kind):
+def test_a_tokenizer_json_of_another_kind_gives_hugging_faces_ids(tmp_path, style, kind):
     """Not refused, not approximated: the `tokenizers` library runs it, Hugging Face's ids."""
     from tokenizers import Tokenizer
     train_tokenizer(style, tmp_path / "base", vocab_size=400)
-    folder = edited(tmp_path / "base", tmp_path, NOT_TIKTOKEN[kind])
+    folder = edited(tmp_path / "base", tmp_path, NOT_BYTE_LEVEL[kind])
     tok = get_tokenizer(folder)
-    assert isinstance(tok, TokenizersTokenizer)
+    assert isinstance(tok, HFTokenizer)
     hf = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     for text in TEXTS:
         assert tok.encode(text, allowed_special="all") == \
             hf.encode(text, add_special_tokens=False).ids, text
     assert tok.chat_template is not None and tok.eot_token == tok.end_of_turn_id
-    assert isinstance(get_tokenizer(str(tmp_path / "base")), HFTokenizer)  # the original: tiktoken
-    assert not isinstance(get_tokenizer(str(tmp_path / "base")), TokenizersTokenizer)
 
 
 def test_a_tokenizer_json_the_library_cannot_read_is_one_line(tok_folder, tmp_path):

@@ -5,7 +5,9 @@ lm-evaluation-harness task file."""
 import json
 import os
 import runpy
+import subprocess
 import sys
+import types
 
 import pytest
 
@@ -34,6 +36,15 @@ def test_every_script_has_a_help(script, capsys, monkeypatch):
         text = script_help(script, flag, capsys, monkeypatch)
         assert text.startswith(f"usage: {os.path.basename(script)}") and "--device" in text, text
 
+
+def test_importing_the_scripts_leaves_fsdp_and_the_memory_planner_out():
+    """They are imported where a model is sharded or a plan is made: a run without them does
+    not wait for them (torch's compiler stack comes with them)."""
+    code = ("import sys, train, eval; print(sorted(m for m in ('torch.distributed.fsdp', "
+            "'torch.distributed.checkpoint', 'machinery.plan') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout == "[]\n", p.stdout + p.stderr[-2000:]
 
 def test_help_is_the_config_its_comments_and_its_sections(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
@@ -77,6 +88,31 @@ def test_a_typo_in_a_preset_gets_the_close_matches(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'betta' \(expected a field of Config\): "
                                           r"did you mean 'beta'\?"):
         parse(train.Config, ["--preset", str(tmp_path / "p.json")], presets=True)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("beta", "0", "--beta must be > 0, got 0.0"),
+    ("size", "0", "--size (k or m) must be >= 1, got 0"),
+    ("family", "diagonal", "--family must be static or adaptive, got 'diagonal'"),
+    ("loss", "nope", "--loss 'nope': expected one of"),
+    ("loss", "dpo+0.5sft", "--loss 'dpo+0.5sft': give the weights with --loss_weights"),
+    ("tokenizer", "bpe", "--tokenizer 'bpe': expected auto, byte or gpt2"),
+    ("chat_template", "yes", "--chat_template 'yes': expected auto or none"),
+    ("max_len", "0", "--max_len must be >= 1, got 0"),
+    ("maj_k", "0", "--maj_k must be >= 1, got 0"),
+    ("n_test", "-1", "--n_test must be >= 0, got -1"),
+    ("seed", "-1", "--seed must be >= 0, got -1"),
+    ("task", " ", "--task is empty (expected e.g. 'arith')"),
+])
+def test_train_and_eval_refuse_a_bad_setting_alike(flag, value, message):
+    """The settings a model is scored with are checked by one function for both scripts."""
+    messages = []
+    for script, cls, extra in ((train, train.Config, []), (evaluate, evaluate.EvalConfig,
+                                                          ["--ckpt", "x.pt"])):
+        with pytest.raises(ConfigError) as e:
+            script.validate(parse(cls, [f"--{flag}", value, *extra]))
+        messages.append(str(e.value))
+    assert message in messages[0] and messages[0] == messages[1], messages
 
 # -----------------------------------------------------------------------------
 # progress
@@ -137,6 +173,55 @@ def test_report_to_names_its_missing_package(monkeypatch):
                                           r"install wandb\), or use --report_to none"):
         tracking.start("wandb", "unused", {})
 
+
+class FakeTracker(types.ModuleType):
+    """A stand-in for wandb or trackio that records what it is asked (init returns it as the
+    run: the module's functions and the run's methods are one record)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def define_metric(self, *args, **kwargs):
+        self.calls.append(("define_metric", args, kwargs))
+
+    def log(self, metrics):
+        self.calls.append(("log", metrics))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.mark.parametrize("package", ["wandb", "trackio"])
+def test_wandb_and_trackio_get_each_stages_numbers_and_resume_the_folders_run(
+        package, tmp_path, monkeypatch):
+    from machinery import tracking
+    fake = FakeTracker(package)
+    monkeypatch.setitem(sys.modules, package, fake)
+    (tmp_path / "config.json").write_text('{"beta": 0.5}')
+    tracking.start(package, str(tmp_path), {"beta": 0.5})
+    tracking.log("sft", 1, {"loss": 2, "step": 1, "note": "text", "done": True})
+    tracking.log("sft", 2, {"loss": 1.5})
+    tracking.log("po", 1, {"loss": 3})
+    tracking.finish()
+    run_id = tracking.run_id(str(tmp_path))
+    init = dict(project="nanoADPO", config={"beta": 0.5}, resume="allow")
+    if package == "wandb":  # the folder's id resumes the run; each stage against its own step
+        init.update(name=tmp_path.name, id=run_id, dir=str(tmp_path))
+        sft, po = [[("define_metric", (f"{s}/*",), {"step_metric": f"{s}/step"})]
+                   for s in ("sft", "po")]
+    else:  # trackio resumes a run by its name
+        init.update(name=run_id)
+        sft, po = [], []
+    assert fake.calls == [("init", init), *sft,
+                          ("log", {"sft/step": 1, "sft/loss": 2.0}),
+                          ("log", {"sft/step": 2, "sft/loss": 1.5}), *po,
+                          ("log", {"po/step": 1, "po/loss": 3.0}), ("finish",)]
+
 # -----------------------------------------------------------------------------
 # chat-format pair files, and special tokens a model samples
 
@@ -150,6 +235,7 @@ CONVERSATION = dict(
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
     """A tiny Qwen2.5-style tokenizer folder with its chat template (and transformers' view)."""
+    pytest.importorskip("transformers")  # (tiny_hf saves the tokenizer with it)
     from tiny_hf import train_tokenizer
     folder = tmp_path_factory.mktemp("qwen_tok")
     return folder, train_tokenizer("qwen2.5", folder)
@@ -259,7 +345,8 @@ def test_a_failed_init_from_leaves_nothing_that_blocks_a_retry(tmp_path, monkeyp
     out = tmp_path / "run"
     with pytest.raises(ConnectionError, match="cannot be reached"):
         train.main(tiny(out, init_from="gpt2", stop_after="sft"))
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "inputs.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".lock.pid", "config.json",
+                                                     "inputs.json"]
     summary = train.main(tiny(out, stop_after="sft", sft_steps=1, n_test=2))
     assert summary["config"]["init_from"] == "scratch" and summary["sft"]["test"]["n"] == 2
     said = capsys.readouterr().out

@@ -215,7 +215,7 @@ def train_gemma3_tokenizer(folder, vocab_size=700):
 
 def train_deepseek_tokenizer(folder, vocab_size=700):
     """DeepSeek-Math's kind: byte-level BPE after a Sequence of Split rules and single digits
-    (more than one regex: tiktoken cannot run it), BOS in front, its chat template."""
+    (more than one regex), BOS in front, its chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, \
         trainers
     from transformers import PreTrainedTokenizerFast
