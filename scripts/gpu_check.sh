@@ -143,7 +143,7 @@ for i in 0 1 2; do
     step "sampling-${NAMES[i]}" "${BOX[4 + 2 * i]}" "$PY" scripts/bench.py "${DEVICE[@]}" \
         --models "${SHAPES[i]}" --parts sampling --compile "${COMPILE[2 * i + 1]}"
 done
-step qwen-preference-step "${BOX[9]}" "$PY" -m pytest -q -rs -s tests/test_llama.py -k "$QWEN_STEP"
+step qwen-preference-step "${BOX[9]}" "$PY" -m pytest -q -rs -s tests/test_llama_qwen_vs_transformers.py -k "$QWEN_STEP"
 step arith-gpu-sweep "${BOX[10]}" "$PY" scripts/sweep_timing.py --preset arith_gpu \
     --out_dir "$WORK/arith" --compare dpo,adpo:adaptive:256 --seeds 0 "${SWEEP[@]}"
 

@@ -489,7 +489,7 @@ def test_chat_messages(tmp_path):
     rows = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "Hello."}],
              "rejected": [{"role": "assistant", "content": "Go away."}]}]
     assert data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows)) == [messages]
-    # a model without a chat template: HH-RLHF's text (a template: see test_usability.py)
+    # a model without a chat template: HH-RLHF's text (a template: see test_first_hour.py)
     want = dict(prompt="\n\nHuman: Hi?\n\nAssistant:", chosen=" Hello.", rejected=" Go away.")
     assert data.render_pairs([messages], get_tokenizer("byte")) == [want]
     rows = [{"chosen": [{"role": "robot", "content": "x"}],

@@ -5,7 +5,7 @@ split regexes, special tokens, chat templates), Gemma-3 (SentencePiece-style BPE
 fallback) and DeepSeek-Math (byte-level BPE after a Sequence of Split rules); random-init
 LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Gemma3ForCausalLM folders written by
 transformers' save_pretrained, in the layout transformers 5 writes or in the hub's. Shared by
-test_tokenizer.py, test_llama.py and test_families.py.
+test_tokenizers_vs_hf.py, test_llama_qwen_vs_transformers.py and test_gemma_deepseek_vs_transformers.py.
 """
 
 import json

@@ -3,7 +3,7 @@ The CUDA-bound paths, exercised on the CPU: torch.compile with its default backe
 the SFT and preference training steps and on the KV-cache decode step, with the compilations
 counted by dynamo's counters and no graph break; and `bash scripts/gpu_check.sh --dry-run`, the
 one GPU command at CPU size. The same paths on a GPU are the tests marked `cuda` (skipped here).
-bf16 autocast end to end on the CPU is in test_reliability.py (next to the exact-resume helpers).
+bf16 autocast end to end on the CPU is in test_resume_and_bad_input.py (next to the exact-resume helpers).
 """
 import math
 import os
@@ -159,6 +159,6 @@ def test_cuda_tests_are_collected_under_their_marker():
                        capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
     collected = [line for line in p.stdout.splitlines() if "::" in line]
     files = {line.split("::")[0] for line in collected}
-    want = {"tests/test_model.py", "tests/test_llama.py", "tests/test_gpu_ready.py"}
+    want = {"tests/test_gpt2_vs_transformers.py", "tests/test_llama_qwen_vs_transformers.py", "tests/test_gpu_paths_on_cpu.py"}
     assert want <= files, p.stdout
     assert os.path.exists(ROOT / "scripts" / "gpu_check.sh")

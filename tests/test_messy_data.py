@@ -1,6 +1,6 @@
 """Messy data and a flaky machine: what used to break silently, with a stack trace, or with a vague
 message. Each test is one such case (the one-line errors of bad flags and files are in
-test_reliability.py's catalogue). Runs are tiny (test_reliability.tiny) and use one thread."""
+test_resume_and_bad_input.py's catalogue). Runs are tiny (conftest.tiny) and use one thread."""
 import json
 import os
 import shutil

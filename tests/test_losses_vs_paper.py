@@ -124,7 +124,7 @@ def test_adaptive_m1_is_dpo():
     a = adpo_loss(**batch, beta=0.5, family="adaptive", size=1)
     d = dpo_loss(**batch, beta=0.5)
     for x, y in zip(a, d):
-        assert torch.equal(x, y)  # bit for bit (test_loss_family.py: the gradients too)
+        assert torch.equal(x, y)  # bit for bit (test_dpo_family_vs_trl.py: the gradients too)
 
 
 def test_static_k1_is_token_level_formula():

@@ -1,7 +1,7 @@
 """
 A run pinned to what it was built from, eval.py scoring what was trained, faults tested for real.
 Each test is one case that used to go wrong (silently, with a stack trace, or with a vague
-message); the one-line errors of bad flags and files are rows of test_reliability.py's catalogue.
+message); the one-line errors of bad flags and files are rows of test_resume_and_bad_input.py's catalogue.
 Faults are real: a file-size limit (`ulimit -f`: CPython ignores SIGXFSZ, so writes fail with
 EFBIG, as on a full disk), real signals, real permissions, torchrun itself.
 """

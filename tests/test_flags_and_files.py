@@ -158,7 +158,7 @@ def test_a_run_folder_belongs_to_one_config(tmp_path, capsys):
     out = str(tmp_path / "run")
     common.claim_run_folder(out, {"lr": 0.1, "device": "cpu"}, free=("device",))
     assert common.read_json(os.path.join(out, "config.json")) == {"lr": 0.1, "device": "cpu"}
-    os.makedirs(os.path.join(out, "sft"))  # the run computed something (see test_usability.py)
+    os.makedirs(os.path.join(out, "sft"))  # the run computed something (see test_first_hour.py)
     common.claim_run_folder(out, {"lr": 0.1, "device": "cuda"}, free=("device",))  # a resume
     assert "resuming the run in" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"holds a run with a different config \(lr: 0.1 -> 0.2\)"):
