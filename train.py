@@ -15,10 +15,12 @@ The main job: SFT, then on-policy preference pairs, then preference optimisation
                                                      # Table 3 in miniature: same SFT, same pairs
     python train.py --compare dpo,hinge,hinge:adaptive:16,ipo:static:4,dpo+0.5sft,robust@beta=1
                                                      # loss x granularity, weighted sums, settings
+    python train.py --compare dpo,adpo --pipeline_seeds 0,1,2   # the whole pipeline per seed
+    python train.py --preset length                  # the paper's length question (1-6 step problems)
     python train.py --preset arith_gpu               # Table 3's sweep, sized for one GPU
     torchrun --nproc_per_node=2 train.py ...         # data parallel over 2 GPUs (or CPU processes)
 
-Every flag is a field of `Config` (config.py; `--help` lists them), given as `--key value`;
+Every flag is a field of `Config` (machinery/config.py; `--help` lists them), given as `--key value`;
 `--preset NAME` loads presets/NAME.json first and the flags you give override it. Each stage reads
 the folders of the stages before it and writes its own; re-running the same command on a run
 folder resumes it where it stopped.
@@ -30,6 +32,8 @@ folder resumes it where it stopped.
     DIR/po/                  ckpt.pt, reference_logps.pt, metrics.jsonl, eval.json
     DIR/compare/<variant>/   like po/, one folder per variant and seed (--compare)
     DIR/summary.json         read back from the folders at the end (+ curves.png, compare.md)
+    DIR/seed_<s>/            with --pipeline_seeds: a run folder like the above per seed, and
+                             DIR/compare.{json,md,png} pooling them
 """
 import dataclasses
 import math
