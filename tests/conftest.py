@@ -190,6 +190,23 @@ def split(values, family, size, padded_length=None):
     return [values[bounds[i]:bounds[i + 1]] for i in range(size)]
 
 
+def pair_segments(batch, family=None, size=None):
+    """Per pair of a make_batch batch, its compared (chosen, rejected) segments of log-ratios as
+    Python lists: the whole responses as one segment (family None), or their segments (split)."""
+    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
+    rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    cm, rm = batch["chosen_mask"], batch["rejected_mask"]
+    pairs = []
+    for b in range(cm.shape[0]):
+        rw, rl = response(pc, rc, cm, b), response(pr, rr, rm, b)
+        if family is None:
+            pairs.append([(rw, rl)])
+            continue
+        longest = max(len(rw), len(rl))
+        pairs.append(list(zip(split(rw, family, size, longest), split(rl, family, size, longest))))
+    return pairs
+
+
 def log_sigmoid(x):
     # fine for the moderate values used here; loss.py uses F.logsigmoid
     return torch.log(torch.sigmoid(x))

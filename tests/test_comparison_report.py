@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-import eval as evaluate
 from machinery import report
 from eval import bootstrap
 

@@ -16,7 +16,7 @@ import torch
 import train
 from machinery.config import resolve_loss
 from loss import (LOSSES, NO_GRANULARITY, ld_desensitised, parse_loss, wpo_weights)
-from conftest import log_sigmoid, make_batch, ragged_mask, response, split
+from conftest import log_sigmoid, make_batch, pair_segments, ragged_mask, response
 
 LN2 = math.log(2.0)
 # the losses of the summed log-ratios (@pairwise): a response-level form and every granularity
@@ -67,18 +67,9 @@ def slow_compare(name, s_w, s_l, beta, label_smoothing=None, discopop_tau=None):
 def slow_family_loss(name, batch, beta, family=None, size=None, **options):
     """One pair at a time: whole responses, or their segments as Python lists (conftest.split),
     the per-comparison losses summed over the compared segments."""
-    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
-    rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    cm, rm = batch["chosen_mask"], batch["rejected_mask"]
     zero = torch.zeros((), dtype=torch.float64)
     out = []
-    for b in range(cm.shape[0]):
-        rw, rl = response(pc, rc, cm, b), response(pr, rr, rm, b)
-        if family is None:
-            segments = [(rw, rl)]
-        else:
-            longest = max(len(rw), len(rl))
-            segments = list(zip(split(rw, family, size, longest), split(rl, family, size, longest)))
+    for segments in pair_segments(batch, family, size):
         out.append(sum(slow_compare(name, sum(zw, zero), sum(zl, zero), beta, **options)
                        for zw, zl in segments))
     return torch.stack(out)

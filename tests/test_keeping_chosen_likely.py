@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import train
-from conftest import (check_one_line_error, log_sigmoid, make_batch, ragged_mask, response,
-                      run_cli, split)
+from conftest import (check_one_line_error, log_sigmoid, make_batch, pair_segments, ragged_mask,
+                      run_cli)
 from loss import LOSSES, parse_loss, preference_metrics
 from machinery import compare
 from machinery.common import ConfigError
@@ -61,17 +61,8 @@ def keeping_y_w_likely(batch, seed=0):
 def slow_dpop(batch, beta, dpop_lambda, family=None, size=None):
     """Σ over the compared segments (or the whole responses) of
     −log σ(β [S^w − S^l − λ·max(0, −S^w)])."""
-    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
-    rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    cm, rm = batch["chosen_mask"], batch["rejected_mask"]
     out = []
-    for b in range(cm.shape[0]):
-        rw, rl = response(pc, rc, cm, b), response(pr, rr, rm, b)
-        if family is None:
-            segments = [(rw, rl)]
-        else:
-            longest = max(len(rw), len(rl))
-            segments = list(zip(split(rw, family, size, longest), split(rl, family, size, longest)))
+    for segments in pair_segments(batch, family, size):
         total = ZERO
         for zw, zl in segments:
             s_w, s_l = sum(zw, ZERO), sum(zl, ZERO)

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import eval as evaluate
 from machinery import report
 import train
 from machinery.common import read_jsonl
