@@ -128,7 +128,7 @@ class RewardMean:
 def preference_loss(model, batch, objective):
     """The paper's step: score chosen and rejected responses in one forward and compare them with
     the frozen reference through every term of --loss (ADPO alone by default), each summed over
-    the B pairs and weighted by --loss_weights. objective: config.objective(cfg), resolved once."""
+    the B pairs and weighted by --loss_weights. objective: config.resolve_loss(cfg), made once."""
     logps = model(batch["input_ids"], batch["targets"])  # (2B, T) float32: log πθ(y_t | x, y_<t)
     ref = batch["reference_logps"]                       # (2B, T) log πref, precomputed
     mask = batch["loss_mask"]                            # (2B, T) True on response tokens + EOS
