@@ -118,19 +118,16 @@ SCOPES = {
 }
 
 
-def length_of(record):
-    """A graded question's place on the length axis: its worked solution's steps (arith, GSM8K),
-    else MATH's level; None when it has neither."""
-    return record.get("steps", record.get("level"))
-
-
 def lengths_of(folder):
-    """The length axis of a stage's test questions, in their order (None: they have none, or
-    all the same length)."""
-    lengths = [length_of(r) for r in read_run_file(os.path.join(folder, "eval.json"))["records"]]
-    if any(v is None for v in lengths) or len(set(lengths)) < 2:
-        return None
-    return lengths
+    """The length axis of a stage's test questions: ("steps", [each one's]) for a worked
+    solution's steps (arith, GSM8K), ("level", [...]) for MATH's levels; None when they have
+    neither, or all the same length."""
+    records = read_run_file(os.path.join(folder, "eval.json"))["records"]
+    for axis in ("steps", "level"):
+        lengths = [r.get(axis) for r in records]
+        if None not in lengths and len(set(lengths)) > 1:
+            return axis, lengths
+    return None
 
 
 def paired_stats(correct, base):
@@ -154,7 +151,7 @@ def compare_stats(runs, baseline, sft_folders, scope="preference"):
     between-run spread and detectable effect; then the same per length bucket."""
     questions, sft = correctness_of(sft_folders)
     _, base = correctness_of(runs[baseline])
-    lengths = lengths_of(sft_folders[0])
+    axis, lengths = lengths_of(sft_folders[0]) or (None, None)
     variants = {}
     for label, folders in runs.items():
         _, correct = correctness_of([sft_folders[0], *folders])
@@ -178,8 +175,7 @@ def compare_stats(runs, baseline, sft_folders, scope="preference"):
     stats = {"baseline": baseline, "n_test": len(questions), "runs": len(sft), "scope": scope,
              "sft": dict(zip(("accuracy", "ci95"), bootstrap(sft))), "variants": variants}
     if lengths:
-        stats["length_axis"] = "steps" if "steps" in read_run_file(
-            os.path.join(sft_folders[0], "eval.json"))["records"][0] else "level"
+        stats["length_axis"] = axis
         stats["n_by_length"] = {str(v): len(ix) for v, ix in length_buckets(lengths).items()}
     return stats
 
