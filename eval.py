@@ -276,19 +276,23 @@ def paired(correct, baseline=None):
     return x
 
 
-def bootstrap_means(x, n_boot=2000, seed=0):
-    """(n_boot,) bootstrap replicates of the mean of x (S, N), at two levels: each replicate
-    redraws the S runs (seeds), then the N questions, and the same questions for every run (and,
-    for differences, for both models: that is the pairing, the question-to-question spread
-    cancels). Drawn as multinomial weights, 2000 replicates at a time (memory: 2000 × N)."""
-    S, N = x.shape
+def replicate_weights(S, N, n_boot, seed):
+    """The two-level bootstrap's draws, 2000 replicates at a time (memory: 2000 × N): each
+    replicate redraws the S runs (seeds), then the N questions, the same questions for every run
+    (and, for differences, for both models: that is the pairing, the question-to-question spread
+    cancels). Yields ((b, S), (b, N)) multinomial weights, each row summing to 1."""
     rng = np.random.default_rng(seed)
-    means = []
     for start in range(0, n_boot, 2000):
         b = min(2000, n_boot - start)
-        seeds = rng.multinomial(S, np.full(S, 1 / S), size=b) / S             # (b, S) weights
-        questions = rng.multinomial(N, np.full(N, 1 / N), size=b) / N         # (b, N) weights
-        means.append(((seeds @ x) * questions).sum(-1))                       # (b,)
+        yield (rng.multinomial(S, np.full(S, 1 / S), size=b) / S,
+               rng.multinomial(N, np.full(N, 1 / N), size=b) / N)
+
+
+def bootstrap_means(x, n_boot=2000, seed=0):
+    """(n_boot,) bootstrap replicates of the mean of x (S, N) (replicate_weights' two levels)."""
+    S, N = x.shape
+    means = [((seeds @ x) * questions).sum(-1)                                # (b,)
+             for seeds, questions in replicate_weights(S, N, n_boot, seed)]
     return np.concatenate(means)
 
 
@@ -306,9 +310,34 @@ def bootstrap_p(correct, baseline, n_boot=10000, seed=0):
     """Two-sided p-value of "no difference" from the bootstrap distribution of the paired mean
     difference (the dual of the percentile CI): 2·min(share of replicates ≤ 0, share ≥ 0), with
     the +1 of a Monte-Carlo p-value so that it is never 0 (its floor is 2/(n_boot + 1))."""
-    means = bootstrap_means(paired(correct, baseline), n_boot, seed)
-    tail = min((means <= 0).sum(), (means >= 0).sum())
-    return min(1.0, 2 * (tail + 1) / (n_boot + 1))
+    return two_sided_p(bootstrap_means(paired(correct, baseline), n_boot, seed))
+
+
+def two_sided_p(replicates):
+    """The p-value of "0" from bootstrap replicates: 2·min(share ≤ 0, share ≥ 0), with the +1
+    of a Monte-Carlo p-value (never 0: its floor is 2/(n + 1))."""
+    tail = min((replicates <= 0).sum(), (replicates >= 0).sum())
+    return min(1.0, 2 * (tail + 1) / (len(replicates) + 1))
+
+
+def bootstrap_slope(correct, baseline, lengths, n_boot=2000, seed=0):
+    """How the paired difference correct − baseline changes with a question's length: the
+    least-squares slope of the per-question difference (mean over runs) on its length, per unit
+    of length, with a 95 % CI from the same two-level bootstrap (each replicate the weighted
+    least-squares slope under its weights) -> (slope, [lo, hi], two-sided p)."""
+    x = paired(correct, baseline)                                              # (S, N)
+    L = np.asarray(lengths, dtype=np.float64)                                  # (N,)
+    S, N = x.shape
+
+    def slope(d, v):  # d (b, N) differences, v (b, N) question weights -> (b,) slopes
+        centred = L[None, :] - (v * L).sum(-1, keepdims=True)
+        return (v * centred * d).sum(-1) / (v * centred ** 2).sum(-1)
+
+    fit = slope(x.mean(0, keepdims=True), np.full((1, N), 1 / N))[0]
+    slopes = np.concatenate([slope(seeds @ x, questions)
+                             for seeds, questions in replicate_weights(S, N, n_boot, seed)])
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    return float(fit), [float(lo), float(hi)], two_sided_p(slopes)
 
 
 def holm(p_values):

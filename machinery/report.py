@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from eval import (bootstrap, bootstrap_p, breakdown_table, correctness_of, detectable_effect,
-                  holm, percent)
+from eval import (bootstrap, bootstrap_p, bootstrap_slope, breakdown_table, correctness_of,
+                  detectable_effect, holm, percent)
 from machinery.common import (atomic_write, markdown_table, need, print0, read_jsonl,
                               read_run_file, write_json)
 
@@ -168,10 +168,15 @@ def compare_stats(runs, baseline, sft_folders, scope="preference"):
             variants[label]["by_length"] = {
                 str(v): paired_stats(correct[:, ix], base[:, ix])
                 for v, ix in length_buckets(lengths).items()}
+            # does the difference grow with the length? one slope per variant, not one CI a cell
+            slope, ci, p = bootstrap_slope(correct, base, lengths)
+            variants[label]["length_slope"] = {"per_unit": slope, "ci95": ci, "p": p}
     others = [label for label in variants if label != baseline]
-    adjusted = holm([variants[label]["diff_vs_baseline"]["p"] for label in others])
-    for label, p in zip(others, adjusted):
-        variants[label]["diff_vs_baseline"]["p_holm"] = p
+    for key in ("diff_vs_baseline", "length_slope"):  # Holm over the k variants, per question
+        if lengths or key == "diff_vs_baseline":
+            adjusted = holm([variants[label][key]["p"] for label in others])
+            for label, p in zip(others, adjusted):
+                variants[label][key]["p_holm"] = p
     stats = {"baseline": baseline, "n_test": len(questions), "runs": len(sft), "scope": scope,
              "sft": dict(zip(("accuracy", "ci95"), bootstrap(sft))), "variants": variants}
     if lengths:
@@ -250,7 +255,8 @@ def comparison_notes(stats):
 
 def length_table(stats):
     """Per length bucket: n, the baseline's accuracy, and each variant's paired difference with
-    it [95 % CI] ('' without a length axis)."""
+    it [95 % CI]; then each variant's slope of that difference per unit of length, the one test
+    of "does it grow with length" ('' without a length axis)."""
     if "length_axis" not in stats:
         return ""
     base = stats["baseline"]
@@ -262,10 +268,19 @@ def length_table(stats):
         row += [percent(at[label]["diff_vs_baseline"]["mean"],
                         at[label]["diff_vs_baseline"]["ci95"], "+") for label in others]
         rows.append(row)
+    slopes = [stats["variants"][label]["length_slope"] for label in others]
+    rows.append([f"slope per {stats['length_axis'].rstrip('s')} (p Holm)", "", "",
+                 *(f"{percent(s['per_unit'], s['ci95'], '+')} ({s['p_holm']:.3f})"
+                   for s in slopes)])
     header = [stats["length_axis"], "n", f"{base} accuracy %",
               *(f"{label} vs {base}, points [95% CI]" for label in others)]
+    cells = len(others) * len(stats["n_by_length"])
     return (f"By length ({stats['length_axis']} of the worked solution):\n\n"
-            + markdown_table(header, rows))
+            + markdown_table(header, rows)
+            + f"\n\n{cells} cells at 95 %: about {0.05 * cells:.1f} exclude zero by chance alone; "
+              f"the slope (least squares of the per-question difference on the length, "
+              f"bootstrapped like the rest, Holm-adjusted over the {len(others)} variants) is the "
+              f"one test of a trend.")
 
 
 def plot_comparison(stats, path):
@@ -307,7 +322,9 @@ def plot_by_length(ax, stats):
         y = [100 * d["mean"] for d in diffs]
         err = [[100 * (d["mean"] - d["ci95"][0]) for d in diffs],
                [100 * (d["ci95"][1] - d["mean"]) for d in diffs]]
-        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, ms=4, lw=1, label=label)
+        slope = stats["variants"][label]["length_slope"]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, ms=4, lw=1,
+                    label=f"{label} (slope {percent(slope['per_unit'], slope['ci95'], '+')})")
     ax.axhline(0, color="tab:red", ls=":", lw=1)
     ax.set_xticks(range(len(buckets)),
                   [f"{v}\n(n={stats['n_by_length'][v]})" for v in buckets])

@@ -85,7 +85,10 @@ def test_a_task_of_many_lengths_is_reported_by_length(pooled):
     assert sum(stats["n_by_length"].values()) == stats["n_test"]
     for label, v in stats["variants"].items():
         assert list(v["by_length"]) == ["1", "2", "3"], label
-    assert "By length (steps" in (out / "compare.md").read_text()
+    slope = stats["variants"]["ADPO static k=1"]["length_slope"]  # the one test of a trend
+    assert slope["ci95"][0] <= slope["per_unit"] <= slope["ci95"][1] and "p_holm" in slope
+    text = (out / "compare.md").read_text()
+    assert "By length (steps" in text and "slope per step" in text
 
 
 def test_a_killed_pipeline_resumes_to_the_same_report(pooled, tmp_path, monkeypatch):

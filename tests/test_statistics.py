@@ -4,7 +4,8 @@ bootstrap p-value, and the effect a design can detect."""
 import numpy as np
 import pytest
 
-from eval import bootstrap, bootstrap_means, bootstrap_p, detectable_effect, holm
+from eval import (bootstrap, bootstrap_means, bootstrap_p, bootstrap_slope, detectable_effect,
+                  holm)
 
 
 def slow_bootstrap(x, n_boot, seed, levels=("runs", "questions")):
@@ -129,3 +130,30 @@ def test_seeds_that_disagree_raise_the_detectable_effect():
     one = detectable_effect(calm[:1], base[:1])        # one run: the questions' noise only
     assert detectable_effect(calm, base) < one
     assert detectable_effect(wild, base) > 2 * detectable_effect(calm, base)
+
+
+def test_the_length_slope_is_least_squares_and_its_ci_the_two_level_bootstrap():
+    """A gain that grows by 2 points per step, on 3 runs of 2400 questions of 1 to 6 steps."""
+    rng = np.random.default_rng(11)
+    lengths = np.repeat(np.arange(1, 7), 400)
+    base = (rng.random((3, 2400)) < 0.3).astype(float)
+    better = base.copy()
+    for s in range(3):
+        gain = 0.02 * (lengths - 1)               # 0 points at one step, +10 at six
+        better[s] = np.where(rng.random(2400) < gain, 1.0, base[s])
+    slope, (lo, hi), p = bootstrap_slope(better, base, lengths)
+    d = (better - base).mean(0)
+    assert slope == pytest.approx(np.polyfit(lengths, d, 1)[0])
+    assert lo < slope < hi and lo > 0 and p < 0.01
+    # the slow reference: draw runs, then questions, fit the line, one replicate at a time
+    draw = np.random.default_rng(12)
+    slow = []
+    for _ in range(1000):
+        runs, questions = draw.integers(3, size=3), draw.integers(2400, size=2400)
+        slow.append(np.polyfit(lengths[questions], (better - base)[runs][:, questions].mean(0),
+                               1)[0])
+    slow_lo, slow_hi = np.percentile(slow, [2.5, 97.5])
+    assert abs(lo - slow_lo) < 0.15 * (slow_hi - slow_lo)
+    assert abs(hi - slow_hi) < 0.15 * (slow_hi - slow_lo)
+    flat, (flat_lo, flat_hi), _ = bootstrap_slope(base, base[::-1], lengths)
+    assert flat_lo < 0 < flat_hi                  # no trend: a CI around 0
