@@ -544,18 +544,23 @@ def _most_frequent(samples, kind="gsm8k"):
     return samples[answers.index(Counter(answers).most_common(1)[0][0])]
 
 def pairs_from_samples(records):
-    """On-policy pairs, cDPO's recipe: records of dict(prompt, answer, samples) -> (pairs, stats).
-    Per question, chosen = a sample with the most frequent correct answer, rejected = one with the
-    most frequent wrong answer; a question without a correct or without a wrong sample (or whose
-    samples are empty: nothing to score) gives no pair, and stats count why, and the prompts that
-    were cut to fit the context (records' `prompt_cut`)."""
+    """On-policy pairs, cDPO's recipe: records of dict(prompt, answer, samples, finished) ->
+    (pairs, stats). Per question, chosen = a sample with the most frequent correct answer,
+    rejected = one with the most frequent wrong answer; a question without a correct or without a
+    wrong sample gives no pair, and stats count why, and the prompts that were cut to fit the
+    context (records' `prompt_cut`). A sample that is empty (nothing to score) or that did not
+    end (cut at --max_new_tokens: `finished` false) is neither: graded by the last number it
+    reached, and trained on with an EOS after it, it would teach an answer the model never gave;
+    stats count them."""
     pairs, counts = [], Counter()
     for r in records:
-        usable = [s for s in r["samples"] if s.strip()]
+        ended = r.get("finished", [True] * len(r["samples"]))  # (sample files of older runs)
+        usable = [s for s, f in zip(r["samples"], ended) if f and s.strip()]
         kind = grader(r)
         right = [s for s in usable if is_correct(s, r["answer"], kind)]
         wrong = [s for s in usable if s not in right]
-        counts.update(samples=len(r["samples"]), empty=len(r["samples"]) - len(usable),
+        counts.update(samples=len(r["samples"]), unfinished=ended.count(False),
+                      empty=sum(f and not s.strip() for s, f in zip(r["samples"], ended)),
                       right=len(right), no_right=not right, no_wrong=bool(right) and not wrong,
                       prompts_cut=r.get("prompt_cut", False))
         if right and wrong:
@@ -564,7 +569,8 @@ def pairs_from_samples(records):
     stats = dict(questions=len(records), samples=counts["samples"],
                  sample_accuracy=counts["right"] / max(1, counts["samples"]),
                  skipped_no_correct=counts["no_right"], skipped_no_wrong=counts["no_wrong"],
-                 empty_samples=counts["empty"], prompts_cut=counts["prompts_cut"])
+                 empty_samples=counts["empty"], unfinished_samples=counts["unfinished"],
+                 prompts_cut=counts["prompts_cut"])
     return pairs, stats
 
 def split_pairs(pairs, val_frac, seed=0):

@@ -51,7 +51,8 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
              progress=True):
     """n completions (strings, EOS removed) for every prompt string -> (list (len(prompts)) of
     lists (n), list of bools: the prompt was longer than the context leaves room for and was cut,
-    keeping its end). Work is cut into fixed batches of (prompt, sample) jobs and batch j is
+    keeping its end, list of lists of bools: the completion ended with the EOS, not at
+    max_new_tokens). Work is cut into fixed batches of (prompt, sample) jobs and batch j is
     sampled with seed `seed + j`, so the result does not depend on how many batches ran before."""
     eot = tok.eot_token
     room = model.config.block_size - max_new_tokens  # a prompt longer than this keeps its end
@@ -63,6 +64,7 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
     encoded = [ids[-room:] for ids in encoded]
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     out = [[] for _ in prompts]
+    finished = [[] for _ in prompts]
     batches = range(0, len(jobs), batch_size)
     for j, b0 in enumerate(progress_bar(batches, desc, unit="batch", disable=not progress,
                                         leave=False)):
@@ -73,8 +75,10 @@ def complete(model, tok, prompts, *, n=1, max_new_tokens=128, temperature=0.0, t
                                  eos_token_id=eot,
                                  seed=seed + j)
         for i, ids in zip(chunk, new):
-            out[i].append(tok.decode(ids[:-1] if ids and ids[-1] == eot else ids))
-    return out, cut
+            ended = bool(ids) and ids[-1] == eot
+            out[i].append(tok.decode(ids[:-1] if ended else ids))
+            finished[i].append(ended)
+    return out, cut, finished
 
 
 def majority_answer(completions, kind="gsm8k"):
@@ -96,7 +100,7 @@ def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, t
     fit the context and kept its end), MATH's subject and level where the example has them; and
     `maj`, `maj_correct` when maj_k > 1. Each example is graded by its kind (data.grader)."""
     prompts = [ex["prompt"] for ex in examples]
-    greedy, cut = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+    greedy, cut, _ = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                            batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
     records = [dict(question=ex.get("question", ex["prompt"]), completion=c,
                     pred=extract_answer(c, grader(ex)), gold=ex["answer"],
@@ -104,7 +108,7 @@ def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, t
                     **{key: ex[key] for key in BREAKDOWNS if key in ex})
                for ex, (c,), k in zip(examples, greedy, cut)]
     if maj_k > 1:
-        samples, _ = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
+        samples, _, _ = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, batch_size=batch_size, ctx=ctx,
                            desc=f"eval maj@{maj_k}", progress=progress)
         for r, s, ex in zip(records, samples, examples):
@@ -418,6 +422,9 @@ def run_folder(ckpt):
 
 def validate(cfg):
     need(cfg.ckpt, "--ckpt is required (our ckpt.pt, a GPT-2 name or a Hugging Face folder)")
+    need(cfg.task != "none" or cfg.pairs,
+         "--task none and no --pairs: nothing to evaluate (expected a task to score, "
+         "--pairs FILE, or both)")
     validate_settings(cfg)
 
 

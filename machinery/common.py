@@ -56,6 +56,10 @@ def convert(name, typ, value, text=False):
     2.5 no int (a float field takes an int)."""
     if text and isinstance(value, str) and typ is not str:
         value = _from_text(name, typ, value)
+    if typ is str and isinstance(value, str) and value.startswith("~"):
+        # the one place paths are resolved: a shell leaves `--out_dir=~/x` (and a preset's
+        # "~/x") unexpanded, and ~ must mean the same home in every flag that takes a path
+        value = os.path.expanduser(value)
     if not (type(value) is typ or (typ is float and type(value) is int)):
         raise ConfigError(f"--{name} expects {typ.__name__}, got {value!r}")
     if typ is float and not math.isfinite(value):
@@ -240,12 +244,20 @@ class Run:
 
 def process_rank():
     """This process's rank under torchrun (0 in a single process): the one place it is read.
-    Rank 0 prints and writes the files; it is known before setup() joins the process group."""
-    return int(os.environ.get("RANK", 0))
+    Rank 0 prints and writes the files; it is known before setup() joins the process group.
+    A RANK without a WORLD_SIZE that has room for it is no torchrun's: a leftover of a torchrun
+    shell, under which this process would write nothing and wait for a rank 0 that never comes."""
+    rank = os.environ.get("RANK", "0")
+    world = os.environ.get("WORLD_SIZE", "1")
+    need(rank.isdigit() and world.isdigit() and int(rank) < int(world),
+         f"the environment has RANK={rank} and WORLD_SIZE={world}: expected RANK < WORLD_SIZE, "
+         f"as torchrun sets them (unset RANK and WORLD_SIZE to run one process)")
+    return int(rank)
 
 
 def setup(device="auto", dtype="auto"):
     """Pick the device and precision, and join the process group under torchrun."""
+    rank = process_rank()
     world = int(os.environ.get("WORLD_SIZE", 1))
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
          f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
@@ -273,7 +285,7 @@ def setup(device="auto", dtype="auto"):
     ctx = nullcontext()
     if dtype != "float32":
         ctx = torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return Run(device, device_type, dtype, ctx, process_rank(), world)
+    return Run(device, device_type, dtype, ctx, rank, world)
 
 
 # dense bf16 tensor-core peak FLOP/s by GPU name, for MFU: the datasheets' figures without 2:4

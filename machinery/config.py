@@ -160,8 +160,10 @@ def validate_settings(cfg):
          f"--tokenizer {cfg.tokenizer!r}: expected auto, byte or gpt2")
     need(cfg.chat_template in ("auto", "none"),
          f"--chat_template {cfg.chat_template!r}: expected auto or none")
-    for k in ("eval_batch_size", "max_new_tokens", "max_len", "maj_k"):
+    for k in ("eval_batch_size", "max_new_tokens", "maj_k"):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
+    need(cfg.max_len >= 2, f"--max_len must be >= 2 (a prompt token and a response token; "
+                           f"the prompt is cut to half of it), got {cfg.max_len}")
     for k in ("n_train", "n_test", "seed", "task_seed"):
         need(getattr(cfg, k) >= 0, f"--{k} must be >= 0, got {getattr(cfg, k)}")
     for k in ("task", "arith_ops"):

@@ -133,6 +133,34 @@ def test_arith_pairs_need_steps():
         data.make_arith_pairs([dict(prompt="Question: q\nAnswer:", response=" It is 5.\n#### 5",
                                     answer="5")])
 
+
+def test_a_sample_cut_at_max_new_tokens_is_neither_chosen_nor_rejected():
+    """A sample that never reached its EOS is graded by the last number it got to; as a chosen
+    response (an EOS after it) it would teach an answer the model never finished. The sampler
+    says which ended (eval.complete), the pairs leave the others out and count them."""
+    import eval as evaluate
+    tok = get_tokenizer("byte")
+
+    class Sampler(torch.nn.Module):  # sample j of each prompt: "2" and its EOS, or "2 and 3" cut
+        config = type("Config", (), {"block_size": 64})
+
+        def generate(self, prompts, max_new_tokens, **kwargs):
+            ended = tok.encode("The answer is 2") + [tok.eot_token]
+            cut = tok.encode("The answer is 2 and 3 and")[:max_new_tokens]
+            return [ended if j % 2 == 0 else cut for j in range(len(prompts))]
+
+    samples, _, finished = evaluate.complete(Sampler(), tok, ["1+1?"], n=4, max_new_tokens=25,
+                                             progress=False)
+    assert finished == [[True, False, True, False]]
+    record = dict(prompt="1+1?", answer="2", kind="gsm8k", samples=samples[0], finished=finished[0])
+    record["samples"][0] = "The answer is 5"  # a finished wrong answer: the pair's rejected
+    (pair,), stats = data.pairs_from_samples([record])
+    assert (pair["chosen"], pair["rejected"]) == ("The answer is 2", "The answer is 5")
+    assert stats["unfinished_samples"] == 2 and stats["sample_accuracy"] == 0.25
+    record["samples"][2] = "The answer is 7"  # only the cut samples reached 2 (graded: their 3)
+    assert data.pairs_from_samples([record])[0] == []
+
+
 # -----------------------------------------------------------------------------
 # grading
 

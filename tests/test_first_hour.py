@@ -321,7 +321,7 @@ def test_a_sampled_special_token_is_the_token_trained_on(qwen_folder):
         def generate(self, prompts, max_new_tokens, **kwargs):
             return [sampled + [tok.eot_token] for _ in prompts]
 
-    [[text]], _ = evaluate.complete(Sampler(), tok, ["Question: 1+1?"], max_new_tokens=32,
+    [[text]], _, _ = evaluate.complete(Sampler(), tok, ["Question: 1+1?"], max_new_tokens=32,
                                     progress=False)
     assert "<|im_start|>" in text
     [row], _ = data.encode_pairs([dict(prompt="Q", chosen=text, rejected="other")], tok,

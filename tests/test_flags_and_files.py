@@ -49,6 +49,17 @@ def test_parse_errors_name_the_flag(argv, message):
     assert message in str(e.value)
 
 
+def test_a_path_starting_with_a_tilde_is_home_in_flags_and_presets(tmp_path, monkeypatch):
+    """`--out_dir=~/x` reaches the program unexpanded (the shell expands ~ only at a word's
+    start); it means the same folder as `--out_dir ~/x`, not a folder named ~ here."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse(Toy, ["--name=~/x"]).name == str(tmp_path / "x")
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"name": "~/y"}))
+    assert parse(Toy, ["--preset", str(preset)], presets=True).name == str(tmp_path / "y")
+    assert parse(Toy, ["--name", "a~b"]).name == "a~b"
+
+
 @pytest.mark.parametrize("value, message", [
     (True, "--steps expects int, got True"),        # a bool is no int ...
     (1, "--fast expects bool, got 1"),              # ... nor an int a bool

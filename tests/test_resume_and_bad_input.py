@@ -653,6 +653,13 @@ CATALOGUE = [
      "--loss simpo --gamma 1e+39: the loss is inf at step 0 already"),
     ("task-no-training-questions", T, ["--task", "{d}/only_test.jsonl"],
      "only_test.jsonl: no training questions"),
+    # issue 35: a command that would do nothing says so; a bad value is named before any work
+    ("eval-nothing-to-evaluate", E, ["--ckpt", "{d}/ok.pt", "--task", "none"],
+     "--task none and no --pairs: nothing to evaluate (expected a task to score, --pairs FILE, "
+     "or both)"),
+    ("max-len-one", T, ["--max_len", "1"],
+     "--max_len must be >= 2 (a prompt token and a response token; the prompt is cut to half "
+     "of it), got 1"),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("no-cuda", T, ["--device", "cuda"],
@@ -730,6 +737,21 @@ def test_bad_input_in_a_process_of_its_own(files, tmp_path, name):
     p = run_cli([case[1], *argv], timeout=120)
     check_one_line_error(p.returncode, p.stderr, case[3])
     assert p.returncode == 1
+
+
+def test_a_bad_flag_claims_no_run_folder(catalogue_results):
+    _, out = catalogue_results["max-len-one"]
+    assert not out.exists()
+
+
+def test_a_stray_rank_in_the_environment_is_named_before_any_work(files, tmp_path):
+    """RANK=1 left over from a torchrun shell: without it, rank 1 of a world of one would train
+    writing nothing, then fail on a checkpoint that rank 0 never wrote."""
+    out = tmp_path / "run"
+    p = run_cli(["train.py", "--out_dir", out, "--loss", "dpo"], timeout=120, RANK="1")
+    check_one_line_error(p.returncode, p.stderr, "the environment has RANK=1 and WORLD_SIZE=1: "
+                         "expected RANK < WORLD_SIZE, as torchrun sets them")
+    assert not out.exists()
 
 
 def test_the_catalogue_is_long_enough():
