@@ -70,7 +70,9 @@ def chat_example(example, tok):
     turn = {"role": "user", "content": f"{example['question']}\n{CHAT_INSTRUCTION}"}
     return dict(example, prompt=tok.render_chat([turn]), response=example["response"].lstrip())
 
-NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?(?:/\d+(?!\.\d))?")
+# a number: "1,234", "-$7.50", "3/4", and ".5" (a decimal without its leading 0: 0.5; not the end
+# of an ellipsis, "...5")
+NUM_RE = re.compile(r"(?<!\w)[-+]?\$?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|(?<!\.)\.\d+)(?:/\d+(?!\.\d))?")
 # the final answer of instruct models told to box it: \boxed{42}, \boxed{\$1,000} (one level of
 # nested braces, as in \boxed{\text{42}})
 BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -78,7 +80,7 @@ CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48
 
 def normalize_number(s):
     """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3', '6/8' -> '3/4',
-    '8/2' -> '4'; None if not a number (or a fraction over 0)."""
+    '8/2' -> '4', '.5' -> '0.5'; None if not a number (or a fraction over 0)."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
     if "/" in s:  # a fraction: exact, in lowest terms
         try:

@@ -164,6 +164,9 @@ def test_arith_pairs_need_steps():
     ("#### 3/4", "3/4", False), ("#### -6/8", "-3/4", False), ("#### 8/2", "4", False),
     ("#### 3/0", None, False), ("so 48/2 = 24\n#### 24", "24", False),
     ("Each gets \\boxed{1/3} of it.", "1/3", False),
+    # a decimal without its leading 0 (it was read as 5 and 75)
+    ("#### .5", "0.5", False), ("#### $.75", "0.75", False), ("#### -.5", "-0.5", False),
+    ("so each gets .25 of it", "0.25", True), ("wait...5 more", "5", True),
 ])
 def test_extract_answer(text, answer, fallback):
     assert data.extract_answer_ex(text) == (answer, fallback)
@@ -177,6 +180,7 @@ def test_extract_answer(text, answer, fallback):
     # exact rationals: a gold "#### 3/4" is 3/4, not 3
     ("#### 3/4", "#### 3/4", True), ("#### 0.75", "3/4", True), ("#### 6/8", "0.75", True),
     ("#### 3", "#### 3/4", False), ("#### 0.3333", "1/3", False),
+    ("#### 0.5", "#### .5", True), ("#### .5", "1/2", True), ("#### .5", "5", False),
 ])
 def test_is_correct(completion, gold, ok):
     assert data.is_correct(completion, gold) is ok
