@@ -1,7 +1,8 @@
 """
 Reading tables: a local .jsonl / .json / .parquet / .csv file, a folder holding {split}.<ext>, or
-a hub dataset, through `datasets`, with one-line errors that name the file, the line or row and
-the field (never datasets' own traceback, never a silently mixed-up column).
+a hub dataset, with one-line errors that name the file, the line or row and the field (never
+datasets' own traceback, never a silently mixed-up column). JSON is read by Python's json, JSON
+Lines by common.read_jsonl (as a run reads the files it writes), the rest through `datasets`.
 
     rows, columns, where = load_table("data/gsm8k.jsonl")   # where: what messages call it
     require_columns(columns, ["question", "answer"], where)
@@ -14,6 +15,8 @@ import csv
 import json
 import os
 import re
+
+from machinery.common import json_row_problem, read_jsonl
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -48,43 +51,27 @@ def _check_utf8(path):
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
 
-def _check_json(path, ext):
-    """Name the first broken line of a JSON Lines file, or where a .json file breaks. (A .json
-    file may hold one JSON value or JSON Lines: datasets reads both.)"""
-    with open(path, encoding="utf-8") as f:
+def _read_json(path):
+    """The rows of a .json file: a list of objects, one object (one row), or JSON Lines (datasets
+    reads all three)."""
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
-    if ext == ".json":
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        first = next((line for line in text.split("\n") if line.strip()), "")
         try:
-            json.loads(text)
-            return
-        except json.JSONDecodeError as e:
-            first = next((line for line in text.splitlines() if line.strip()), "")
-            try:
-                json.loads(first)  # the first line stands alone: JSON Lines in a .json file
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
-                                 f"{e.colno}: {e.msg})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            value = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
-                             f"JSON, {e.msg}; expected one JSON object per line)") from None
-        if not isinstance(value, dict):  # e.g. a JSON array on one line: datasets names no line
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: "
-                             f"{a_kind(value).replace('a list', 'a JSON array')}; expected one JSON "
-                             f"object per line)")
-
-def _mixed_column_error(path, column):
-    with open(path, encoding="utf-8") as f:
-        rows = (json.load(f) if path.lower().endswith(".json")
-                else (json.loads(line) for line in f if line.strip()))
-        for i, row in enumerate(rows):
-            v = row.get(column) if isinstance(row, dict) else None
-            if v is not None and not isinstance(v, str):
-                return ValueError(f"{path} row {i}: field '{column}' is {a_kind(v)} "
-                                  f"but other rows hold strings (expected a non-empty string)")
-    return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
+            json.loads(first)  # the first line stands alone: JSON Lines in a .json file
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
+                             f"{e.colno}: {e.msg})") from None
+        return read_jsonl(path)
+    rows = value if isinstance(value, list) else [value]
+    for i, row in enumerate(rows):
+        problem = json_row_problem(row, "row")
+        if problem:
+            raise ValueError(f"{path}: could not read it as json (row {i}: {problem})")
+    return rows
 
 def _split_file(folder, split):
     """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
@@ -123,8 +110,12 @@ def load_table(source, split="train", config=None):
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
-        if ext in (".jsonl", ".json"):  # datasets would say "Trailing data at position 42"
-            _check_json(path, ext)
+        if ext in (".jsonl", ".json"):
+            # Python's json, as the files a run writes are read: Arrow's reader, behind datasets,
+            # refused what they can hold ("Trailing data at position 42") and json-decoded the
+            # strings of a column that mixed strings and numbers (" 5" became the int 5)
+            rows = read_jsonl(path) if ext == ".jsonl" else _read_json(path)
+            return rows, list(dict.fromkeys(key for row in rows for key in row)), path
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
             with open(path, newline="", encoding="utf-8") as f:
@@ -141,11 +132,6 @@ def load_table(source, split="train", config=None):
             if not quiet:
                 datasets.enable_progress_bars()
         where = path
-        # datasets turns a JSON column that mixes strings with other values into a "Json" column and
-        # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row
-        mixed = [c for c, f in ds.features.items() if type(f).__name__ == "Json"]
-        if mixed:
-            raise _mixed_column_error(path, mixed[0])
     elif os.path.splitext(path)[1].lower() in BUILDERS or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{source}: no such file")
     else:

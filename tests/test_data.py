@@ -11,6 +11,7 @@ import torch
 
 import data
 import train
+from machinery import common
 from machinery.tokenizer import get_tokenizer
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
@@ -430,7 +431,7 @@ def test_local_pair_files(tmp_path):
     ([{"prompt": "p", "chosen": "c", "rejected": 5}],
      r"prefs.jsonl row 0: field 'rejected' is an int"),
     ([PREFS[0], {"prompt": "p", "chosen": ["c"], "rejected": "r"}],
-     r"prefs.jsonl row 1: field 'chosen' is a list"),
+     r"prefs.jsonl row 1: field 'chosen' holds a message that is not \{role"),
     ([PREFS[0], {"prompt": None, "chosen": "c", "rejected": "r"}],
      r"prefs.jsonl row 1: field 'prompt' is missing"),
     ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
@@ -461,6 +462,48 @@ def test_bad_files(tmp_path):
         data.load_pairs(write(tmp_path / "garbage.parquet", b"not a parquet file", "wb"))
     with pytest.raises(FileNotFoundError, match=r"no train.jsonl"):
         data.load_pairs(str(tmp_path))
+
+# characters str.splitlines breaks at but JSON Lines do not (lines end at "\n" only): a JSON
+# string may hold the first three raw, and our writer writes them so
+LINE_BREAKS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+
+def test_jsonl_holding_unicode_line_breaks_is_read_back_as_the_project_wrote_it(tmp_path):
+    """Pair files the pairs stage writes (common.write_jsonl) are read back by eval.py --pairs:
+    they were refused as invalid JSON when a text held U+2028."""
+    pairs = [dict(prompt=f"Q{k}{c}?", chosen=f" a{c}b", rejected=f" c{c}")
+             for k, c in enumerate(LINE_BREAKS)]
+    for name in ("pairs.jsonl", "pairs.json"):
+        common.write_jsonl(pairs, tmp_path / name)
+        assert data.load_pairs(str(tmp_path / name)) == pairs
+        assert common.read_jsonl(tmp_path / name) == pairs
+    rows = [{"question": f"What is {k}{c}+1?", "answer": f"#### {k + 1}"}
+            for k, c in enumerate(LINE_BREAKS)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                 for r in rows), encoding="utf-8")
+    task = data.load_task(str(tmp_path / "task.jsonl"), "train")
+    task += data.load_task(str(tmp_path / "task.jsonl"), "test")
+    assert sorted(e["question"] for e in task) == sorted(r["question"] for r in rows)
+
+def test_jsonl_with_a_bom_and_windows_line_ends_is_read(tmp_path):
+    """A UTF-8 BOM (Windows editors write one) was refused as invalid JSON."""
+    path = write(tmp_path / "bom.jsonl", "\ufeff" + "".join(json.dumps(p) + "\r\n" for p in PREFS))
+    assert data.load_pairs(path) == PREFS == common.read_jsonl(path)
+
+def test_a_lone_surrogate_is_named_with_its_line_and_field(tmp_path):
+    """JSON's \\ud800 escape parses, but half of a UTF-16 pair is not text: the error was
+    "Trailing data at position 179", with no line and no cause. A whole pair is an emoji."""
+    ok = '{"prompt": "Hi \\ud83d\\ude00", "chosen": " a", "rejected": " b"}'
+    bad = '{"prompt": "Hi", "chosen": " a \\ud800", "rejected": " b"}'
+    path = write(tmp_path / "prefs.jsonl", f"{ok}\n{bad}\n")
+    with pytest.raises(ValueError, match=r"prefs.jsonl: could not read it as jsonl \(line 2: "
+                                         r"field 'chosen' holds a lone UTF-16 surrogate"):
+        data.load_pairs(path)
+    assert data.load_pairs(write(tmp_path / "ok.jsonl", ok))[0]["prompt"] == "Hi \U0001f600"
+    with pytest.raises(ValueError, match=r"prefs.json: could not read it as json \(row 1: "
+                                         r"field 'chosen' holds a lone UTF-16 surrogate"):
+        data.load_pairs(write(tmp_path / "prefs.json", f"[{ok}, {bad}]"))
+    with pytest.raises(ValueError, match=r"prefs.jsonl: could not read it as jsonl \(line 2"):
+        common.read_jsonl(tmp_path / "prefs.jsonl")
 
 # -----------------------------------------------------------------------------
 # HH-RLHF style rows and chat messages
