@@ -121,6 +121,9 @@ def load_table(source, split="train", config=None):
             with open(path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), [])
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+            # and only an empty cell is missing: pandas would also read "N/A", "NA", "None", "null",
+            # "nan"... as missing, which an answer or a response can be
+            kwargs.update(keep_default_na=False, na_values=[""])
         quiet = datasets.are_progress_bars_disabled()
         # a local file loads in a blink; its bars would only clutter stderr
         datasets.disable_progress_bars()

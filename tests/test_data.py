@@ -423,6 +423,18 @@ def test_local_pair_files(tmp_path):
     pq.write_table(pa.Table.from_pylist(PREFS), tmp_path / "prefs.parquet")
     assert data.load_pairs(str(tmp_path / "prefs.parquet")) == PREFS
 
+def test_a_csv_cell_reading_na_or_none_is_text_and_only_an_empty_one_is_missing(tmp_path):
+    """pandas reads "N/A", "NA", "None", "null", "nan"... as missing: an answer can be that text."""
+    path = write(tmp_path / "na.csv", "prompt,chosen,rejected\nIs it known?,N/A,None\n"
+                                      "And this?,NA,null\nOr?,nan,#N/A\n")
+    assert [(p["chosen"], p["rejected"]) for p in data.load_pairs(path)] == \
+        [("N/A", "None"), ("NA", "null"), ("nan", "#N/A")]
+    task = write(tmp_path / "task.csv", "question,answer\nNA,#### 1\nnull,#### 2\n")
+    assert {e["question"] for e in data.load_task(task, "train") + data.load_task(task, "test")} \
+        == {"NA", "null"}
+    with pytest.raises(ValueError, match=r"gaps.csv row 0: field 'rejected' is missing"):
+        data.load_pairs(write(tmp_path / "gaps.csv", "prompt,chosen,rejected\np,N/A,\n"))
+
 @pytest.mark.parametrize("rows,match", [
     ([PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}],
      r"prefs.jsonl row 1: field 'chosen' is empty \(expected a non-empty string\)"),
