@@ -369,7 +369,11 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     else:
         rows, columns, where = load_table(name, split, config)
     math = "problem" in columns  # MATH's columns (problem, solution, ...), else GSM8K's
-    require_columns(columns, ["problem", "solution"] if math else ["question", "answer"], where)
+    if math:
+        require_columns(columns, ["problem", "solution"], where,
+                        optional=["answer", "subject", "type", "level"])
+    else:
+        require_columns(columns, ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
     out, seen = [], set()
     for i, row in enumerate(rows):

@@ -12,6 +12,7 @@ data.py builds its tasks and preference pairs on these.
 """
 import codecs
 import csv
+import difflib
 import json
 import os
 import re
@@ -148,10 +149,13 @@ def load_table(source, split="train", config=None):
     return ds.to_list(), list(ds.column_names), where
 
 def require_columns(columns, needed, where, optional=()):
-    """Columns are matched exactly: a near miss ('Prompt', 'chosen ') is an error naming it, never
-    silently a missing column (a pair file without `prompt` is read another way: HH-RLHF)."""
+    """Columns are matched exactly: a near miss of a column the reader uses ('Prompt', 'chosen ',
+    'promt') is an error naming both, never silently a missing column (a pair file without
+    `prompt` is read another way: HH-RLHF; a MATH file without `answer` takes the solution's box).
+    decision: the file's other columns are ignored, as its ids, scores and metadata are
+    (UltraFeedback's score_chosen, MATH-500's unique_id)."""
     for name in (*needed, *optional):
-        near = [c for c in columns if c != name and re.sub(r"[\s_-]", "", c).lower() == name]
+        near = [c for c in columns if c != name and _near_miss(c, name)]
         if name not in columns and near:
             raise ValueError(f"{where}: column {near[0]!r} is not {name!r} (columns are matched "
                              f"exactly: rename it to {name!r})")
@@ -159,6 +163,16 @@ def require_columns(columns, needed, where, optional=()):
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
                          f"(found: {', '.join(map(repr, columns)) or 'none'})")
+
+def _near_miss(column, name):
+    """Whether a column's name looks like a misspelling of `name`: the same but for case, spaces,
+    '_' or '-', or close to it by difflib's ratio ('promt', 'anwser': 0.8 and over, stricter than
+    the flags' 0.6, since a table holds columns of its own, such as 'label' beside 'level'),
+    unless it names a column of its own after it ('prompt_id', 'score_chosen')."""
+    if re.sub(r"[\s_-]", "", column).lower() == name:
+        return True
+    words = re.split(r"[\W_]+", column.lower())
+    return name not in words and difflib.SequenceMatcher(None, column.lower(), name).ratio() >= 0.8
 
 def bad_text(v):
     """What is wrong with a field that should be a non-empty string, or None if nothing is."""

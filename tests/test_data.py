@@ -455,6 +455,32 @@ def test_bad_pair_rows(tmp_path, rows, match):
     with pytest.raises(ValueError, match=match):
         data.load_pairs(path)
 
+@pytest.mark.parametrize("row,near", [
+    # read as HH-RLHF (no prompt column): the questions were cut off as the shared prefix
+    ({"promt": "Q: 2+2?", "chosen": "Q: 2+2? 4", "rejected": "Q: 2+2? 5"}, ("promt", "prompt")),
+    # ... or the error blamed "no shared prefix"
+    ({"promt": "Q", "chosen": "4", "rejected": "5"}, ("promt", "prompt")),
+    ({"prompt": "Q", "choosen": "4", "rejected": "5"}, ("choosen", "chosen")),
+])
+def test_a_misspelled_pair_column_is_named_with_its_close_match(tmp_path, row, near):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(ValueError, match=rf"pairs.jsonl: column '{near[0]}' is not '{near[1]}' "
+                                         rf"\(columns are matched exactly: rename it"):
+        data.load_pairs(path)
+
+def test_a_misspelled_task_column_is_named_and_other_columns_are_ignored(tmp_path):
+    path = write_jsonl(tmp_path / "task.jsonl", [{"questoin": "1+1?", "answer": "#### 2"}])
+    with pytest.raises(ValueError, match=r"task.jsonl: column 'questoin' is not 'question'"):
+        data.load_task(path, "train")
+    # a MATH file's answer column misspelled was ignored: the gold came from the solution's box
+    row = {"problem": "p", "solution": r"so \boxed{1}", "anwser": "2"}
+    path = write_jsonl(tmp_path / "math.jsonl", [row])
+    with pytest.raises(ValueError, match=r"math.jsonl: column 'anwser' is not 'answer'"):
+        data.load_task(path, "train")
+    # decision: columns named after a used one, and the others, are the file's own
+    pairs = [dict(PREFS[0], prompt_id="a1", score_chosen=8.5, messages=[])]
+    assert data.load_pairs(write_jsonl(tmp_path / "extra.jsonl", pairs)) == [PREFS[0]]
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.load_pairs(str(tmp_path / "nope.jsonl"))
