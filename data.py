@@ -24,9 +24,9 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
     conversation: the prompt is their longest shared prefix, backed off to the end of the last
     "\n\nAssistant:" inside it;
   - chosen / rejected (and prompt) as lists of chat messages {role, content} (TRL's
-    conversational format; without a prompt column, the messages both start with are the
-    prompt): rendered for the model by render_pairs, through its chat template as TRL does, or
-    without one as "\n\nHuman: ...\n\nAssistant: ..." text;
+    conversational format; without a prompt column, the prompt is the conversation up to its
+    last user turn, which both must share): rendered for the model by render_pairs, through its
+    chat template as TRL does, or without one as "\n\nHuman: ...\n\nAssistant: ..." text;
   - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
     through.
 Local files: .jsonl / .json / .parquet / .csv, read through `datasets` (tables.py). Rows are numbered
@@ -440,9 +440,12 @@ def _check_messages(messages, field):
     return messages
 
 def _messages_from_row(chosen, rejected, prompt, has_prompt):
-    """TRL's conversational format: prompt, chosen, rejected as lists of messages; without a
-    prompt column, the messages chosen and rejected share at their start are the prompt (TRL's
-    extract_prompt). -> dict(prompt, chosen, rejected) of message lists (render_pairs)."""
+    """TRL's conversational format: prompt, chosen, rejected as lists of messages; the responses
+    are the assistant's turns after the prompt's last user turn. Without a prompt column, the
+    prompt is the conversation up to its last user turn, which chosen and rejected must share.
+    decision: not TRL's extract_prompt (the messages both start with), which made the two
+    questions of a pair sharing only its system turn the "responses".
+    -> dict(prompt, chosen, rejected) of message lists (render_pairs)."""
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) * has_prompt)
     for field, v in fields:
         if not isinstance(v, list):
@@ -450,13 +453,25 @@ def _messages_from_row(chosen, rejected, prompt, has_prompt):
                              f"expected a list of messages like the others")
         _check_messages(v, field)
     if not has_prompt:
-        k = 0
-        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-            k += 1
-        if k == 0:
-            raise ValueError("chosen and rejected share no first message, so there is no prompt "
-                             "to split off")
-        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        last_user = [max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+                     for messages in (chosen, rejected)]
+        cut = max(last_user) + 1
+        if cut == 0:
+            raise ValueError("no user turn in chosen or rejected, so there is no prompt to split "
+                             "off")
+        if chosen[:cut] != rejected[:cut]:
+            k = next(k for k in range(cut) if k >= min(len(chosen), len(rejected))
+                     or chosen[k] != rejected[k])
+            role = (chosen if k < len(chosen) else rejected)[k]["role"]
+            raise ValueError(f"chosen and rejected differ before their last assistant turn "
+                             f"(message {k}, the {role}'s): expected one conversation up to its "
+                             f"last user turn, then two replies")
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        user = next((k for k, m in enumerate(messages) if m["role"] == "user"), None)
+        if user is not None:
+            raise ValueError(f"field '{field}' holds a user turn (message {user}): a response is "
+                             f"the assistant's reply to the prompt's last user turn")
     if not chosen or not rejected:
         raise ValueError("one of chosen/rejected holds no message after the prompt")
     if chosen == rejected:

@@ -581,3 +581,30 @@ def test_chat_messages(tmp_path):
              "rejected": [{"role": "robot", "content": "y"}]}]
     with pytest.raises(ValueError, match="chat3.jsonl row 0: field 'chosen' holds a message"):
         data.load_pairs(write_jsonl(tmp_path / "chat3.jsonl", rows))
+
+def test_chat_pairs_without_a_prompt_are_split_at_the_last_user_turn(tmp_path):
+    """The prompt was the messages chosen and rejected share: when they shared only the system
+    turn, the two questions became the 'responses' (cut inside the user's turn, as text)."""
+    system, q, a = ({"role": r, "content": c} for r, c in
+                    (("system", "Be brief."), ("user", "2+2?"), ("assistant", "4")))
+    rows = [{"chosen": [system, q, a], "rejected": [system, q, dict(a, content="5")]},
+            {"chosen": [q, a, q, a], "rejected": [q, a, q, dict(a, content="5")]}]
+    pairs = data.load_pairs(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert [p["prompt"] for p in pairs] == [[system, q], [q, a, q]]
+    assert data.render_pairs(pairs[:1], get_tokenizer("byte"), verbose=False) == [dict(
+        prompt="\n\nSystem: Be brief.\n\nHuman: 2+2?\n\nAssistant:", chosen=" 4", rejected=" 5")]
+    for bad, match in [
+            ({"chosen": [system, q, a], "rejected": [system, dict(q, content="3+3?"), a]},
+             r"chosen and rejected differ before their last assistant turn \(message 1, "
+             r"the user's\)"),
+            ({"chosen": [q, a], "rejected": [q, dict(a, content="5"), q, a]},
+             r"chosen and rejected differ before their last assistant turn \(message 1"),
+            ({"chosen": [system, a], "rejected": [system, dict(a, content="5")]},
+             r"no user turn in chosen")]:
+        with pytest.raises(ValueError, match=r"chat2.jsonl row 1: " + match):
+            data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows[:1] + [bad]))
+    # with a prompt column, a response holding a user turn is another conversation too
+    rows = [{"prompt": [system], "chosen": [q, a], "rejected": [dict(q, content="3+3?"), a]}]
+    with pytest.raises(ValueError, match=r"chat3.jsonl row 0: field 'chosen' holds a user turn "
+                                         r"\(message 0\)"):
+        data.load_pairs(write_jsonl(tmp_path / "chat3.jsonl", rows))
