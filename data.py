@@ -29,8 +29,8 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
     chat template as TRL does, or without one as "\n\nHuman: ...\n\nAssistant: ..." text;
   - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
     through.
-Local files: .jsonl / .json / .parquet / .csv, read through `datasets` (tables.py). Rows are numbered
-from 0.
+Local files: .jsonl / .json (Python's json) / .parquet / .csv (`datasets`), read by tables.py. Rows
+are numbered from 0.
 
 Batch convention (what model.py / loss.py / train.py consume): right-padded (B, T) tensors
 input_ids, targets, loss_mask with targets[:, t] = input_ids[:, t+1] (the last column's target is
