@@ -355,8 +355,9 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
 
     A single local file holds both splits: a question is a test question when a hash of its text
     says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
-    the row order; a repeated question is kept once. For a split of your own, pass a folder with
-    train.jsonl and test.jsonl (or .json / .parquet / .csv)."""
+    the row order. For a split of your own, pass a folder with train.jsonl and test.jsonl (or
+    .json / .parquet / .csv). A repeated question is kept once (and said so); the same question
+    with two answers is refused, naming both rows."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
     config = knobs.pop("config", None)
@@ -375,14 +376,28 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     else:
         require_columns(columns, ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
-    out, seen = [], set()
+    out, first, repeated = [], {}, 0  # first: a question -> (its first row, its example)
     for i, row in enumerate(rows):
         example = _math_example(row, where, i) if math else _gsm8k_example(row, where, i)
         question = example["question"]
-        if single_file and ((split == "test") != _is_test_question(question) or question in seen):
+        if single_file and (split == "test") != _is_test_question(question):
             continue
-        seen.add(question)
+        if question in first:
+            # decision: a repeated question is one question (scored once, trained on once);
+            # with another answer, the file contradicts itself
+            j, kept = first[question]
+            answer = example["answer"]
+            same = answer == kept["answer"] or (
+                math and is_correct(f"\\boxed{{{answer}}}", kept["answer"], "math"))
+            if not same:
+                raise ValueError(f"{where} rows {j} and {i}: the same question with two answers "
+                                 f"({kept['answer']!r} and {answer!r}); keep the right one")
+            repeated += 1
+            continue
+        first[question] = (i, example)
         out.append(example)
+    if repeated:
+        print(f"{where}: {repeated} repeated question(s) with the same answer, each kept once")
     return out[:n]
 
 def _gsm8k_example(row, where, i):

@@ -394,6 +394,28 @@ def test_a_single_file_is_split_into_disjoint_train_and_test(tmp_path):
     assert data.load_task(path, "test", n=3) == test[:3]
 
 
+def test_a_repeated_question_is_scored_once_and_two_answers_to_it_are_refused(tmp_path, capsys):
+    """A test file's repeated question was scored once per copy, even with two different golds."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 72")])
+    assert [e["answer"] for e in data.load_task(str(folder), "test")] == ["72", "1234"]
+    assert "test.jsonl: 1 repeated question(s) with the same answer, each kept once" in \
+        capsys.readouterr().out
+    write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 73")])
+    with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question with two "
+                                         r"answers \('72' and '73'\)"):
+        data.load_task(str(folder), "test")
+    # MATH's answers are the same when they are equal as mathematics
+    rows = [dict(problem="Half of 1?", solution=r"It is \boxed{\frac12}."),
+            dict(problem="Half of 1?", solution=r"It is \boxed{0.5}."),
+            dict(problem="Half of 1?", solution=r"It is \boxed{2}.")]
+    write_jsonl(folder / "test.jsonl", rows[:2])
+    assert len(data.load_task(str(folder), "test")) == 1
+    write_jsonl(folder / "test.jsonl", rows)
+    with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question"):
+        data.load_task(str(folder), "test")
+
 def test_local_gsm8k_bad_answer(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [GSM[0], {"question": "q", "answer": "it is 5"}])
     with pytest.raises(ValueError, match=r"gsm.jsonl row 1: field 'answer' has no '#### <number>'"):
