@@ -119,7 +119,7 @@ def load_table(source, split="train", config=None):
             return rows, list(dict.fromkeys(key for row in rows for key in row)), path
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's CSV has a BOM
                 header = next(csv.reader(f), [])
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
             # and only an empty cell is missing: pandas would also read "N/A", "NA", "None", "null",

@@ -549,6 +549,12 @@ def test_jsonl_with_a_bom_and_windows_line_ends_is_read(tmp_path):
     path = write(tmp_path / "bom.jsonl", "\ufeff" + "".join(json.dumps(p) + "\r\n" for p in PREFS))
     assert data.load_pairs(path) == PREFS == common.read_jsonl(path)
 
+def test_a_csv_with_a_bom_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: it was refused (KeyError: '\\ufeffprompt')."""
+    path = tmp_path / "excel.csv"
+    path.write_text("prompt,chosen,rejected\r\nHi, there, you\r\n", encoding="utf-8-sig")
+    assert data.load_pairs(str(path)) == [PREFS[1]]
+
 def test_a_lone_surrogate_is_named_with_its_line_and_field(tmp_path):
     """JSON's \\ud800 escape parses, but half of a UTF-16 pair is not text: the error was
     "Trailing data at position 179", with no line and no cause. A whole pair is an emoji."""
