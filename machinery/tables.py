@@ -116,11 +116,16 @@ def load_table(source, split="train", config=None):
             # refused what they can hold ("Trailing data at position 42") and json-decoded the
             # strings of a column that mixed strings and numbers (" 5" became the int 5)
             rows = read_jsonl(path) if ext == ".jsonl" else _read_json(path)
+            if not rows:
+                raise ValueError(f"{path}: no rows in it (blank lines or an empty list only)")
             return rows, list(dict.fromkeys(key for row in rows for key in row)), path
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
             with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's CSV has a BOM
-                header = next(csv.reader(f), [])
+                reader = csv.reader(f)
+                header = next(reader, [])
+                if not any(reader):  # (datasets: 'Instruction "train" corresponds to no data!')
+                    raise ValueError(f"{path}: no rows in it (a header only)")
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
             # and only an empty cell is missing: pandas would also read "N/A", "NA", "None", "null",
             # "nan"... as missing, which an answer or a response can be

@@ -549,6 +549,16 @@ def test_jsonl_with_a_bom_and_windows_line_ends_is_read(tmp_path):
     path = write(tmp_path / "bom.jsonl", "\ufeff" + "".join(json.dumps(p) + "\r\n" for p in PREFS))
     assert data.load_pairs(path) == PREFS == common.read_jsonl(path)
 
+def test_a_file_holding_no_rows_is_refused_as_such(tmp_path):
+    """A CSV header, blank lines or [] only: datasets said 'Instruction "train" corresponds to no
+    data!'."""
+    for name, text in (("header.csv", "prompt,chosen,rejected\n"), ("empty.json", "[]"),
+                       ("blank.jsonl", "\n\n")):
+        with pytest.raises(ValueError, match=rf"{name}: no rows in it"):
+            data.load_pairs(write(tmp_path / name, text))
+    with pytest.raises(ValueError, match=r"task.csv: no rows in it \(a header only\)"):
+        data.load_task(write(tmp_path / "task.csv", "question,answer\r\n"), "train")
+
 def test_a_csv_with_a_bom_is_read(tmp_path):
     """Excel's "CSV UTF-8" starts with a BOM: it was refused (KeyError: '\\ufeffprompt')."""
     path = tmp_path / "excel.csv"
