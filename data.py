@@ -24,13 +24,13 @@ Preference pairs (lists of dicts: prompt, chosen, rejected)
     conversation: the prompt is their longest shared prefix, backed off to the end of the last
     "\n\nAssistant:" inside it;
   - chosen / rejected (and prompt) as lists of chat messages {role, content} (TRL's
-    conversational format; without a prompt column, the messages both start with are the
-    prompt): rendered for the model by render_pairs, through its chat template as TRL does, or
-    without one as "\n\nHuman: ...\n\nAssistant: ..." text;
+    conversational format; without a prompt column, the prompt is the conversation up to its
+    last user turn, which both must share): rendered for the model by render_pairs, through its
+    chat template as TRL does, or without one as "\n\nHuman: ...\n\nAssistant: ..." text;
   - the arith task's offline pairs (make_arith_pairs): rejected = one arithmetic slip carried
     through.
-Local files: .jsonl / .json / .parquet / .csv, read through `datasets` (tables.py). Rows are numbered
-from 0.
+Local files: .jsonl / .json (Python's json) / .parquet / .csv (`datasets`), read by tables.py. Rows
+are numbered from 0.
 
 Batch convention (what model.py / loss.py / train.py consume): right-padded (B, T) tensors
 input_ids, targets, loss_mask with targets[:, t] = input_ids[:, t+1] (the last column's target is
@@ -70,7 +70,9 @@ def chat_example(example, tok):
     turn = {"role": "user", "content": f"{example['question']}\n{CHAT_INSTRUCTION}"}
     return dict(example, prompt=tok.render_chat([turn]), response=example["response"].lstrip())
 
-NUM_RE = re.compile(r"(?<!\w)[-+]?\$?\d(?:[\d,]*\d)?(?:\.\d+)?(?:/\d+(?!\.\d))?")
+# a number: "1,234", "-$7.50", "3/4", and ".5" (a decimal without its leading 0: 0.5; not the end
+# of an ellipsis, "...5")
+NUM_RE = re.compile(r"(?<!\w)[-+]?\$?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|(?<!\.)\.\d+)(?:/\d+(?!\.\d))?")
 # the final answer of instruct models told to box it: \boxed{42}, \boxed{\$1,000} (one level of
 # nested braces, as in \boxed{\text{42}})
 BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -78,7 +80,7 @@ CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48
 
 def normalize_number(s):
     """'1,234' -> '1234', '$7.50' -> '7.5', '5.0' -> '5', '-0' -> '0', '+3' -> '3', '6/8' -> '3/4',
-    '8/2' -> '4'; None if not a number (or a fraction over 0)."""
+    '8/2' -> '4', '.5' -> '0.5'; None if not a number (or a fraction over 0)."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
     if "/" in s:  # a fraction: exact, in lowest terms
         try:
@@ -353,8 +355,9 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
 
     A single local file holds both splits: a question is a test question when a hash of its text
     says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
-    the row order; a repeated question is kept once. For a split of your own, pass a folder with
-    train.jsonl and test.jsonl (or .json / .parquet / .csv)."""
+    the row order. For a split of your own, pass a folder with train.jsonl and test.jsonl (or
+    .json / .parquet / .csv). A repeated question is kept once (and said so); the same question
+    with two answers is refused, naming both rows."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
     config = knobs.pop("config", None)
@@ -367,16 +370,34 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     else:
         rows, columns, where = load_table(name, split, config)
     math = "problem" in columns  # MATH's columns (problem, solution, ...), else GSM8K's
-    require_columns(columns, ["problem", "solution"] if math else ["question", "answer"], where)
+    if math:
+        require_columns(columns, ["problem", "solution"], where,
+                        optional=["answer", "subject", "type", "level"])
+    else:
+        require_columns(columns, ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
-    out, seen = [], set()
+    out, first, repeated = [], {}, 0  # first: a question -> (its first row, its example)
     for i, row in enumerate(rows):
         example = _math_example(row, where, i) if math else _gsm8k_example(row, where, i)
         question = example["question"]
-        if single_file and ((split == "test") != _is_test_question(question) or question in seen):
+        if single_file and (split == "test") != _is_test_question(question):
             continue
-        seen.add(question)
+        if question in first:
+            # decision: a repeated question is one question (scored once, trained on once);
+            # with another answer, the file contradicts itself
+            j, kept = first[question]
+            answer = example["answer"]
+            same = answer == kept["answer"] or (
+                math and is_correct(f"\\boxed{{{answer}}}", kept["answer"], "math"))
+            if not same:
+                raise ValueError(f"{where} rows {j} and {i}: the same question with two answers "
+                                 f"({kept['answer']!r} and {answer!r}); keep the right one")
+            repeated += 1
+            continue
+        first[question] = (i, example)
         out.append(example)
+    if repeated:
+        print(f"{where}: {repeated} repeated question(s) with the same answer, each kept once")
     return out[:n]
 
 def _gsm8k_example(row, where, i):
@@ -434,9 +455,12 @@ def _check_messages(messages, field):
     return messages
 
 def _messages_from_row(chosen, rejected, prompt, has_prompt):
-    """TRL's conversational format: prompt, chosen, rejected as lists of messages; without a
-    prompt column, the messages chosen and rejected share at their start are the prompt (TRL's
-    extract_prompt). -> dict(prompt, chosen, rejected) of message lists (render_pairs)."""
+    """TRL's conversational format: prompt, chosen, rejected as lists of messages; the responses
+    are the assistant's turns after the prompt's last user turn. Without a prompt column, the
+    prompt is the conversation up to its last user turn, which chosen and rejected must share.
+    decision: not TRL's extract_prompt (the messages both start with), which made the two
+    questions of a pair sharing only its system turn the "responses".
+    -> dict(prompt, chosen, rejected) of message lists (render_pairs)."""
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) * has_prompt)
     for field, v in fields:
         if not isinstance(v, list):
@@ -444,13 +468,25 @@ def _messages_from_row(chosen, rejected, prompt, has_prompt):
                              f"expected a list of messages like the others")
         _check_messages(v, field)
     if not has_prompt:
-        k = 0
-        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-            k += 1
-        if k == 0:
-            raise ValueError("chosen and rejected share no first message, so there is no prompt "
-                             "to split off")
-        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        last_user = [max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+                     for messages in (chosen, rejected)]
+        cut = max(last_user) + 1
+        if cut == 0:
+            raise ValueError("no user turn in chosen or rejected, so there is no prompt to split "
+                             "off")
+        if chosen[:cut] != rejected[:cut]:
+            k = next(k for k in range(cut) if k >= min(len(chosen), len(rejected))
+                     or chosen[k] != rejected[k])
+            role = (chosen if k < len(chosen) else rejected)[k]["role"]
+            raise ValueError(f"chosen and rejected differ before their last assistant turn "
+                             f"(message {k}, the {role}'s): expected one conversation up to its "
+                             f"last user turn, then two replies")
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        user = next((k for k, m in enumerate(messages) if m["role"] == "user"), None)
+        if user is not None:
+            raise ValueError(f"field '{field}' holds a user turn (message {user}): a response is "
+                             f"the assistant's reply to the prompt's last user turn")
     if not chosen or not rejected:
         raise ValueError("one of chosen/rejected holds no message after the prompt")
     if chosen == rejected:

@@ -506,20 +506,47 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path, torn_tail=False):
-    """A list of dicts; a bad line is a ValueError naming the file and the (1-based) line. With
-    torn_tail, reading stops at the first bad line instead: what a kill mid-append leaves."""
+    """A list of dicts, one JSON object a line: the one reader of JSON Lines (the run's own files,
+    task and pair files). A line ends at "\n" only, as JSON Lines define it (str.splitlines also
+    breaks at U+2028, U+0085, \\x0c..., which a JSON string may hold raw); blank lines are skipped,
+    a UTF-8 BOM is ignored. A bad line is a ValueError naming the file and the (1-based) line.
+    With torn_tail, reading stops at the first bad line instead: what a kill mid-append leaves."""
     out = []
-    with open(path, encoding="utf-8", errors="replace" if torn_tail else "strict") as f:
+    kind = os.path.splitext(str(path))[1][1:].lower() or "jsonl"  # a .json file may hold lines
+    with open(path, encoding="utf-8-sig", errors="replace" if torn_tail else "strict",
+              newline="\n") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip(" \t\r\n"):  # JSON's whitespace
                 continue
             try:
-                out.append(json.loads(line))
+                row = json.loads(line)
+                problem = json_row_problem(row, "line")
             except json.JSONDecodeError as e:
-                if torn_tail:
-                    break
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+                problem = f"invalid JSON, {e.msg}; expected one JSON object per line"
+            if problem and torn_tail:
+                break
+            if problem:
+                raise ValueError(f"{path}: could not read it as {kind} (line {lineno}: {problem})")
+            out.append(row)
     return out
+
+
+JSON_KINDS = {list: "a JSON array", str: "a JSON string", bool: "true or false", type(None): "null"}
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_row_problem(row, per):
+    """What keeps a parsed JSON value from being a row of a table, or None: a row is an object
+    whose strings are text. A lone UTF-16 surrogate (an escape like \\ud800 without the other
+    half of its pair) parses in Python, but no UTF-8 file, Arrow table or tokenizer can hold it."""
+    if not isinstance(row, dict):
+        return f"{JSON_KINDS.get(type(row), 'a number')}; expected one JSON object per {per}"
+    for key, value in row.items():
+        lone = SURROGATE.search(key + json.dumps(value, ensure_ascii=False))
+        if lone:
+            return (f"field {key!r} holds a lone UTF-16 surrogate (\\u{ord(lone.group()):x}, "
+                    f"half of a pair such as \\ud83d\\ude00), which is not text")
+    return None
 
 
 def file_digest(path):

@@ -1,7 +1,8 @@
 """
 Reading tables: a local .jsonl / .json / .parquet / .csv file, a folder holding {split}.<ext>, or
-a hub dataset, through `datasets`, with one-line errors that name the file, the line or row and
-the field (never datasets' own traceback, never a silently mixed-up column).
+a hub dataset, with one-line errors that name the file, the line or row and the field (never
+datasets' own traceback, never a silently mixed-up column). JSON is read by Python's json, JSON
+Lines by common.read_jsonl (as a run reads the files it writes), the rest through `datasets`.
 
     rows, columns, where = load_table("data/gsm8k.jsonl")   # where: what messages call it
     require_columns(columns, ["question", "answer"], where)
@@ -11,9 +12,12 @@ data.py builds its tasks and preference pairs on these.
 """
 import codecs
 import csv
+import difflib
 import json
 import os
 import re
+
+from machinery.common import json_row_problem, read_jsonl
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -48,43 +52,27 @@ def _check_utf8(path):
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
 
-def _check_json(path, ext):
-    """Name the first broken line of a JSON Lines file, or where a .json file breaks. (A .json
-    file may hold one JSON value or JSON Lines: datasets reads both.)"""
-    with open(path, encoding="utf-8") as f:
+def _read_json(path):
+    """The rows of a .json file: a list of objects, one object (one row), or JSON Lines (datasets
+    reads all three)."""
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
-    if ext == ".json":
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        first = next((line for line in text.split("\n") if line.strip()), "")
         try:
-            json.loads(text)
-            return
-        except json.JSONDecodeError as e:
-            first = next((line for line in text.splitlines() if line.strip()), "")
-            try:
-                json.loads(first)  # the first line stands alone: JSON Lines in a .json file
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
-                                 f"{e.colno}: {e.msg})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            value = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: invalid "
-                             f"JSON, {e.msg}; expected one JSON object per line)") from None
-        if not isinstance(value, dict):  # e.g. a JSON array on one line: datasets names no line
-            raise ValueError(f"{path}: could not read it as {ext[1:]} (line {lineno}: "
-                             f"{a_kind(value).replace('a list', 'a JSON array')}; expected one JSON "
-                             f"object per line)")
-
-def _mixed_column_error(path, column):
-    with open(path, encoding="utf-8") as f:
-        rows = (json.load(f) if path.lower().endswith(".json")
-                else (json.loads(line) for line in f if line.strip()))
-        for i, row in enumerate(rows):
-            v = row.get(column) if isinstance(row, dict) else None
-            if v is not None and not isinstance(v, str):
-                return ValueError(f"{path} row {i}: field '{column}' is {a_kind(v)} "
-                                  f"but other rows hold strings (expected a non-empty string)")
-    return ValueError(f"{path}: column '{column}' mixes value types (expected strings)")
+            json.loads(first)  # the first line stands alone: JSON Lines in a .json file
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: could not read it as json (line {e.lineno} column "
+                             f"{e.colno}: {e.msg})") from None
+        return read_jsonl(path)
+    rows = value if isinstance(value, list) else [value]
+    for i, row in enumerate(rows):
+        problem = json_row_problem(row, "row")
+        if problem:
+            raise ValueError(f"{path}: could not read it as json (row {i}: {problem})")
+    return rows
 
 def _split_file(folder, split):
     """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
@@ -123,13 +111,25 @@ def load_table(source, split="train", config=None):
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
-        if ext in (".jsonl", ".json"):  # datasets would say "Trailing data at position 42"
-            _check_json(path, ext)
+        if ext in (".jsonl", ".json"):
+            # Python's json, as the files a run writes are read: Arrow's reader, behind datasets,
+            # refused what they can hold ("Trailing data at position 42") and json-decoded the
+            # strings of a column that mixed strings and numbers (" 5" became the int 5)
+            rows = read_jsonl(path) if ext == ".jsonl" else _read_json(path)
+            if not rows:
+                raise ValueError(f"{path}: no rows in it (blank lines or an empty list only)")
+            return rows, list(dict.fromkeys(key for row in rows for key in row)), path
         kwargs = {}
         if ext == ".csv":  # CSV cells are text: keep them strings (pandas would make "5" the int 5)
-            with open(path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), [])
+            with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's CSV has a BOM
+                reader = csv.reader(f)
+                header = next(reader, [])
+                if not any(reader):  # (datasets: 'Instruction "train" corresponds to no data!')
+                    raise ValueError(f"{path}: no rows in it (a header only)")
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+            # and only an empty cell is missing: pandas would also read "N/A", "NA", "None", "null",
+            # "nan"... as missing, which an answer or a response can be
+            kwargs.update(keep_default_na=False, na_values=[""])
         quiet = datasets.are_progress_bars_disabled()
         # a local file loads in a blink; its bars would only clutter stderr
         datasets.disable_progress_bars()
@@ -141,11 +141,6 @@ def load_table(source, split="train", config=None):
             if not quiet:
                 datasets.enable_progress_bars()
         where = path
-        # datasets turns a JSON column that mixes strings with other values into a "Json" column and
-        # json-decodes its strings (" 5" becomes the int 5): refuse it, naming the first bad row
-        mixed = [c for c, f in ds.features.items() if type(f).__name__ == "Json"]
-        if mixed:
-            raise _mixed_column_error(path, mixed[0])
     elif os.path.splitext(path)[1].lower() in BUILDERS or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{source}: no such file")
     else:
@@ -159,10 +154,13 @@ def load_table(source, split="train", config=None):
     return ds.to_list(), list(ds.column_names), where
 
 def require_columns(columns, needed, where, optional=()):
-    """Columns are matched exactly: a near miss ('Prompt', 'chosen ') is an error naming it, never
-    silently a missing column (a pair file without `prompt` is read another way: HH-RLHF)."""
+    """Columns are matched exactly: a near miss of a column the reader uses ('Prompt', 'chosen ',
+    'promt') is an error naming both, never silently a missing column (a pair file without
+    `prompt` is read another way: HH-RLHF; a MATH file without `answer` takes the solution's box).
+    decision: the file's other columns are ignored, as its ids, scores and metadata are
+    (UltraFeedback's score_chosen, MATH-500's unique_id)."""
     for name in (*needed, *optional):
-        near = [c for c in columns if c != name and re.sub(r"[\s_-]", "", c).lower() == name]
+        near = [c for c in columns if c != name and _near_miss(c, name)]
         if name not in columns and near:
             raise ValueError(f"{where}: column {near[0]!r} is not {name!r} (columns are matched "
                              f"exactly: rename it to {name!r})")
@@ -170,6 +168,16 @@ def require_columns(columns, needed, where, optional=()):
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
                          f"(found: {', '.join(map(repr, columns)) or 'none'})")
+
+def _near_miss(column, name):
+    """Whether a column's name looks like a misspelling of `name`: the same but for case, spaces,
+    '_' or '-', or close to it by difflib's ratio ('promt', 'anwser': 0.8 and over, stricter than
+    the flags' 0.6, since a table holds columns of its own, such as 'label' beside 'level'),
+    unless it names a column of its own after it ('prompt_id', 'score_chosen')."""
+    if re.sub(r"[\s_-]", "", column).lower() == name:
+        return True
+    words = re.split(r"[\W_]+", column.lower())
+    return name not in words and difflib.SequenceMatcher(None, column.lower(), name).ratio() >= 0.8
 
 def bad_text(v):
     """What is wrong with a field that should be a non-empty string, or None if nothing is."""

@@ -11,6 +11,7 @@ import torch
 
 import data
 import train
+from machinery import common
 from machinery.tokenizer import get_tokenizer
 
 STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
@@ -192,6 +193,9 @@ def test_a_sample_cut_at_max_new_tokens_is_neither_chosen_nor_rejected():
     ("#### 3/4", "3/4", False), ("#### -6/8", "-3/4", False), ("#### 8/2", "4", False),
     ("#### 3/0", None, False), ("so 48/2 = 24\n#### 24", "24", False),
     ("Each gets \\boxed{1/3} of it.", "1/3", False),
+    # a decimal without its leading 0 (it was read as 5 and 75)
+    ("#### .5", "0.5", False), ("#### $.75", "0.75", False), ("#### -.5", "-0.5", False),
+    ("so each gets .25 of it", "0.25", True), ("wait...5 more", "5", True),
 ])
 def test_extract_answer(text, answer, fallback):
     assert data.extract_answer_ex(text) == (answer, fallback)
@@ -205,6 +209,7 @@ def test_extract_answer(text, answer, fallback):
     # exact rationals: a gold "#### 3/4" is 3/4, not 3
     ("#### 3/4", "#### 3/4", True), ("#### 0.75", "3/4", True), ("#### 6/8", "0.75", True),
     ("#### 3", "#### 3/4", False), ("#### 0.3333", "1/3", False),
+    ("#### 0.5", "#### .5", True), ("#### .5", "1/2", True), ("#### .5", "5", False),
 ])
 def test_is_correct(completion, gold, ok):
     assert data.is_correct(completion, gold) is ok
@@ -417,6 +422,28 @@ def test_a_single_file_is_split_into_disjoint_train_and_test(tmp_path):
     assert data.load_task(path, "test", n=3) == test[:3]
 
 
+def test_a_repeated_question_is_scored_once_and_two_answers_to_it_are_refused(tmp_path, capsys):
+    """A test file's repeated question was scored once per copy, even with two different golds."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 72")])
+    assert [e["answer"] for e in data.load_task(str(folder), "test")] == ["72", "1234"]
+    assert "test.jsonl: 1 repeated question(s) with the same answer, each kept once" in \
+        capsys.readouterr().out
+    write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 73")])
+    with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question with two "
+                                         r"answers \('72' and '73'\)"):
+        data.load_task(str(folder), "test")
+    # MATH's answers are the same when they are equal as mathematics
+    rows = [dict(problem="Half of 1?", solution=r"It is \boxed{\frac12}."),
+            dict(problem="Half of 1?", solution=r"It is \boxed{0.5}."),
+            dict(problem="Half of 1?", solution=r"It is \boxed{2}.")]
+    write_jsonl(folder / "test.jsonl", rows[:2])
+    assert len(data.load_task(str(folder), "test")) == 1
+    write_jsonl(folder / "test.jsonl", rows)
+    with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question"):
+        data.load_task(str(folder), "test")
+
 def test_local_gsm8k_bad_answer(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [GSM[0], {"question": "q", "answer": "it is 5"}])
     with pytest.raises(ValueError, match=r"gsm.jsonl row 1: field 'answer' has no '#### <number>'"):
@@ -446,6 +473,18 @@ def test_local_pair_files(tmp_path):
     pq.write_table(pa.Table.from_pylist(PREFS), tmp_path / "prefs.parquet")
     assert data.load_pairs(str(tmp_path / "prefs.parquet")) == PREFS
 
+def test_a_csv_cell_reading_na_or_none_is_text_and_only_an_empty_one_is_missing(tmp_path):
+    """pandas reads "N/A", "NA", "None", "null", "nan"... as missing: an answer can be that text."""
+    path = write(tmp_path / "na.csv", "prompt,chosen,rejected\nIs it known?,N/A,None\n"
+                                      "And this?,NA,null\nOr?,nan,#N/A\n")
+    assert [(p["chosen"], p["rejected"]) for p in data.load_pairs(path)] == \
+        [("N/A", "None"), ("NA", "null"), ("nan", "#N/A")]
+    task = write(tmp_path / "task.csv", "question,answer\nNA,#### 1\nnull,#### 2\n")
+    assert {e["question"] for e in data.load_task(task, "train") + data.load_task(task, "test")} \
+        == {"NA", "null"}
+    with pytest.raises(ValueError, match=r"gaps.csv row 0: field 'rejected' is missing"):
+        data.load_pairs(write(tmp_path / "gaps.csv", "prompt,chosen,rejected\np,N/A,\n"))
+
 @pytest.mark.parametrize("rows,match", [
     ([PREFS[0], {"prompt": "p", "chosen": "", "rejected": "r"}],
      r"prefs.jsonl row 1: field 'chosen' is empty \(expected a non-empty string\)"),
@@ -454,7 +493,7 @@ def test_local_pair_files(tmp_path):
     ([{"prompt": "p", "chosen": "c", "rejected": 5}],
      r"prefs.jsonl row 0: field 'rejected' is an int"),
     ([PREFS[0], {"prompt": "p", "chosen": ["c"], "rejected": "r"}],
-     r"prefs.jsonl row 1: field 'chosen' is a list"),
+     r"prefs.jsonl row 1: field 'chosen' holds a message that is not \{role"),
     ([PREFS[0], {"prompt": None, "chosen": "c", "rejected": "r"}],
      r"prefs.jsonl row 1: field 'prompt' is missing"),
     ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
@@ -465,6 +504,32 @@ def test_bad_pair_rows(tmp_path, rows, match):
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     with pytest.raises(ValueError, match=match):
         data.load_pairs(path)
+
+@pytest.mark.parametrize("row,near", [
+    # read as HH-RLHF (no prompt column): the questions were cut off as the shared prefix
+    ({"promt": "Q: 2+2?", "chosen": "Q: 2+2? 4", "rejected": "Q: 2+2? 5"}, ("promt", "prompt")),
+    # ... or the error blamed "no shared prefix"
+    ({"promt": "Q", "chosen": "4", "rejected": "5"}, ("promt", "prompt")),
+    ({"prompt": "Q", "choosen": "4", "rejected": "5"}, ("choosen", "chosen")),
+])
+def test_a_misspelled_pair_column_is_named_with_its_close_match(tmp_path, row, near):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(ValueError, match=rf"pairs.jsonl: column '{near[0]}' is not '{near[1]}' "
+                                         rf"\(columns are matched exactly: rename it"):
+        data.load_pairs(path)
+
+def test_a_misspelled_task_column_is_named_and_other_columns_are_ignored(tmp_path):
+    path = write_jsonl(tmp_path / "task.jsonl", [{"questoin": "1+1?", "answer": "#### 2"}])
+    with pytest.raises(ValueError, match=r"task.jsonl: column 'questoin' is not 'question'"):
+        data.load_task(path, "train")
+    # a MATH file's answer column misspelled was ignored: the gold came from the solution's box
+    row = {"problem": "p", "solution": r"so \boxed{1}", "anwser": "2"}
+    path = write_jsonl(tmp_path / "math.jsonl", [row])
+    with pytest.raises(ValueError, match=r"math.jsonl: column 'anwser' is not 'answer'"):
+        data.load_task(path, "train")
+    # decision: columns named after a used one, and the others, are the file's own
+    pairs = [dict(PREFS[0], prompt_id="a1", score_chosen=8.5, messages=[])]
+    assert data.load_pairs(write_jsonl(tmp_path / "extra.jsonl", pairs)) == [PREFS[0]]
 
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
@@ -485,6 +550,64 @@ def test_bad_files(tmp_path):
         data.load_pairs(write(tmp_path / "garbage.parquet", b"not a parquet file", "wb"))
     with pytest.raises(FileNotFoundError, match=r"no train.jsonl"):
         data.load_pairs(str(tmp_path))
+
+# characters str.splitlines breaks at but JSON Lines do not (lines end at "\n" only): a JSON
+# string may hold the first three raw, and our writer writes them so
+LINE_BREAKS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+
+def test_jsonl_holding_unicode_line_breaks_is_read_back_as_the_project_wrote_it(tmp_path):
+    """Pair files the pairs stage writes (common.write_jsonl) are read back by eval.py --pairs:
+    they were refused as invalid JSON when a text held U+2028."""
+    pairs = [dict(prompt=f"Q{k}{c}?", chosen=f" a{c}b", rejected=f" c{c}")
+             for k, c in enumerate(LINE_BREAKS)]
+    for name in ("pairs.jsonl", "pairs.json"):
+        common.write_jsonl(pairs, tmp_path / name)
+        assert data.load_pairs(str(tmp_path / name)) == pairs
+        assert common.read_jsonl(tmp_path / name) == pairs
+    rows = [{"question": f"What is {k}{c}+1?", "answer": f"#### {k + 1}"}
+            for k, c in enumerate(LINE_BREAKS)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                 for r in rows), encoding="utf-8")
+    task = data.load_task(str(tmp_path / "task.jsonl"), "train")
+    task += data.load_task(str(tmp_path / "task.jsonl"), "test")
+    assert sorted(e["question"] for e in task) == sorted(r["question"] for r in rows)
+
+def test_jsonl_with_a_bom_and_windows_line_ends_is_read(tmp_path):
+    """A UTF-8 BOM (Windows editors write one) was refused as invalid JSON."""
+    path = write(tmp_path / "bom.jsonl", "\ufeff" + "".join(json.dumps(p) + "\r\n" for p in PREFS))
+    assert data.load_pairs(path) == PREFS == common.read_jsonl(path)
+
+def test_a_file_holding_no_rows_is_refused_as_such(tmp_path):
+    """A CSV header, blank lines or [] only: datasets said 'Instruction "train" corresponds to no
+    data!'."""
+    for name, text in (("header.csv", "prompt,chosen,rejected\n"), ("empty.json", "[]"),
+                       ("blank.jsonl", "\n\n")):
+        with pytest.raises(ValueError, match=rf"{name}: no rows in it"):
+            data.load_pairs(write(tmp_path / name, text))
+    with pytest.raises(ValueError, match=r"task.csv: no rows in it \(a header only\)"):
+        data.load_task(write(tmp_path / "task.csv", "question,answer\r\n"), "train")
+
+def test_a_csv_with_a_bom_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: it was refused (KeyError: '\\ufeffprompt')."""
+    path = tmp_path / "excel.csv"
+    path.write_text("prompt,chosen,rejected\r\nHi, there, you\r\n", encoding="utf-8-sig")
+    assert data.load_pairs(str(path)) == [PREFS[1]]
+
+def test_a_lone_surrogate_is_named_with_its_line_and_field(tmp_path):
+    """JSON's \\ud800 escape parses, but half of a UTF-16 pair is not text: the error was
+    "Trailing data at position 179", with no line and no cause. A whole pair is an emoji."""
+    ok = '{"prompt": "Hi \\ud83d\\ude00", "chosen": " a", "rejected": " b"}'
+    bad = '{"prompt": "Hi", "chosen": " a \\ud800", "rejected": " b"}'
+    path = write(tmp_path / "prefs.jsonl", f"{ok}\n{bad}\n")
+    with pytest.raises(ValueError, match=r"prefs.jsonl: could not read it as jsonl \(line 2: "
+                                         r"field 'chosen' holds a lone UTF-16 surrogate"):
+        data.load_pairs(path)
+    assert data.load_pairs(write(tmp_path / "ok.jsonl", ok))[0]["prompt"] == "Hi \U0001f600"
+    with pytest.raises(ValueError, match=r"prefs.json: could not read it as json \(row 1: "
+                                         r"field 'chosen' holds a lone UTF-16 surrogate"):
+        data.load_pairs(write(tmp_path / "prefs.json", f"[{ok}, {bad}]"))
+    with pytest.raises(ValueError, match=r"prefs.jsonl: could not read it as jsonl \(line 2"):
+        common.read_jsonl(tmp_path / "prefs.jsonl")
 
 # -----------------------------------------------------------------------------
 # HH-RLHF style rows and chat messages
@@ -523,4 +646,31 @@ def test_chat_messages(tmp_path):
     rows = [{"chosen": [{"role": "robot", "content": "x"}],
              "rejected": [{"role": "robot", "content": "y"}]}]
     with pytest.raises(ValueError, match="chat3.jsonl row 0: field 'chosen' holds a message"):
+        data.load_pairs(write_jsonl(tmp_path / "chat3.jsonl", rows))
+
+def test_chat_pairs_without_a_prompt_are_split_at_the_last_user_turn(tmp_path):
+    """The prompt was the messages chosen and rejected share: when they shared only the system
+    turn, the two questions became the 'responses' (cut inside the user's turn, as text)."""
+    system, q, a = ({"role": r, "content": c} for r, c in
+                    (("system", "Be brief."), ("user", "2+2?"), ("assistant", "4")))
+    rows = [{"chosen": [system, q, a], "rejected": [system, q, dict(a, content="5")]},
+            {"chosen": [q, a, q, a], "rejected": [q, a, q, dict(a, content="5")]}]
+    pairs = data.load_pairs(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert [p["prompt"] for p in pairs] == [[system, q], [q, a, q]]
+    assert data.render_pairs(pairs[:1], get_tokenizer("byte"), verbose=False) == [dict(
+        prompt="\n\nSystem: Be brief.\n\nHuman: 2+2?\n\nAssistant:", chosen=" 4", rejected=" 5")]
+    for bad, match in [
+            ({"chosen": [system, q, a], "rejected": [system, dict(q, content="3+3?"), a]},
+             r"chosen and rejected differ before their last assistant turn \(message 1, "
+             r"the user's\)"),
+            ({"chosen": [q, a], "rejected": [q, dict(a, content="5"), q, a]},
+             r"chosen and rejected differ before their last assistant turn \(message 1"),
+            ({"chosen": [system, a], "rejected": [system, dict(a, content="5")]},
+             r"no user turn in chosen")]:
+        with pytest.raises(ValueError, match=r"chat2.jsonl row 1: " + match):
+            data.load_pairs(write_jsonl(tmp_path / "chat2.jsonl", rows[:1] + [bad]))
+    # with a prompt column, a response holding a user turn is another conversation too
+    rows = [{"prompt": [system], "chosen": [q, a], "rejected": [dict(q, content="3+3?"), a]}]
+    with pytest.raises(ValueError, match=r"chat3.jsonl row 0: field 'chosen' holds a user turn "
+                                         r"\(message 0\)"):
         data.load_pairs(write_jsonl(tmp_path / "chat3.jsonl", rows))

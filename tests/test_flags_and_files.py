@@ -155,7 +155,8 @@ def test_reading_broken_files_names_them(tmp_path):
     with pytest.raises(ValueError, match=r"a\.json: not valid JSON"):
         common.read_json(tmp_path / "a.json")
     (tmp_path / "b.jsonl").write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(ValueError, match=r"b\.jsonl line 2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"b\.jsonl: could not read it as jsonl \(line 2: "
+                                         r"invalid JSON"):
         common.read_jsonl(tmp_path / "b.jsonl")
     log = tmp_path / "log.jsonl"
     for step in (1, 2):

@@ -63,6 +63,9 @@ GRADED = [
     (r"-50", r"Pairing the terms gives $\boxed{-50}$.", True),
     (r"-50", r"\boxed{50}", False),
     (r"2220", r"The answer is 2220.", True),                 # no box: the other anchors
+    (r"\frac{1}{2}", r"so $\boxed{.5}$", True),              # a decimal without its 0
+    (r".5", r"\boxed{\dfrac12}", True),
+    (r".5", r"\boxed{5}", False),
     (r"7", r"I could not solve it.", False),
     # what is read: two boxes close together are read as a set of answers (math-verify's rule);
     # nothing after a stray "Question:" the model started
