@@ -357,7 +357,8 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     says so (about 1 in 10, the rule of the arith task), so train and test are disjoint whatever
     the row order. For a split of your own, pass a folder with train.jsonl and test.jsonl (or
     .json / .parquet / .csv). A repeated question is kept once (and said so); the same question
-    with two answers is refused, naming both rows."""
+    with two answers is refused in a local file, naming both rows (a hub dataset keeps the first
+    and names both)."""
     if name == "arith":
         return generate_arith(split, n, seed, **knobs)
     config = knobs.pop("config", None)
@@ -376,6 +377,7 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
     else:
         require_columns(columns, ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
+    local = os.path.exists(os.path.expanduser(str(name)))
     out, first, repeated = [], {}, 0  # first: a question -> (its first row, its example)
     for i, row in enumerate(rows):
         example = _math_example(row, where, i) if math else _gsm8k_example(row, where, i)
@@ -389,15 +391,20 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
             answer = example["answer"]
             same = answer == kept["answer"] or (
                 math and is_correct(f"\\boxed{{{answer}}}", kept["answer"], "math"))
-            if not same:
+            # decision: a file of yours is refused (you can keep the right answer); a hub
+            # dataset, which you cannot edit, keeps the first answer and says which rows
+            if not same and local:
                 raise ValueError(f"{where} rows {j} and {i}: the same question with two answers "
                                  f"({kept['answer']!r} and {answer!r}); keep the right one")
+            if not same:
+                print(f"{where} rows {j} and {i}: the same question with two answers "
+                      f"({kept['answer']!r} and {answer!r}): row {j}'s is kept")
             repeated += 1
             continue
         first[question] = (i, example)
         out.append(example)
     if repeated:
-        print(f"{where}: {repeated} repeated question(s) with the same answer, each kept once")
+        print(f"{where}: {repeated} repeated question(s), each kept once")
     return out[:n]
 
 def _gsm8k_example(row, where, i):

@@ -428,7 +428,7 @@ def test_a_repeated_question_is_scored_once_and_two_answers_to_it_are_refused(tm
     folder.mkdir()
     write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 72")])
     assert [e["answer"] for e in data.load_task(str(folder), "test")] == ["72", "1234"]
-    assert "test.jsonl: 1 repeated question(s) with the same answer, each kept once" in \
+    assert "test.jsonl: 1 repeated question(s), each kept once" in \
         capsys.readouterr().out
     write_jsonl(folder / "test.jsonl", [GSM[0], GSM[1], dict(GSM[0], answer="#### 73")])
     with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question with two "
@@ -443,6 +443,17 @@ def test_a_repeated_question_is_scored_once_and_two_answers_to_it_are_refused(tm
     write_jsonl(folder / "test.jsonl", rows)
     with pytest.raises(ValueError, match=r"test.jsonl rows 0 and 2: the same question"):
         data.load_task(str(folder), "test")
+
+
+def test_a_hub_dataset_that_contradicts_itself_keeps_the_first_answer_and_says_so(
+        monkeypatch, capsys):
+    """A hub dataset cannot be edited by its user: its first answer is kept, both rows named."""
+    rows = [GSM[0], GSM[1], dict(GSM[0], answer="#### 73")]
+    monkeypatch.setattr(data, "load_table", lambda name, split, config: (
+        rows, list(GSM[0]), f"{name} ({split})"))
+    assert [e["answer"] for e in data.load_task("someone/math", "test")] == ["72", "1234"]
+    assert "someone/math (test) rows 0 and 2: the same question with two answers ('72' and " \
+           "'73'): row 0's is kept" in capsys.readouterr().out
 
 def test_local_gsm8k_bad_answer(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [GSM[0], {"question": "q", "answer": "it is 5"}])
