@@ -230,10 +230,11 @@ def print_plan(cfg, losses):
     """The plan's table (per stage and mode, GiB on one GPU), then one line per mode:
     plan_<mode>_peak_gib: X (the highest stage). Returns {mode: peak GiB}."""
     config = model_config(cfg)
-    n = sum(p.numel() for p in GPT(config).parameters()) if config.n_layer <= 4 else None
+    with torch.device("meta"):  # shapes without storage: a real 8B model is 32 GB
+        n = sum(p.numel() for p in GPT(config).parameters())
     memory = gpu_gib(cfg)
     print(f"plan: {cfg.init_from} ({config.model_type}, {config.n_layer} layers, n_embd "
-          f"{config.n_embd}{f', {n / 1e6:.1f}M parameters' if n else ''}), max_len "
+          f"{config.n_embd}, {n / 1e6:.1f}M parameters), max_len "
           f"{cfg.max_len}, grad_accum {cfg.grad_accum}; GiB per GPU; fits: peak <= "
           f"{HEADROOM:.0%} of {memory:.0f} GiB", flush=True)
     rows, peaks = [], {}

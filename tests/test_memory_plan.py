@@ -97,6 +97,27 @@ def test_plan_prints_its_table_and_lines_and_does_no_work(tmp_path):
     assert not out.exists()  # no run folder: nothing was trained
 
 
+@pytest.mark.parametrize("layers", [2, 6])
+def test_the_plan_counts_parameters_from_the_config_alone(layers, monkeypatch, capsys):
+    """--plan true built the real model to count its parameters when it had <= 4 layers (5.1 GB
+    for a Gemma-sized vocabulary) and gave no count above that: it counts on the meta device,
+    at every size, and no model with real weights is ever built."""
+    from torch._subclasses.fake_tensor import is_fake
+    built = []
+
+    def gpt(config):
+        model = GPT(config)
+        built.append(any(p.device.type != "meta" and not is_fake(p) for p in model.parameters()))
+        return model
+    monkeypatch.setattr(plan, "GPT", gpt)
+    monkeypatch.setattr(plan, "run_stages", lambda cfg: [])  # (the traces: tested above)
+    cfg = train.Config(n_layer=layers, n_embd=64, n_head=2)
+    plan.print_plan(cfg, losses(cfg))
+    n = sum(p.numel() for p in GPT(plan.model_config(cfg)).parameters())
+    assert f"{layers} layers, n_embd 64, {n / 1e6:.1f}M parameters)" in capsys.readouterr().out
+    assert built and not any(built)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, shape, mode", [("llama3_8b_lora", "llama3_8b", "lora"),
                                                  ("qwen3_8b_fsdp8", "qwen3_8b", "fsdp8")])
