@@ -12,6 +12,7 @@ files it was read from, so it loads after the folder moved, or with the hub offl
 chat-template setting it was trained with, so load_model gives back the pair a run used.
 """
 
+import json
 import os
 import tempfile
 from dataclasses import asdict, fields
@@ -324,18 +325,32 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     bos = getattr(tok, "bos", None) or [None]  # (Llama-3's <|begin_of_text|>)
     ids = dict(bos_token_id=bos[0], eos_token_id=eos[0] if len(eos) == 1 else eos)
     with tempfile.TemporaryDirectory(prefix="nanoadpo-tokenizer-") as made:
-        if getattr(tok, "files", None):  # the files our checkpoint keeps
-            for name, content in tok.files.items():
-                if name != "config.json":
-                    with open(os.path.join(made, name), "wb") as f:
-                        f.write(content)
-            files = made
-        else:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
-            files = tok.name if ours else os.fspath(source)
-            if is_gpt2(files):
-                files = gpt2_tokenizer_files(made)
-        return save_pretrained(model, folder, tokenizer=files, dtype=dtype,
+        files = getattr(tok, "files", None)  # the files our checkpoint keeps
+        if not files:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
+            name = tok.name if ours else os.fspath(source)
+            where = gpt2_tokenizer_files(made) if is_gpt2(name) else name
+            files = {n: _read_bytes(p) for n, p in tokenizer_files(where).items()}
+        if getattr(tok, "chat_template", None) is None:  # the run's prompts were plain text
+            files = _without_chat_template(files)
+        for name, content in files.items():
+            if name != "config.json":
+                with open(os.path.join(made, name), "wb") as f:
+                    f.write(content)
+        return save_pretrained(model, folder, tokenizer=made, dtype=dtype,
                                max_shard_size=max_shard_size, token_ids=ids)
+
+
+def _without_chat_template(files):
+    """{file name: bytes} of a tokenizer without its chat template (chat_template.jinja,
+    chat_template.json, tokenizer_config.json's chat_template), for a run that prompted without
+    it (--chat_template none): a client would otherwise prompt in a format the model never saw."""
+    files = {n: c for n, c in files.items()
+             if n not in ("chat_template.jinja", "chat_template.json")}
+    config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    if "chat_template" in config:
+        del config["chat_template"]
+        files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
+    return files
 
 
 def gpt2_tokenizer_files(folder):

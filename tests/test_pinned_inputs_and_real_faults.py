@@ -169,6 +169,25 @@ def test_a_checkpoint_keeps_its_tokenizer_and_its_export_its_eos(tmp_path):
     assert exported["eos_token_id"] == 256
 
 
+def test_an_export_carries_the_chat_template_only_where_the_run_used_it(tmp_path):
+    """The export of a run trained with --chat_template none carried the source's chat template:
+    every client that loads it prompted the model in a format it never saw. It carries the
+    template the run used, or none, and ends its responses where the run did."""
+    vocab = qwen_tokenizer(tmp_path / "qwen")
+    for setting in ("auto", "none"):
+        tok = load_tokenizer(tmp_path / "qwen", chat_template=setting)
+        save_checkpoint(tmp_path / f"{setting}.pt", tiny_qwen(vocab), tokenizer=tok,
+                        chat_template=setting)
+        folder = export(tmp_path / f"{setting}.pt", tmp_path / f"hf_{setting}")
+        again = load_tokenizer(folder)  # (auto: the folder's template, if it has one)
+        assert again.chat_template == tok.chat_template
+        assert common.read_json(os.path.join(folder, "config.json"))["eos_token_id"] == \
+            tok.eot_token
+    assert tok.chat_template is None and load_tokenizer(tmp_path / "qwen").chat_template
+    assert not {"chat_template.jinja", "chat_template.json"} & set(os.listdir(folder))
+    assert "chat_template" not in common.read_json(os.path.join(folder, "tokenizer_config.json"))
+
+
 # -----------------------------------------------------------------------------
 # a run pinned to its inputs
 
