@@ -63,7 +63,7 @@ from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, chan
 from machinery.compare import pipelines, variant_label, variants
 from machinery.config import Config, resolve_loss, settings_of, validate
 from machinery.inputs import open_run_folder
-from machinery.lora import apply_lora, lora_settings, lora_targets
+from machinery.lora import apply_lora, base_digest, lora_settings, lora_targets
 from machinery.parallel import load_state, place
 from machinery.report import report_pipelines, report_run
 from machinery.tokenizer import get_tokenizer
@@ -386,7 +386,8 @@ def with_lora(model, tok, cfg):
     if cfg.init_from == "scratch":
         save_checkpoint(lora_base(cfg), model, tokenizer=tok, chat_template=cfg.chat_template)
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
-                      seed=seed_for(cfg.seed, "lora"))
+                      seed=seed_for(cfg.seed, "lora"),
+                      base_digest=base_digest(model))  # (every checkpoint pins its base by it)
 
 
 def drop_training_state(stage_dir, run):
