@@ -61,7 +61,7 @@ from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, chan
                               read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
                               write_jsonl)
 from machinery.compare import pipelines, variant_label, variants
-from machinery.config import Config, resolve_loss, settings_of, validate
+from machinery.config import Config, check_context, resolve_loss, settings_of, validate
 from machinery.inputs import open_run_folder
 from machinery.lora import apply_lora, base_digest, lora_settings, lora_targets
 from machinery.parallel import load_state, place
@@ -357,12 +357,7 @@ def build_model(cfg):
     else:
         model, tok = load_model(cfg.init_from, cfg.tokenizer, cfg.chat_template,
                                 dropout=cfg.dropout)
-    context = model.config.block_size
-    need(cfg.max_len <= context,
-         f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
-    need(cfg.max_new_tokens < context,
-         f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-         f"context of {context} tokens (expected < {context})")
+    check_context(cfg, model.config.block_size)
     return model, tok
 
 

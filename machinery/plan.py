@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from machinery.checkpoint import _our_checkpoint, load_checkpoint
 from machinery.common import markdown_table, need
+from machinery.config import check_context
 from machinery.hf import config_kwargs, hub_download, is_gpt2, is_hub_id
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
@@ -74,18 +75,22 @@ class PeakTracker(MemTracker):
 
 def model_config(cfg):
     """The GPTConfig of the run's model, from config.json alone: the flags (scratch), our
-    checkpoint's config, or an HF folder's / hub repo's config.json (only that file is fetched)."""
+    checkpoint's config, or an HF folder's / hub repo's config.json (only that file is fetched);
+    checked against the run's lengths, as the run checks the model it loads."""
     source = cfg.init_from
     if source == "scratch":
         vocab = 50257 if cfg.tokenizer == "gpt2" else 257  # (the byte tokenizer's otherwise)
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd)
     if _our_checkpoint(source):
-        return GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
-    if not os.path.isdir(source):
-        need(is_gpt2(source) or is_hub_id(source), f"--init_from {source}: no such folder")
-        source = hub_download(source, ("config.json",))
-    return GPTConfig(**config_kwargs(source))
+        config = GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
+    else:
+        if not os.path.isdir(source):
+            need(is_gpt2(source) or is_hub_id(source), f"--init_from {source}: no such folder")
+            source = hub_download(source, ("config.json",))
+        config = GPTConfig(**config_kwargs(source))
+    check_context(cfg, config.block_size)
+    return config
 
 
 def micro_rows(cfg, stage, gpus):

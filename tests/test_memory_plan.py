@@ -14,6 +14,7 @@ import torch
 
 from machinery import plan
 import train
+from machinery.common import ConfigError
 from machinery.config import resolve_loss
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
@@ -116,6 +117,23 @@ def test_the_plan_counts_parameters_from_the_config_alone(layers, monkeypatch, c
     n = sum(p.numel() for p in GPT(plan.model_config(cfg)).parameters())
     assert f"{layers} layers, n_embd 64, {n / 1e6:.1f}M parameters)" in capsys.readouterr().out
     assert built and not any(built)
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("max_len", 50000, "exceeds the model's context of 32768 tokens"),
+    ("max_new_tokens", 32768, "leaves no room for a prompt in the model's context of 32768")])
+def test_the_plan_names_a_length_beyond_the_models_context(flag, value, said, monkeypatch):
+    """A --max_len past a loaded model's context reached the trace ("sequence length 50000
+    exceeds block_size 32768", naming no flag; on a GPU every run checks its plan first, so
+    the run's own line never came), and a --max_new_tokens filling it was planned as if it
+    fitted. The plan refuses both as the run does, before any trace."""
+    def trace(*args, **kwargs):
+        raise AssertionError("traced")
+    monkeypatch.setattr(plan, "trace", trace)
+    cfg = train.Config(init_from=str(SHAPES / "qwen25_05b"), gpu_gib=80, **{flag: value})
+    for check in (plan.print_plan, plan.check_fits):
+        with pytest.raises(ConfigError, match=rf"^--{flag} {value} {said}"):
+            check(cfg, losses(cfg))
 
 
 @pytest.mark.slow
