@@ -562,6 +562,9 @@ def export_folder(folder):
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    for written in os.listdir(new):  # on disk before the swap, as common.atomic_write's files
+        with open(os.path.join(new, written), "rb") as f:
+            os.fsync(f.fileno())
     if os.path.isdir(path):  # the earlier export out of the way, then the new one in its place
         os.rename(path, new + "-old")
     os.rename(new, path)
