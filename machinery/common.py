@@ -671,9 +671,10 @@ def first_to_fail():
 
 def peer_gone(e):
     """Whether `e` is what a collective raises when another process of the job is gone: gloo's
-    "Connection reset by peer" (or "closed by peer") as a RuntimeError, or a DistError."""
+    "Connection reset by peer" (or "closed by peer") as a RuntimeError, or a DistNetworkError.
+    (A DistBackendError may be this process's own failure, e.g. its GPU's: not this.)"""
     gloo = isinstance(e, RuntimeError) and "gloo" in str(e) and " by peer" in str(e)
-    return dist.is_initialized() and (gloo or isinstance(e, dist.DistError))
+    return dist.is_initialized() and (gloo or isinstance(e, dist.DistNetworkError))
 
 
 def cli(main):
