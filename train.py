@@ -61,9 +61,9 @@ from machinery.common import (all_sum, append_jsonl, atomic_write, barrier, chan
                               read_json, read_jsonl, read_run_file, seed_for, setup, write_json,
                               write_jsonl)
 from machinery.compare import pipelines, variant_label, variants
-from machinery.config import Config, resolve_loss, settings_of, validate
+from machinery.config import Config, check_context, resolve_loss, settings_of, validate
 from machinery.inputs import open_run_folder
-from machinery.lora import apply_lora, lora_settings, lora_targets
+from machinery.lora import apply_lora, base_digest, lora_settings, lora_targets
 from machinery.parallel import load_state, place
 from machinery.report import report_pipelines, report_run
 from machinery.tokenizer import get_tokenizer
@@ -357,12 +357,7 @@ def build_model(cfg):
     else:
         model, tok = load_model(cfg.init_from, cfg.tokenizer, cfg.chat_template,
                                 dropout=cfg.dropout)
-    context = model.config.block_size
-    need(cfg.max_len <= context,
-         f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
-    need(cfg.max_new_tokens < context,
-         f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-         f"context of {context} tokens (expected < {context})")
+    check_context(cfg, model.config.block_size)
     return model, tok
 
 
@@ -386,7 +381,8 @@ def with_lora(model, tok, cfg):
     if cfg.init_from == "scratch":
         save_checkpoint(lora_base(cfg), model, tokenizer=tok, chat_template=cfg.chat_template)
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
-                      seed=seed_for(cfg.seed, "lora"))
+                      seed=seed_for(cfg.seed, "lora"),
+                      base_digest=base_digest(model))  # (every checkpoint pins its base by it)
 
 
 def drop_training_state(stage_dir, run):

@@ -12,6 +12,7 @@ files it was read from, so it loads after the folder moved, or with the hub offl
 chat-template setting it was trained with, so load_model gives back the pair a run used.
 """
 
+import json
 import os
 import tempfile
 from dataclasses import asdict, fields
@@ -21,7 +22,7 @@ import torch
 from machinery.common import atomic_write, process_rank, read_json, write_json
 from machinery.hf import (config_kwargs, is_gpt2, is_hub_id, local_folder, save_adapter, save_pretrained,
                 state_dict, tokenizer_files, weight_files)
-from machinery.lora import apply_lora, lora_settings
+from machinery.lora import apply_lora, base_digest, lora_settings
 from model import GPT, LLAMA_FIELDS, GPTConfig
 from machinery.parallel import full_state
 from machinery.tokenizer import BYTE_DECODER, get_tokenizer, has_hf_tokenizer
@@ -36,10 +37,13 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
     Keep extras to tensors and plain Python values (load_checkpoint reads weights_only); a
     tokenizer object as `tokenizer` is kept as its name and, for a Hugging Face one, its files.
     Every rank calls it (a sharded model is gathered first: parallel.full_state); rank 0 writes.
-    A LoRA model's checkpoint holds its adapters, their settings ('lora') and `base`, the source
-    (load_gpt's) of the frozen weights they sit on."""
+    A LoRA model's checkpoint holds its adapters, their settings ('lora', with the digest of
+    their base), and `base`, the source (load_gpt's) of the frozen weights they sit on; a local
+    one also as `base_relative`, its path from the checkpoint's folder (a run folder that moved
+    keeps its sft/base.pt)."""
     path = os.fspath(path)
-    reserved = {"format", "config", "model", "optimizer", "lora", "base", "tokenizer_files"}
+    reserved = {"format", "config", "model", "optimizer", "lora", "base", "base_relative",
+                "tokenizer_files"}
     clash = reserved & set(extra)
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
@@ -58,6 +62,8 @@ def save_checkpoint(path, model, optimizer=None, base=None, **extra):
         ckpt["optimizer"] = optim
     if lora_settings(raw) is not None:
         ckpt.update(lora=lora_settings(raw), base=base)
+        if isinstance(base, str) and os.path.exists(base):
+            ckpt["base_relative"] = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
     ckpt.update(extra)
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
@@ -152,25 +158,49 @@ def load_gpt(source, **overrides):
 
 
 def _lora_model(ckpt, path, overrides):
-    """A LoRA checkpoint's model: its base (load_gpt of ckpt['base']) with the adapters put back;
-    the base frozen, the adapters trainable."""
-    base = ckpt.get("base")
-    if not isinstance(base, str):
-        raise ValueError(f"{path}: LoRA adapters without the name of their base model")
+    """A LoRA checkpoint's model: its base (_lora_base_of) with the adapters put back; the base
+    frozen, the adapters trainable. The base must be the model the adapters were trained on: the
+    same weights (lora.base_digest, recorded with them), or for a checkpoint from before digests
+    the same config."""
+    base = _lora_base_of(ckpt, path)
     try:
         model = load_gpt(base, **overrides)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: its LoRA adapters sit on {base}, which cannot be loaded "
                          f"({str(e).splitlines()[0][:200]})") from None
-    ours = {k: v for k, v in _config_dict(model.config).items() if k != "dropout"}
-    if ours != {k: v for k, v in ckpt["config"].items() if k != "dropout"}:
-        raise ValueError(f"{path}: its base {base} is not the model these adapters were "
-                         f"trained on (config {_config_dict(model.config)}, expected "
-                         f"{ckpt['config']})")
+    why = _not_the_base(model, ckpt)
+    if why:
+        raise ValueError(f"{path}: its base {base} is not the model these adapters were trained "
+                         f"on ({why}): restore that base")
     apply_lora(model, **ckpt["lora"])
     adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
     _copy_weights_into(adapters, ckpt["model"], path)
     return model
+
+
+def _lora_base_of(ckpt, path):
+    """Where the base of the LoRA checkpoint `ckpt` (read from `path`) is: where it lay relative
+    to the checkpoint, if anything is there (a run folder moved or renamed keeps its sft/base.pt,
+    and its old path may hold another run's), else ckpt['base'] (a hub id, an absolute path)."""
+    base = ckpt.get("base")
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: LoRA adapters without the name of their base model")
+    if ckpt.get("base_relative"):
+        near = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["base_relative"])
+        base = os.path.normpath(near) if os.path.exists(near) else base
+    return base
+
+
+def _not_the_base(model, ckpt):
+    """Why `model` is not the base of the LoRA checkpoint `ckpt` (None where it is)."""
+    ours = {k: v for k, v in _config_dict(model.config).items() if k != "dropout"}
+    if ours != {k: v for k, v in ckpt["config"].items() if k != "dropout"}:
+        return f"config {_config_dict(model.config)}, expected {ckpt['config']}"
+    pinned = ckpt["lora"].get("base_digest")  # (None: a checkpoint from before digests)
+    digest = pinned and base_digest(model)
+    if digest != pinned:
+        return f"weights digest {digest[:12]}…, expected {pinned[:12]}…"
+    return None
 
 
 def _copy_weights(model, state, source):
@@ -319,23 +349,38 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
         if ours is None or lora_settings(model) is None:
             raise ValueError(f"{source}: not a LoRA checkpoint (expected a ckpt.pt of a run with "
                              f"--lora_rank); export the whole model with adapter=False")
-        return save_adapter(model, folder, base=load_checkpoint(ours, mmap=True)["base"])
+        return save_adapter(model, folder, base=_lora_base_of(load_checkpoint(ours, mmap=True),
+                                                              ours))
     eos = list(dict.fromkeys([tok.eot_token, getattr(tok, "eos_token_id", tok.eot_token)]))
     bos = getattr(tok, "bos", None) or [None]  # (Llama-3's <|begin_of_text|>)
     ids = dict(bos_token_id=bos[0], eos_token_id=eos[0] if len(eos) == 1 else eos)
     with tempfile.TemporaryDirectory(prefix="nanoadpo-tokenizer-") as made:
-        if getattr(tok, "files", None):  # the files our checkpoint keeps
-            for name, content in tok.files.items():
-                if name != "config.json":
-                    with open(os.path.join(made, name), "wb") as f:
-                        f.write(content)
-            files = made
-        else:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
-            files = tok.name if ours else os.fspath(source)
-            if is_gpt2(files):
-                files = gpt2_tokenizer_files(made)
-        return save_pretrained(model, folder, tokenizer=files, dtype=dtype,
+        files = getattr(tok, "files", None)  # the files our checkpoint keeps
+        if not files:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
+            name = tok.name if ours else os.fspath(source)
+            where = gpt2_tokenizer_files(made) if is_gpt2(name) else name
+            files = {n: _read_bytes(p) for n, p in tokenizer_files(where).items()}
+        if getattr(tok, "chat_template", None) is None:  # the run's prompts were plain text
+            files = _without_chat_template(files)
+        for name, content in files.items():
+            if name != "config.json":
+                with open(os.path.join(made, name), "wb") as f:
+                    f.write(content)
+        return save_pretrained(model, folder, tokenizer=made, dtype=dtype,
                                max_shard_size=max_shard_size, token_ids=ids)
+
+
+def _without_chat_template(files):
+    """{file name: bytes} of a tokenizer without its chat template (chat_template.jinja,
+    chat_template.json, tokenizer_config.json's chat_template), for a run that prompted without
+    it (--chat_template none): a client would otherwise prompt in a format the model never saw."""
+    files = {n: c for n, c in files.items()
+             if n not in ("chat_template.jinja", "chat_template.json")}
+    config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    if "chat_template" in config:
+        del config["chat_template"]
+        files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
+    return files
 
 
 def gpt2_tokenizer_files(folder):

@@ -708,6 +708,14 @@ def first_to_fail():
         return True
 
 
+def peer_gone(e):
+    """Whether `e` is what a collective raises when another process of the job is gone: gloo's
+    "Connection reset by peer" (or "closed by peer") as a RuntimeError, or a DistNetworkError.
+    (A DistBackendError may be this process's own failure, e.g. its GPU's: not this.)"""
+    gloo = isinstance(e, RuntimeError) and "gloo" in str(e) and " by peer" in str(e)
+    return dist.is_initialized() and (gloo or isinstance(e, dist.DistNetworkError))
+
+
 def cli(main):
     """Run main() as a script: bad input (files, flags, numerics) is one `error:` line, exit 1;
     under torchrun, one line from the first process to fail."""
@@ -722,8 +730,13 @@ def cli(main):
             print("\ninterrupted: what was saved is intact; the same command resumes the run",
                   file=sys.stderr, flush=True)
         os._exit(130)
-    except Exception:  # a bug: its traceback, unless another process failed first and said why
+    except Exception as e:  # a bug: its traceback, unless another process failed and said why
         if not first_to_fail():
+            sys.exit(1)
+        if peer_gone(e):  # one that was killed (SIGKILL: the out-of-memory killer) says nothing
+            print("error: another process of this torchrun job died while this one waited for it "
+                  "(killed: out of memory? torchrun's report below names it and its signal); what "
+                  "was saved is intact: the same command resumes the run", file=sys.stderr)
             sys.exit(1)
         raise
     finally:

@@ -215,6 +215,17 @@ def validate(cfg):
              f"context (expected < --block_size {cfg.block_size})")
 
 
+def check_context(cfg, context):
+    """--max_len and --max_new_tokens against the context of the model a run loads (a model
+    from scratch: --block_size, checked in validate), once its config is read: by
+    train.build_model, and by the memory plan before it traces anything."""
+    need(cfg.max_len <= context,
+         f"--max_len {cfg.max_len} exceeds the model's context of {context} tokens")
+    need(cfg.max_new_tokens < context,
+         f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+         f"context of {context} tokens (expected < {context})")
+
+
 def validate_loss(cfg):
     """The weights of --loss's terms (--loss itself: validate_settings) and the hyperparameters
     of its terms, each a one-line error naming the flag."""

@@ -22,12 +22,15 @@ What differs between their layout and ours, each handled where it happens:
     (Llama's is the norm before the MLP)
 """
 
+import glob
 import json
 import math
 import os
 import pickle
 import re
-import tempfile
+import shutil
+import uuid
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -54,6 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json",
                *TOKENIZER_FILES)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
@@ -510,36 +514,81 @@ def save_pretrained(model, folder, tokenizer=None, dtype=None, max_shard_size="5
     files of `tokenizer` (an HF folder or hub id, 'gpt2', or 'none'/'byte'/None: our byte tokenizer
     has none). dtype: e.g. torch.bfloat16 (default: the weights' own). token_ids: {bos_token_id,
     eos_token_id, pad_token_id} for those the source's generation_config.json lacks (the
-    tokenizer's: checkpoint.export passes them; a null eos would never stop generating). Every
-    file appears whole (temp file + rename); config.json comes last."""
+    tokenizer's: checkpoint.export passes them; a null eos would never stop generating). The
+    folder appears whole and holds this export alone (export_folder)."""
     from huggingface_hub import save_torch_state_dict
     state = hf_state_dict(model, dtype)
     extra = tokenizer_files(tokenizer)  # {file name: path}, fetched before anything is written
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
-        written = os.listdir(tmp)
-        for name in os.listdir(folder):  # the weights of an earlier export would mix in
-            if name.startswith(("model", "pytorch_model")) and name.endswith(WEIGHT_SUFFIXES) \
-                    and name not in written:
-                os.remove(os.path.join(folder, name))
-        for name in written:
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    for name, path in extra.items():
-        with open(path, "rb") as f:
-            content = f.read()
-        atomic_write(os.path.join(folder, name), lambda f: f.write(content))
-    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    # the special token ids, as the source's generation config has them (transformers'
-    # defaults, e.g. Llama's eos 2, would be wrong)
-    generation = extra.get("generation_config.json")
-    generation = read_json(generation) if generation else {}
-    ids = {k: generation[k] if generation.get(k) is not None else (token_ids or {}).get(k)
-           for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = json.dumps(dict(hf_config(model.config, dtype_name), **ids), indent=2).encode()
-    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
+    with export_folder(folder) as new:
+        save_torch_state_dict(state, new, max_shard_size=max_shard_size)
+        for name, path in extra.items():
+            shutil.copyfile(path, os.path.join(new, name))
+        dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        # the special token ids, as the source's generation config has them (transformers'
+        # defaults, e.g. Llama's eos 2, would be wrong)
+        generation = extra.get("generation_config.json")
+        generation = read_json(generation) if generation else {}
+        ids = {k: generation[k] if generation.get(k) is not None else (token_ids or {}).get(k)
+               for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        config = json.dumps(dict(hf_config(model.config, dtype_name), **ids), indent=2).encode()
+        atomic_write(os.path.join(new, "config.json"), lambda f: f.write(config))
     return folder
+
+
+@contextmanager
+def export_folder(folder):
+    """A new folder beside `folder` to write an export into, swapped in for `folder` once it is
+    complete: `folder` then holds exactly this export, none of an earlier one's tokenizer, chat
+    template or weights. `folder` must be new, empty, or an earlier export (only the files
+    exports write): anything else in it, a run's files above all, would be lost, and is refused
+    in one line before anything is written. A kill before the swap leaves the earlier export
+    whole; what it left beside it is removed by the next export there."""
+    path = os.path.abspath(os.fspath(folder))
+    if os.path.isfile(path):
+        raise ValueError(f"{folder}: a file (expected a folder to export into)")
+    foreign = _not_an_export(path) if os.path.isdir(path) else []
+    if foreign:
+        raise ValueError(f"{folder}: holds files that are not an export's "
+                         f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): an "
+                         f"export replaces the whole folder, and they would be lost; export "
+                         f"into a new folder (e.g. {os.path.join(folder, 'hf')})")
+    parent, name = os.path.split(path)
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.export-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # (a killed export's)
+    new = os.path.join(parent, f".{name}.export-{uuid.uuid4().hex[:8]}")
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    for written in os.listdir(new):  # on disk before the swap, as common.atomic_write's files
+        with open(os.path.join(new, written), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.isdir(path):  # the earlier export out of the way, then the new one in its place
+        os.rename(path, new + "-old")
+    os.rename(new, path)
+    shutil.rmtree(new + "-old", ignore_errors=True)
+
+
+def _not_an_export(folder):
+    """The entries of `folder` that no export writes, as an error names them."""
+    foreign = []
+    for name in sorted(os.listdir(folder)):
+        weights = name.startswith(("model", "pytorch_model")) and name.endswith(WEIGHT_SUFFIXES)
+        if name == "config.json":  # (a run's own config.json has no model_type)
+            try:
+                config = read_json(os.path.join(folder, name))
+            except (OSError, ValueError):
+                config = None
+            if not (isinstance(config, dict) and "model_type" in config):
+                foreign.append("config.json: not a Hugging Face config")
+        elif name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp")):
+            continue  # what a killed write of an export left (earlier versions wrote in place)
+        elif not (weights or name in TOKENIZER_FILES or name in ADAPTER_FILES) \
+                or not os.path.isfile(os.path.join(folder, name)):
+            foreign.append(name)
+    return foreign
 
 
 # -----------------------------------------------------------------------------
@@ -581,8 +630,8 @@ def save_adapter(model, folder, base):
                   fan_in_fan_out=not model.config.llama,  # GPT-2's Conv1D stores W as (in, out)
                   use_rslora=False, init_lora_weights=True, inference_mode=True)
     blob = save(state)
-    os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda f: f.write(blob))
     text = json.dumps(config, indent=2).encode()
-    atomic_write(os.path.join(folder, "adapter_config.json"), lambda f: f.write(text))
+    with export_folder(folder) as new:
+        atomic_write(os.path.join(new, "adapter_model.safetensors"), lambda f: f.write(blob))
+        atomic_write(os.path.join(new, "adapter_config.json"), lambda f: f.write(text))
     return folder

@@ -3,13 +3,16 @@ LoRA (Hu et al. 2021, arXiv 2106.09685): trainable low-rank adapters beside the 
 model.GPT, written out as nanoGPT would.
 
     apply_lora(model, rank=16, alpha=32)   # every attention and MLP projection; the rest frozen
-    lora_settings(model)                   # dict(rank, alpha, targets, dropout), or None
+    lora_settings(model)                   # dict(rank, alpha, targets, dropout, base_digest?)
+    base_digest(model)                     # a fingerprint of the frozen weights, to pin them
     model.merged_state_dict()              # W + (α/r)·B·A folded in: what an export writes
 
 The reference of the preference stage stays the frozen base: its per-token log-probs are computed
-once before the adapters train (train.py), as without LoRA. checkpoint.py saves the adapters and the
-name of their base; hf.py merges them for a plain export or writes them in PEFT's format.
+once before the adapters train (train.py), as without LoRA. checkpoint.py saves the adapters, the
+name of their base and its digest; hf.py merges them for a plain export or writes them in PEFT's
+format.
 """
+import hashlib
 import math
 
 import torch
@@ -65,12 +68,13 @@ class LoRALinear(nn.Module):
     with 0 for a part no target names. B = 0 at init (A as nn.Linear's, PEFT's), so the adapted
     model starts equal to its base. Dropout (PEFT's lora_dropout) acts on the update's input."""
 
-    def __init__(self, linear, parts, rank, alpha, dropout=0.0, generator=None):
+    def __init__(self, linear, parts, rank, alpha, dropout=0.0, generator=None, base_digest=None):
         super().__init__()
         self.register_parameter("weight", linear.weight)  # the base's tensors, frozen
         self.register_parameter("bias", linear.bias)
         self.parts = parts  # [(target name, rows, adapted?)] in the order of the output rows
         self.rank, self.alpha = rank, alpha
+        self.base_digest = base_digest  # (base_digest() of the model the adapters sit on)
         self.adapted_rows = [rows for _, rows, on in parts if on]
         w = linear.weight
         self.lora_A = nn.Parameter(torch.empty(len(self.adapted_rows) * rank, w.size(1),
@@ -103,9 +107,11 @@ class LoRALinear(nn.Module):
         return list(zip(names, self.lora_A.split(self.rank), self.lora_B.split(self.adapted_rows)))
 
 
-def apply_lora(model, rank, alpha, targets="attn,mlp", dropout=0.0, seed=0):
+def apply_lora(model, rank, alpha, targets="attn,mlp", dropout=0.0, seed=0, base_digest=None):
     """Freeze every weight of `model` and put LoRA adapters on the projections `targets` names
-    (lora_targets), in every block; in place, returns the model. A is drawn from `seed`."""
+    (lora_targets), in every block; in place, returns the model. A is drawn from `seed`.
+    base_digest: base_digest(model) before the adapters, kept in lora_settings (checkpoints
+    record it, and refuse any other base)."""
     if lora_settings(model) is not None:
         raise ValueError("apply_lora: the model has LoRA adapters already")
     names = lora_targets(model.config, targets)
@@ -119,16 +125,36 @@ def apply_lora(model, rank, alpha, targets="attn,mlp", dropout=0.0, seed=0):
                 parent, leaf = path.split(".")
                 linear = getattr(getattr(block, parent), leaf)
                 setattr(getattr(block, parent), leaf,
-                        LoRALinear(linear, marked, rank, alpha, dropout, generator))
+                        LoRALinear(linear, marked, rank, alpha, dropout, generator, base_digest))
     return model
 
 
+def base_digest(model, values=1024):
+    """A fingerprint of a model's weights (the adapters' aside): the sha256 of every tensor's
+    name, shape and `values` of its elements at evenly spaced places. decision: a sample, not
+    every byte, so that checking a base costs nothing next to loading it (an 8B model's 32 GB
+    would take longer to hash than to read); two different bases (another model, another random
+    init, another fine-tune) differ nearly everywhere, so in the sample too."""
+    h = hashlib.sha256()
+    for name, w in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        flat = w.detach().reshape(-1)
+        at = torch.linspace(0, flat.numel() - 1, min(values, flat.numel()), dtype=torch.float64)
+        h.update(f"{name} {tuple(w.shape)}".encode())
+        h.update(flat[at.long()].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def lora_settings(model):
-    """The adapters' settings read off the model -> dict(rank, alpha, targets, dropout), or None
-    for a model without LoRA."""
+    """The adapters' settings read off the model -> dict(rank, alpha, targets, dropout, and
+    base_digest where apply_lora was given it), or None for a model without LoRA."""
     mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if not mods:
         return None
     targets = dict.fromkeys(name for m in mods for name, _, on in m.parts if on)
-    return dict(rank=mods[0].rank, alpha=mods[0].alpha, targets=",".join(targets),
-                dropout=mods[0].lora_dropout.p)
+    settings = dict(rank=mods[0].rank, alpha=mods[0].alpha, targets=",".join(targets),
+                    dropout=mods[0].lora_dropout.p)
+    if mods[0].base_digest is not None:
+        settings["base_digest"] = mods[0].base_digest
+    return settings

@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from machinery.checkpoint import _our_checkpoint, load_checkpoint
 from machinery.common import markdown_table, need
+from machinery.config import check_context
 from machinery.hf import config_kwargs, hub_download, is_gpt2, is_hub_id
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
@@ -74,18 +75,22 @@ class PeakTracker(MemTracker):
 
 def model_config(cfg):
     """The GPTConfig of the run's model, from config.json alone: the flags (scratch), our
-    checkpoint's config, or an HF folder's / hub repo's config.json (only that file is fetched)."""
+    checkpoint's config, or an HF folder's / hub repo's config.json (only that file is fetched);
+    checked against the run's lengths, as the run checks the model it loads."""
     source = cfg.init_from
     if source == "scratch":
         vocab = 50257 if cfg.tokenizer == "gpt2" else 257  # (the byte tokenizer's otherwise)
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd)
     if _our_checkpoint(source):
-        return GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
-    if not os.path.isdir(source):
-        need(is_gpt2(source) or is_hub_id(source), f"--init_from {source}: no such folder")
-        source = hub_download(source, ("config.json",))
-    return GPTConfig(**config_kwargs(source))
+        config = GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
+    else:
+        if not os.path.isdir(source):
+            need(is_gpt2(source) or is_hub_id(source), f"--init_from {source}: no such folder")
+            source = hub_download(source, ("config.json",))
+        config = GPTConfig(**config_kwargs(source))
+    check_context(cfg, config.block_size)
+    return config
 
 
 def micro_rows(cfg, stage, gpus):
@@ -230,10 +235,11 @@ def print_plan(cfg, losses):
     """The plan's table (per stage and mode, GiB on one GPU), then one line per mode:
     plan_<mode>_peak_gib: X (the highest stage). Returns {mode: peak GiB}."""
     config = model_config(cfg)
-    n = sum(p.numel() for p in GPT(config).parameters()) if config.n_layer <= 4 else None
+    with torch.device("meta"):  # shapes without storage: a real 8B model is 32 GB
+        n = sum(p.numel() for p in GPT(config).parameters())
     memory = gpu_gib(cfg)
     print(f"plan: {cfg.init_from} ({config.model_type}, {config.n_layer} layers, n_embd "
-          f"{config.n_embd}{f', {n / 1e6:.1f}M parameters' if n else ''}), max_len "
+          f"{config.n_embd}, {n / 1e6:.1f}M parameters), max_len "
           f"{cfg.max_len}, grad_accum {cfg.grad_accum}; GiB per GPU; fits: peak <= "
           f"{HEADROOM:.0%} of {memory:.0f} GiB", flush=True)
     rows, peaks = [], {}

@@ -13,8 +13,8 @@ DIR/tensorboard/<stage>/ (sft, po, compare/<variant>, ...) with tags like `loss`
 `rewards/accuracy`; Weights & Biases and Trackio keys `<stage>/<metric>` against `<stage>/step`.
 
 A resumed run continues the same curves. TensorBoard: the first training step a process logs to a
-stage purges the events at and after that step, which a killed run logged past its last training
-state and the resumed run logs again (SummaryWriter's purge_step). Weights & Biases and Trackio:
+stage purges the events at and after that step (step 1 too), which a killed run logged past its
+last training state and the resumed run logs again (SummaryWriter's purge_step). Weights & Biases and Trackio:
 the run folder names the tracked run (its id is a digest of the folder's path and config.json),
 which is resumed; the steps a killed run logged past its last training state appear twice there.
 """
@@ -89,10 +89,11 @@ class TensorBoard:
 
     def log(self, stage, step, numbers, purge):
         if stage not in self.writers:
-            resumed = purge and step > 1  # a killed run may have logged this step and later ones
-            writer = self.tensorboard.SummaryWriter(os.path.join(self.folder, stage),
-                                                    purge_step=step if resumed else None)
-            if not resumed:
+            folder = os.path.join(self.folder, stage)
+            new = not os.path.isdir(folder)  # (one a killed run wrote holds the config already)
+            # a killed run may have logged this step and later ones, step 1 too: purged
+            writer = self.tensorboard.SummaryWriter(folder, purge_step=step if purge else None)
+            if new:
                 writer.add_text("config", self.config, 0)
             self.writers[stage] = writer
         for k, v in numbers.items():

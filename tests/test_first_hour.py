@@ -166,6 +166,24 @@ def test_tensorboard_gets_every_metric_and_a_resume_continues_the_same_curve(tmp
         .string_val[0].decode()
 
 
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_training_state_logs_each_step_once(tmp_path):
+    """Killed after SFT step 1, before any training state (one every 2 steps): the resumed run
+    logged from step 1 again, and only a first step past 1 purged what a killed run had logged:
+    TensorBoard kept step 1 twice, and the config twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    flags = tiny(tmp_path, stop_after="sft", report_to="tensorboard", sft_steps=4, n_test=2)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
+        die_at(mp, "sft:1")
+        train.main(flags)
+    train.main(flags)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert len(events.Tensors("config/text_summary")) == 1
+
+
 def test_report_to_names_its_missing_package(monkeypatch):
     from machinery import tracking
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed

@@ -102,9 +102,9 @@ from machinery import checkpoint
 save = checkpoint.save_checkpoint
 
 
-def save_then_die(path, *args, **kwargs):  # every rank: SIGKILL after PO's first training state
+def save_then_die(path, *args, **kwargs):  # SIGKILL after PO's first training state
     save(path, *args, **kwargs)
-    if str(path).endswith(os.path.join("po", "state.pt")):
+    if str(path).endswith(os.path.join("po", "state.pt")) and os.environ["RANK"] in {ranks!r}:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -119,7 +119,7 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_result(runs, tmp_path
     command: bit-identical to the uninterrupted sharded run (the same 2 ranks reduce the same
     numbers in the same order)."""
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(root=str(ROOT)))
+    script.write_text(KILLER.format(root=str(ROOT), ranks=("0", "1")))
     out = tmp_path / "run"
     run([*torchrun(str(script)), *tiny(out, **FLAGS, fsdp="true")], fails=True)
     assert (out / "po" / "state.pt").exists() and not (out / "po" / "ckpt.pt").exists()
@@ -132,6 +132,22 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_result(runs, tmp_path
         assert metrics(ref, stage) == metrics(out, stage)
         assert (ref / stage / "eval.json").read_text() == (out / stage / "eval.json").read_text()
     assert not (out / "po" / "state.pt").exists()
+
+
+def test_a_sharded_process_killed_is_one_line_from_the_other(tmp_path):
+    """One rank SIGKILLed (what the out-of-memory killer sends) right after PO's first training
+    state: the other printed gloo's 62-line "Connection reset by peer" traceback and no `error:`
+    line. It now says in one line that another process died, and how to go on; nothing is lost."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(root=str(ROOT), ranks=("1",)))
+    out = tmp_path / "run"
+    p = run([*torchrun(str(script)), *tiny(out, **FLAGS, fsdp="true")], fails=True)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another process of this torchrun job" in errors[0], p.stderr
+    assert "the same command resumes the run" in errors[0], p.stderr
+    assert p.stderr.count("Traceback") == 1 and "ChildFailedError" in p.stderr  # torchrun's own
+    assert "by peer" not in p.stderr, p.stderr
+    assert (out / "po" / "state.pt").exists() and not (out / "po" / "ckpt.pt").exists()
 
 
 def test_sharded_sampling_and_evaluation_give_the_one_process_completions(runs, tmp_path):

@@ -5,6 +5,7 @@ base), for GPT-2 and each Llama-family kind; gradients only in the adapters; che
 the adapters and the name of their base; exact resume of a LoRA run.
 """
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ from machinery.config import resolve_loss
 from machinery.common import read_jsonl
 from machinery.checkpoint import export, load_checkpoint, load_gpt, save_checkpoint
 from machinery.hf import save_pretrained
-from machinery.lora import LoRALinear, apply_lora, lora_settings, lora_targets
+from machinery.lora import LoRALinear, apply_lora, base_digest, lora_settings, lora_targets
 from model import GPT, GPTConfig
 from tiny_hf import hf_model
-from conftest import die_at, Died, tiny, UNTIMED
+from conftest import die_at, Died, run_cli, tiny, UNTIMED
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -201,7 +202,9 @@ def test_a_lora_run_resumes_exactly_and_trains_only_its_adapter(tmp_path):
     for stage in ("sft", "po"):
         a, b = (load_checkpoint(d / stage / "ckpt.pt") for d in (one, two))
         assert a["lora"] == b["lora"] == dict(rank=4, alpha=8.0, dropout=0.1,
-                                               targets="c_attn,attn.c_proj,c_fc,mlp.c_proj")
+                                               targets="c_attn,attn.c_proj,c_fc,mlp.c_proj",
+                                               base_digest=base_digest(load_gpt(one / "sft" /
+                                                                                "base.pt")))
         assert (a["base"], b["base"]) == (str(one / "sft" / "base.pt"),
                                           str(two / "sft" / "base.pt"))
         assert a["model"].keys() == b["model"].keys()
@@ -219,6 +222,32 @@ def test_a_lora_run_resumes_exactly_and_trains_only_its_adapter(tmp_path):
     sft = load_checkpoint(one / "sft" / "ckpt.pt")["model"]
     po_adapters = load_checkpoint(one / "po" / "ckpt.pt")["model"]
     assert max((sft[k] - po_adapters[k]).abs().max().item() for k in sft) > 1e-4  # PO trained
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_loads_its_own_base_after_its_run_folder_moved(tmp_path):
+    """A LoRA checkpoint named its base by absolute path and checked it by config only: a
+    renamed run folder could load none of its checkpoints, and a new run at the old path lent
+    them its own random base without a word. The base is now found relative to the checkpoint
+    first, and pinned by a digest of its weights: another base is refused in one line."""
+    run, moved = tmp_path / "run", tmp_path / "renamed"
+    train.main(tiny(run, **LORA, stop_after="sft"))
+    idx = ids((2, 19)) % 257  # (the byte tokenizer's ids)
+    with torch.no_grad():
+        trained = load_gpt(run / "sft" / "ckpt.pt").eval()(idx)
+    os.rename(run, moved)
+    with torch.no_grad():
+        assert torch.equal(load_gpt(moved / "sft" / "ckpt.pt").eval()(idx), trained)
+    made = run_cli(["train.py", *tiny(run, **LORA, stop_after="sft", seed=1)])  # a new run there
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert not torch.equal(load_gpt(run / "sft" / "base.pt").transformer.wte.weight,
+                           load_gpt(moved / "sft" / "base.pt").transformer.wte.weight)
+    with torch.no_grad():
+        assert torch.equal(load_gpt(moved / "sft" / "ckpt.pt").eval()(idx), trained)
+    shutil.copy(run / "sft" / "base.pt", moved / "sft" / "base.pt")  # another base, same config
+    with pytest.raises(ValueError, match=r"ckpt.pt: its base .*base.pt is not the model these "
+                                         r"adapters were trained on \(weights digest"):
+        load_gpt(moved / "sft" / "ckpt.pt")
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 
 from machinery import plan
 import train
+from machinery.common import ConfigError
 from machinery.config import resolve_loss
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
@@ -95,6 +96,44 @@ def test_plan_prints_its_table_and_lines_and_does_no_work(tmp_path):
     assert list(lines) == ["full", "full_checkpointed", "lora", "fsdp2"]
     assert all(0 < float(v) < 1 for v in lines.values())
     assert not out.exists()  # no run folder: nothing was trained
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_the_plan_counts_parameters_from_the_config_alone(layers, monkeypatch, capsys):
+    """--plan true built the real model to count its parameters when it had <= 4 layers (5.1 GB
+    for a Gemma-sized vocabulary) and gave no count above that: it counts on the meta device,
+    at every size, and no model with real weights is ever built."""
+    from torch._subclasses.fake_tensor import is_fake
+    built = []
+
+    def gpt(config):
+        model = GPT(config)
+        built.append(any(p.device.type != "meta" and not is_fake(p) for p in model.parameters()))
+        return model
+    monkeypatch.setattr(plan, "GPT", gpt)
+    monkeypatch.setattr(plan, "run_stages", lambda cfg: [])  # (the traces: tested above)
+    cfg = train.Config(n_layer=layers, n_embd=64, n_head=2)
+    plan.print_plan(cfg, losses(cfg))
+    n = sum(p.numel() for p in GPT(plan.model_config(cfg)).parameters())
+    assert f"{layers} layers, n_embd 64, {n / 1e6:.1f}M parameters)" in capsys.readouterr().out
+    assert built and not any(built)
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("max_len", 50000, "exceeds the model's context of 32768 tokens"),
+    ("max_new_tokens", 32768, "leaves no room for a prompt in the model's context of 32768")])
+def test_the_plan_names_a_length_beyond_the_models_context(flag, value, said, monkeypatch):
+    """A --max_len past a loaded model's context reached the trace ("sequence length 50000
+    exceeds block_size 32768", naming no flag; on a GPU every run checks its plan first, so
+    the run's own line never came), and a --max_new_tokens filling it was planned as if it
+    fitted. The plan refuses both as the run does, before any trace."""
+    def trace(*args, **kwargs):
+        raise AssertionError("traced")
+    monkeypatch.setattr(plan, "trace", trace)
+    cfg = train.Config(init_from=str(SHAPES / "qwen25_05b"), gpu_gib=80, **{flag: value})
+    for check in (plan.print_plan, plan.check_fits):
+        with pytest.raises(ConfigError, match=rf"^--{flag} {value} {said}"):
+            check(cfg, losses(cfg))
 
 
 @pytest.mark.slow

@@ -169,6 +169,70 @@ def test_a_checkpoint_keeps_its_tokenizer_and_its_export_its_eos(tmp_path):
     assert exported["eos_token_id"] == 256
 
 
+def test_an_export_carries_the_chat_template_only_where_the_run_used_it(tmp_path):
+    """The export of a run trained with --chat_template none carried the source's chat template:
+    every client that loads it prompted the model in a format it never saw. It carries the
+    template the run used, or none, and ends its responses where the run did."""
+    vocab = qwen_tokenizer(tmp_path / "qwen")
+    for setting in ("auto", "none"):
+        tok = load_tokenizer(tmp_path / "qwen", chat_template=setting)
+        save_checkpoint(tmp_path / f"{setting}.pt", tiny_qwen(vocab), tokenizer=tok,
+                        chat_template=setting)
+        folder = export(tmp_path / f"{setting}.pt", tmp_path / f"hf_{setting}")
+        again = load_tokenizer(folder)  # (auto: the folder's template, if it has one)
+        assert again.chat_template == tok.chat_template
+        assert common.read_json(os.path.join(folder, "config.json"))["eos_token_id"] == \
+            tok.eot_token
+    assert tok.chat_template is None and load_tokenizer(tmp_path / "qwen").chat_template
+    assert not {"chat_template.jinja", "chat_template.json"} & set(os.listdir(folder))
+    assert "chat_template" not in common.read_json(os.path.join(folder, "tokenizer_config.json"))
+
+
+def listing(folder):  # {file: bytes} of a folder, its subfolders' files too
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_export_replaces_an_earlier_export_whole(tmp_path):
+    """Exporting into a folder that held another model's export left that model's tokenizer,
+    chat template and generation config beside the new weights. The folder now holds exactly
+    the new export; a folder holding anything else is refused, untouched."""
+    vocab = qwen_tokenizer(tmp_path / "qwen")
+    save_checkpoint(tmp_path / "qwen.pt", tiny_qwen(vocab), tokenizer=load_tokenizer(
+        tmp_path / "qwen"))
+    save_checkpoint(tmp_path / "byte.pt", GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1,
+                                                        n_head=2, n_embd=16)), tokenizer="byte")
+    export(tmp_path / "byte.pt", tmp_path / "fresh")
+    export(tmp_path / "qwen.pt", tmp_path / "hf")
+    assert {"tokenizer.json", "chat_template.jinja"} <= set(os.listdir(tmp_path / "hf"))
+    export(tmp_path / "byte.pt", tmp_path / "hf")
+    assert listing(tmp_path / "hf") == listing(tmp_path / "fresh")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # nothing left beside it
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    before = listing(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"hf: holds files that are not an export's \(notes.txt\)"):
+        export(tmp_path / "qwen.pt", tmp_path / "hf")
+    assert listing(tmp_path / "hf") == before
+
+
+@pytest.mark.slow
+def test_an_export_into_a_run_folder_is_refused(tmp_path):
+    """export(ckpt, run_folder) wrote the Hugging Face config.json over the run's own: the run
+    could no longer resume, nor eval.py read its settings. A run folder (or a stage's) is
+    refused in one line, untouched; a new folder inside it is fine."""
+    out = tmp_path / "run"
+    train.main(tiny(out, stop_after="sft", sft_steps=1, n_test=2))
+    ckpt = out / "sft" / "ckpt.pt"
+    before = listing(out)
+    for folder in (out, out / "sft"):
+        with pytest.raises(ValueError, match=rf"{folder}: holds files that are not an export's "
+                                             r"\(.*(config.json: not a Hugging Face config|ckpt)"):
+            export(ckpt, folder)
+    assert listing(out) == before
+    export(ckpt, out / "hf")
+    assert common.read_json(out / "hf" / "config.json")["model_type"] == "gpt2"
+    train.main(tiny(out, stop_after="sft", sft_steps=1, n_test=2))  # the run is still its own
+
+
 # -----------------------------------------------------------------------------
 # a run pinned to its inputs
 
@@ -200,8 +264,8 @@ def test_a_moved_task_file_and_model_folder_keep_the_run(tmp_path, capsys):
     model, task = tmp_path / "qwen", jsonl(tmp_path / "task.jsonl", task_rows(0, 120))
     pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}", "chosen": f"yes {i}",
                                               "rejected": f"no {i}"} for i in range(8)])
-    vocab = qwen_tokenizer(model)
-    save_pretrained(tiny_qwen(vocab, seed=1), model, tokenizer="none")  # beside the tokenizer
+    vocab = qwen_tokenizer(tmp_path / "tokenizer")
+    save_pretrained(tiny_qwen(vocab, seed=1), model, tokenizer=str(tmp_path / "tokenizer"))
     out = tmp_path / "run"
 
     def flags(moved="", **over):

@@ -450,10 +450,10 @@ def files(tmp_path_factory):
         config = json.loads((d / name / "config.json").read_text())
         (d / name / "config.json").write_text(json.dumps({**config, key: value}))
     from tiny_hf import train_tokenizer
-    vocab = len(train_tokenizer("qwen2.5", d / "hf_bad_template", vocab_size=300))
+    vocab = len(train_tokenizer("qwen2.5", d / "tokenizer", vocab_size=300))
     save_pretrained(GPT(GPTConfig(model_type="qwen2", block_size=64, vocab_size=vocab, n_layer=1,
                                   n_head=2, n_embd=16, n_inner=24, bias=False)),
-                    d / "hf_bad_template", tokenizer="none")
+                    d / "hf_bad_template", tokenizer=str(d / "tokenizer"))
     (d / "hf_bad_template" / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['content'] / 2 }}{% endfor %}")  # str / int: a TypeError
     jsonl("pairs_array_line.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
