@@ -98,7 +98,7 @@ def test_a_typo_in_a_preset_gets_the_close_matches(tmp_path):
     ("loss", "dpo+0.5sft", "--loss 'dpo+0.5sft': give the weights with --loss_weights"),
     ("tokenizer", "bpe", "--tokenizer 'bpe': expected auto, byte or gpt2"),
     ("chat_template", "yes", "--chat_template 'yes': expected auto or none"),
-    ("max_len", "0", "--max_len must be >= 1, got 0"),
+    ("max_len", "1", "--max_len must be >= 2 (a prompt token and a response token"),
     ("maj_k", "0", "--maj_k must be >= 1, got 0"),
     ("n_test", "-1", "--n_test must be >= 0, got -1"),
     ("seed", "-1", "--seed must be >= 0, got -1"),
