@@ -21,7 +21,9 @@ import data
 import eval as eval_
 import train
 import smollm2
+from conftest import run_cli
 from machinery.checkpoint import export, load_gpt, load_model
+from machinery.common import read_json
 from machinery.config import resolve_loss
 from machinery.hf import save_adapter
 from machinery.lora import apply_lora
@@ -296,3 +298,18 @@ def test_a_few_adpo_steps_on_real_pairs_lower_the_loss_and_rank_held_out_pairs(f
     assert after < at_step_0(held_out) - 0.1 * held_out["n"], after
     accuracy = metrics["rewards/accuracy"].item() / held_out["n"]  # (metrics: sums over pairs)
     assert accuracy > 0.5 and metrics["rewards/margin"] > 0, metrics
+
+
+@pytest.mark.slow
+def test_the_preset_starts_on_the_real_folder(folder, tmp_path):
+    """presets/smollm2_135m_arith.json, offline (--init_from the folder), through its SFT stage
+    at a few seconds' size: the chat template is used and the SFT model is scored."""
+    out = tmp_path / "run"
+    done = run_cli(["train.py", "--preset", "smollm2_135m_arith", "--init_from", folder,
+                    "--out_dir", out, "--stop_after", "sft", "--sft_steps", 1,
+                    "--sft_batch_size", 2, "--n_train", 8, "--n_test", 2,
+                    "--max_new_tokens", 8, "--eval_batch_size", 2], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "sft" / "ckpt.pt").exists()
+    assert read_json(out / "sft" / "eval.json")["metrics"]["n"] == 2
+    assert read_json(out / "config.json")["chat_template"] == "auto"
