@@ -211,7 +211,7 @@ def comparison_table(stats):
     rows = []
     if "SFT" not in stats["variants"]:  # (without --compare the SFT model is the baseline)
         rows.append(["SFT (reference)", "-", percent(stats["sft"]["accuracy"],
-                                                     stats["sft"]["ci95"]), *["-"] * 5])
+                                                     stats["sft"]["ci95"]), *["-"] * 6])
     for label, v in stats["variants"].items():
         mean = sum(v["accuracy"]) / len(v["accuracy"])
         diff = v["diff_vs_baseline"]
@@ -222,11 +222,12 @@ def comparison_table(stats):
                      "(baseline)" if label == base else percent(diff["mean"], diff["ci95"], "+"),
                      "-" if label == base else f"{diff['p_holm']:.3f}",
                      "-" if diff["spread"] is None else f"{100 * diff['spread']:.1f}",
+                     "-" if label == base else f"{100 * diff['detectable']:.1f}",
                      f"{100 * sum(val) / len(val):.1f}" if val else "-",
                      f"{sum(drift) / len(drift):+.2f}" if drift else "-"])
     header = ["method", "accuracy % per run", "mean accuracy % [95% CI]",
               f"vs {base}, points [paired 95% CI]", "p (Holm)", "spread between runs, points",
-              "held-out reward acc. %", "held-out log πθ(y_w) − log πref(y_w)"]
+              "detectable, points", "held-out reward acc. %", "held-out log πθ(y_w) − log πref(y_w)"]
     return markdown_table(header, rows) + "\n\n" + comparison_notes(stats)
 
 
@@ -240,16 +241,19 @@ def comparison_notes(stats):
     lines = [f"n = {stats['n_test']} test questions, the same for every run (greedy); "
              f"{stats['runs']} run(s) per variant: {SCOPES[stats['scope']]}."]
     if k:
-        detectable = max(d["detectable"] for d in others.values())
-        seen = (f"{100 * detectable:.1f} points: a null result here rules out differences of "
-                f"that size, not smaller ones" if detectable else
+        # each variant's own: one whose seeds disagree (a collapse on one seed) sees less
+        ranked = sorted(others, key=lambda label: others[label]["detectable"])
+        sizes = [f"{100 * others[label]['detectable']:.1f} ({label})"
+                 for label in dict.fromkeys([ranked[0], ranked[-1]])]
+        seen = (f"{' to '.join(sizes)} points: a null result rules out differences of that "
+                f"size for its variant, not smaller ones" if others[ranked[-1]]["detectable"] else
                 "not estimable: no question was answered differently")
         lines.append(
             f"{k} comparison(s) with {base} at 95 %: {0.05 * k:.2f} false alarm(s) expected by "
             f"chance alone; after Holm's correction (family-wise 5 %) "
             + (f"{len(found)} differ: {', '.join(found)}" if found else "none differs")
             + f". Detectable effect (80 % power, 5 % two-sided, from the observed per-question "
-              f"discordance and the spread between runs; the largest of the variants'): {seen}.")
+              f"discordance and the spread between runs; the `detectable` column): {seen}.")
     return "\n".join(lines)
 
 
