@@ -227,7 +227,8 @@ def comparison_table(stats):
                      f"{sum(drift) / len(drift):+.2f}" if drift else "-"])
     header = ["method", "accuracy % per run", "mean accuracy % [95% CI]",
               f"vs {base}, points [paired 95% CI]", "p (Holm)", "spread between runs, points",
-              "detectable, points", "held-out reward acc. %", "held-out log πθ(y_w) − log πref(y_w)"]
+              "detectable, points", "held-out reward acc. %",
+              "held-out log πθ(y_w) − log πref(y_w)"]
     return markdown_table(header, rows) + "\n\n" + comparison_notes(stats)
 
 
