@@ -4,7 +4,7 @@ Reliability of train.py / eval.py: exact resume after a kill anywhere, determini
 must fail fast with one-line errors, and data-parallel training (2 CPU processes over gloo)
 against one process.
 
-Every run here is tiny (a 1-layer GPT, 12 SFT steps, a few pairs) and uses one thread per process:
+Every run here is tiny (a 1-layer GPT, 120 SFT steps, a few pairs) and uses one thread per process:
 on a small shared CPU, tiny ops are much faster that way, and a run in this process and a run in a
 subprocess then compute bit for bit the same numbers, so they can be compared with ==.
 """
@@ -83,11 +83,16 @@ def assert_same_run(a, b):
         assert all(torch.equal(x, y) for p, q in zip(ra[split], rb[split]) for x, y in zip(p, q))
 
 
+# a tiny SFT model of 120 steps (not conftest's 12) finishes some of its answers with an EOS:
+# on-policy pairs need that, as a sample cut at --max_new_tokens is neither chosen nor rejected
+SAMPLED = dict(sft_steps=120)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted run (in this process), the yardstick of the resume tests."""
     out = tmp_path_factory.mktemp("reference")
-    train.main(tiny(out))
+    train.main(tiny(out, **SAMPLED))
     # with fewer PO steps, the PO kill points would be moot
     assert po_steps(out) >= 3, "the tiny run should sample a few pairs"
     return out
@@ -103,18 +108,18 @@ def po_steps(out):
 
 
 def test_the_same_command_twice_gives_identical_results(reference, tmp_path):
-    train.main(tiny(tmp_path))
+    train.main(tiny(tmp_path, **SAMPLED))
     assert_same_run(reference, tmp_path)
 
 
 # each chain kills one run folder at these points in turn (every re-run resumes, then dies at the
-# next point), then runs it to the end. SFT checkpoints at 2, 4, ..., 10 (never at its last step,
-# 12); PO (po:last is its last step) every 2 steps. sft:3 dies one step after a checkpoint, sft:12
-# at the very end before ckpt.pt; po:1 before any PO checkpoint; the pairs: points after a chunk
-# of samples (0, 4, 8, 12) or the pair files.
+# next point), then runs it to the end. SFT checkpoints at 2, 4, ..., 118 (never at its last
+# step, 120); PO (po:last is its last step) every 2 steps. sft:3 dies one step after a
+# checkpoint, sft:120 at the very end before ckpt.pt; po:1 before any PO checkpoint; the pairs:
+# points after a chunk of samples (0, 4, 8, 12) or the pair files.
 CHAINS = {
     "A": ["sft:3", "sft:7", "sft:done", "pairs:4", "po:ref", "po:3"],
-    "B": ["sft:1", "sft:6", "sft:12", "pairs:0", "pairs:12", "pairs:written", "po:1", "po:last",
+    "B": ["sft:1", "sft:6", "sft:120", "pairs:0", "pairs:12", "pairs:written", "po:1", "po:last",
           "po:done"],
 }
 
@@ -124,8 +129,8 @@ def test_resume_after_dying_anywhere_is_bit_identical(reference, tmp_path, chain
     for point in [p.replace("last", str(po_steps(reference))) for p in CHAINS[chain]]:
         with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):  # proves it got to `point`
             die_at(mp, point)
-            train.main(tiny(tmp_path))
-    train.main(tiny(tmp_path))
+            train.main(tiny(tmp_path, **SAMPLED))
+    train.main(tiny(tmp_path, **SAMPLED))
     assert_same_run(reference, tmp_path)
 
 
@@ -155,10 +160,10 @@ def test_sigkill_mid_po_then_the_same_command_resumes_exactly(reference, tmp_pat
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(root=str(ROOT)))
     out = tmp_path / "run"
-    p = run_cli([script, *tiny(out)])
+    p = run_cli([script, *tiny(out, **SAMPLED)])
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert (out / "po" / "state.pt").exists() and not (out / "po" / "ckpt.pt").exists()
-    p = run_cli(["train.py", *tiny(out)])
+    p = run_cli(["train.py", *tiny(out, **SAMPLED)])
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"[po] resuming at step 2/{po_steps(reference)}" in p.stdout
     assert_same_run(reference, out)
@@ -168,8 +173,8 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path):
     """A real SIGKILL at a random moment of training
     (logged, so a failure can be replayed by hand)."""
     delay = random.Random().uniform(0.0, 2.5)
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path, **SAMPLED)], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while (not (tmp_path / "sft" / "metrics.jsonl").exists() and proc.poll() is None
@@ -181,15 +186,15 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(reference, tmp_path):
         code = proc.wait(timeout=60)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*') if p.is_file())
     print(f"SIGKILL {delay:.2f} s after SFT started; exit status {code}; left: {left}")
-    train.main(tiny(tmp_path))  # the same command (in this process: the CLI resume is tested above)
+    train.main(tiny(tmp_path, **SAMPLED))  # the same command (the CLI resume is tested above)
     assert_same_run(reference, tmp_path)
 
 
 def test_sigterm_then_the_same_command_resumes_exactly(reference, tmp_path):
     """A real SIGTERM (what `kill PID`, a job scheduler or torchrun sends) once the first SFT
     training state is on disk: the process ends at once, and the same command resumes exactly."""
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path, **SAMPLED)], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "sft" / "state.pt").exists() and time.time() < deadline:
@@ -198,7 +203,7 @@ def test_sigterm_then_the_same_command_resumes_exactly(reference, tmp_path):
     finally:
         code = proc.wait(timeout=60)
     assert code == -signal.SIGTERM
-    train.main(tiny(tmp_path))
+    train.main(tiny(tmp_path, **SAMPLED))
     assert_same_run(reference, tmp_path)
 
 
@@ -207,10 +212,10 @@ def test_a_torn_metrics_line_is_dropped_on_resume(reference, tmp_path):
     the resumed run must not choke."""
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Died):
         die_at(mp, "sft:7")
-        train.main(tiny(tmp_path))
+        train.main(tiny(tmp_path, **SAMPLED))
     with open(tmp_path / "sft" / "metrics.jsonl", "a") as f:
         f.write('{"step": 8, "loss": 2.')
-    train.main(tiny(tmp_path))
+    train.main(tiny(tmp_path, **SAMPLED))
     assert_same_run(reference, tmp_path)
 
 
@@ -322,7 +327,7 @@ def test_bf16_autocast_on_cpu_every_stage_finite_resumable_float32_sums(tmp_path
         return wrapped
     monkeypatch.setattr(train, "sft_loss", recording(train.sft_loss))
     monkeypatch.setattr(train, "preference_loss", recording(train.preference_loss))
-    flags = dict(dtype="bfloat16", dropout=0.0)
+    flags = dict(dtype="bfloat16", dropout=0.0, **SAMPLED)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     summary = train.main(tiny(whole, **flags))
     assert summary["dtype"] == "bfloat16" and {"sft", "pairs", "po"} <= summary.keys()
