@@ -619,9 +619,10 @@ def stage_po(cfg, run, out):
     train_pairs, val_pairs = read_pairs(cfg)
     rows, stats = encode_pairs(train_pairs, tok, max_len=cfg.max_len, verbose=run.master)
     val_rows, _ = encode_pairs(val_pairs, tok, max_len=cfg.max_len, verbose=False)
-    need(stats["rows"], f"no preference pairs to train on: the SFT model's samples were all "
-                        f"right or all wrong (see {pairs_dir}/stats.json); sample more "
-                        f"(--n_samples, --n_pair_questions) or use --pairs_source offline")
+    need(stats["rows"], f"no preference pairs to train on: the SFT model's finished samples were "
+                        f"all right or all wrong, and samples cut at --max_new_tokens make none "
+                        f"(see {pairs_dir}/stats.json); sample more (--n_samples, "
+                        f"--n_pair_questions, --max_new_tokens) or use --pairs_source offline")
     need(rows, f"all {stats['rows']} training pairs were dropped: none has a response token "
                f"within --max_len {cfg.max_len} ({stats})")
     objective = resolve_loss(cfg)  # --loss, once: what every step computes
