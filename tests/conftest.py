@@ -210,3 +210,14 @@ def pair_segments(batch, family=None, size=None):
 def log_sigmoid(x):
     # fine for the moderate values used here; loss.py uses F.logsigmoid
     return torch.log(torch.sigmoid(x))
+
+
+def values_and_grads(fn, batch):
+    """A loss's per-pair values and the gradients of their sum w.r.t. the policy's chosen and
+    rejected log-probs (zeros where the loss reads none: sft and spo read no rejected one)."""
+    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
+    pc.grad = pr.grad = None
+    losses = fn()
+    losses.sum().backward()
+    grads = [torch.zeros_like(x) if x.grad is None else x.grad.clone() for x in (pc, pr)]
+    return losses.detach(), *grads

@@ -16,7 +16,8 @@ import torch
 import train
 from machinery.config import resolve_loss
 from loss import (LOSSES, NO_GRANULARITY, ld_desensitised, parse_loss, wpo_weights)
-from conftest import log_sigmoid, make_batch, pair_segments, ragged_mask, response
+from conftest import (log_sigmoid, make_batch, pair_segments, ragged_mask, response,
+                      values_and_grads)
 
 LN2 = math.log(2.0)
 # the losses of the summed log-ratios (@pairwise): a response-level form and every granularity
@@ -91,15 +92,6 @@ def slow_response_loss(name, batch, beta, delta=0.0):
             chosen = [pc[b, t] for t in range(cm.shape[1]) if cm[b, t]]
             out.append(-sum(chosen) / len(chosen))
     return torch.stack(out)
-
-
-def values_and_grads(fn, batch):
-    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
-    pc.grad = pr.grad = None
-    losses = fn()
-    losses.sum().backward()
-    grads = [torch.zeros_like(x) if x.grad is None else x.grad.clone() for x in (pc, pr)]
-    return losses.detach(), *grads  # (sft reads no rejected log-prob: a zero gradient)
 
 
 @pytest.mark.parametrize("family,size", GRAINS)

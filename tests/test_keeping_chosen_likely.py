@@ -14,7 +14,7 @@ import torch
 
 import train
 from conftest import (check_one_line_error, log_sigmoid, make_batch, pair_segments, ragged_mask,
-                      run_cli)
+                      run_cli, values_and_grads)
 from loss import LOSSES, parse_loss, preference_metrics
 from machinery import compare
 from machinery.common import ConfigError
@@ -33,15 +33,6 @@ def six(batch):
     return [batch[k] for k in ("policy_chosen_logps", "policy_rejected_logps",
                                "reference_chosen_logps", "reference_rejected_logps",
                                "chosen_mask", "rejected_mask")]
-
-
-def values_and_grads(fn, batch):
-    pc, pr = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
-    pc.grad = pr.grad = None
-    losses = fn()
-    losses.sum().backward()
-    grads = [torch.zeros_like(x) if x.grad is None else x.grad.clone() for x in (pc, pr)]
-    return losses.detach(), *grads  # (spo reads no rejected log-prob: a zero gradient)
 
 
 def keeping_y_w_likely(batch, seed=0):
