@@ -716,9 +716,25 @@ def peer_gone(e):
     return dist.is_initialized() and (gloo or isinstance(e, dist.DistNetworkError))
 
 
+def stopped_by_torchrun(signum, frame):
+    """SIGTERM under torchrun: it stops the others when one process fails. When that one was
+    SIGKILLed it said nothing, and this one may hear the SIGTERM before its own collective fails,
+    so this one says why (or nothing, when the failed one already did). Then exit at once, as the
+    default action would: what was saved is intact, as after any kill. (Python runs this handler
+    between bytecodes: a process stuck inside one C call is SIGKILLed by torchrun 30 s later.)"""
+    if first_to_fail():
+        print("error: torchrun stopped this process: another process of this torchrun job died "
+              "(killed: out of memory? torchrun's report below names it and its signal), or the "
+              "job itself was stopped; what was saved is intact: the same command resumes the "
+              "run", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 def cli(main):
     """Run main() as a script: bad input (files, flags, numerics) is one `error:` line, exit 1;
     under torchrun, one line from the first process to fail."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        signal.signal(signal.SIGTERM, stopped_by_torchrun)
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:
