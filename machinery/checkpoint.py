@@ -128,11 +128,7 @@ def load_gpt(source, **overrides):
         ckpt = load_checkpoint(path)
         if "lora" in ckpt:  # adapters on a base of their own
             return _lora_model(ckpt, path, overrides)
-        names = {f.name for f in fields(GPTConfig)}
-        if not isinstance(ckpt["config"], dict) or set(ckpt["config"]) - names:
-            raise ValueError(f"{path}: checkpoint config has fields GPTConfig does not know: "
-                             f"{ckpt['config']}")
-        config, state, where = GPTConfig(**ckpt["config"]), ckpt["model"], path
+        config, state, where = checkpoint_config(ckpt, path), ckpt["model"], path
     elif os.path.isdir(src) or is_gpt2(src) or is_hub_id(src):  # (checked first: no stray calls)
         folder = local_folder(src)
         paths = weight_files(folder)  # (first: what an empty folder lacks above all)
@@ -155,6 +151,16 @@ def load_gpt(source, **overrides):
     if block_size < config.block_size:
         model.crop_block_size(block_size)
     return model
+
+
+def checkpoint_config(ckpt, path):
+    """The GPTConfig our checkpoint `ckpt` (read from `path`) records; a field this model.py does
+    not know (a checkpoint of another version) is named, not a TypeError."""
+    names = {f.name for f in fields(GPTConfig)}
+    if not isinstance(ckpt.get("config"), dict) or set(ckpt["config"]) - names:
+        raise ValueError(f"{path}: checkpoint config has fields GPTConfig does not know: "
+                         f"{ckpt.get('config')}")
+    return GPTConfig(**ckpt["config"])
 
 
 def _lora_model(ckpt, path, overrides):

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.hooks import RemovableHandle
 
-from machinery.checkpoint import _our_checkpoint, load_checkpoint
+from machinery.checkpoint import _our_checkpoint, checkpoint_config, load_checkpoint
 from machinery.common import markdown_table, need
 from machinery.config import check_context
 from machinery.hf import config_kwargs, hub_download, is_gpt2, is_hub_id
@@ -83,7 +83,8 @@ def model_config(cfg):
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd)
     if _our_checkpoint(source):
-        config = GPTConfig(**load_checkpoint(_our_checkpoint(source), mmap=True)["config"])
+        path = _our_checkpoint(source)
+        config = checkpoint_config(load_checkpoint(path, mmap=True), path)
     else:
         if not os.path.isdir(source):
             need(is_gpt2(source) or is_hub_id(source), f"--init_from {source}: no such folder")

@@ -14,6 +14,7 @@ import torch
 
 from machinery import plan
 import train
+from machinery.checkpoint import load_gpt, save_checkpoint
 from machinery.common import ConfigError
 from machinery.config import resolve_loss
 from machinery.lora import apply_lora
@@ -134,6 +135,22 @@ def test_the_plan_names_a_length_beyond_the_models_context(flag, value, said, mo
     for check in (plan.print_plan, plan.check_fits):
         with pytest.raises(ConfigError, match=rf"^--{flag} {value} {said}"):
             check(cfg, losses(cfg))
+
+
+def test_a_checkpoint_of_another_model_version_is_named_by_the_plan_as_by_the_run(tmp_path):
+    """A checkpoint whose config has a field this model.py does not know: loading it named the
+    file, but --plan true raised TypeError from GPTConfig (a stack trace). Both name it now."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, GPT(GPT2), tokenizer="byte")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["attn_logit_cap"] = 30.0  # a field of some other version
+    torch.save(ckpt, path)
+    said = rf"^{re.escape(str(path))}: checkpoint config has fields GPTConfig does not know"
+    with pytest.raises(ValueError, match=said):
+        plan.model_config(train.Config(init_from=str(path), block_size=64, max_len=64,
+                                              max_new_tokens=16))
+    with pytest.raises(ValueError, match=said):
+        load_gpt(path)
 
 
 @pytest.mark.slow
