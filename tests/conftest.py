@@ -69,6 +69,16 @@ def cli_env(**extra):
     return env
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the runs a test module makes in this process, as cli_env gives the
+    scripts it runs (a tiny model runs no faster on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(args, timeout=180, **env):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=cli_env(**env), timeout=timeout)

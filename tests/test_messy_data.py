@@ -17,15 +17,8 @@ import data
 import train
 from conftest import check_one_line_error, cli_env, ROOT, run_cli, tiny, visible_lines
 
-pytestmark = pytest.mark.slow  # end to end: whole pipelines and processes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow,  # end to end: whole pipelines and processes
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from conftest import check_one_line_error, cli_env, die_at, Died, free_port, ROO
 from machinery.hf import config_kwargs, hf_config, save_pretrained
 from model import GPT, GPTConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def jsonl(path, rows):
