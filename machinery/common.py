@@ -519,16 +519,34 @@ def read_jsonl(path, torn_tail=False):
             if not line.strip(" \t\r\n"):  # JSON's whitespace
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=unique_keys)
                 problem = json_row_problem(row, "line")
             except json.JSONDecodeError as e:
                 problem = f"invalid JSON, {e.msg}; expected one JSON object per line"
+            except DuplicateKey as e:
+                problem = str(e)
             if problem and torn_tail:
                 break
             if problem:
                 raise ValueError(f"{path}: could not read it as {kind} (line {lineno}: {problem})")
             out.append(row)
     return out
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: an object naming a field twice ({"chosen": "a", "chosen": "b"})
+    is refused, not read as its last value (what json.loads does, silently)."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"field {twice!r} appears twice in one object (expected each field "
+                           f"once: which one is meant?)")
+    return row
 
 
 JSON_KINDS = {list: "a JSON array", str: "a JSON string", bool: "true or false", type(None): "null"}

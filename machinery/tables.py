@@ -17,7 +17,7 @@ import json
 import os
 import re
 
-from machinery.common import json_row_problem, read_jsonl
+from machinery.common import DuplicateKey, json_row_problem, read_jsonl, unique_keys
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -58,7 +58,9 @@ def _read_json(path):
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise ValueError(f"{path}: could not read it as json ({e})") from None
     except json.JSONDecodeError as e:
         first = next((line for line in text.split("\n") if line.strip()), "")
         try:
@@ -73,6 +75,15 @@ def _read_json(path):
         if problem:
             raise ValueError(f"{path}: could not read it as json (row {i}: {problem})")
     return rows
+
+def _parquet_rows(path):
+    """The row count a Parquet file's footer records (None where it has no readable footer:
+    datasets' reader then names what is wrong)."""
+    import pyarrow.parquet as pq  # (datasets' own dependency)
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
 
 def _split_file(folder, split):
     """The file of a split in a folder: {split}.jsonl, .json, .parquet or .csv (the first found)."""
@@ -111,6 +122,8 @@ def load_table(source, split="train", config=None):
             raise ValueError(f"{path}: file is empty")
         if ext != ".parquet":
             _check_utf8(path)                   # a clearer message than the one datasets gives
+        elif _parquet_rows(path) == 0:          # (datasets: "BatchSize must be greater than 0")
+            raise ValueError(f"{path}: no rows in it")
         if ext in (".jsonl", ".json"):
             # Python's json, as the files a run writes are read: Arrow's reader, behind datasets,
             # refused what they can hold ("Trailing data at position 42") and json-decoded the
@@ -126,6 +139,10 @@ def load_table(source, split="train", config=None):
                 header = next(reader, [])
                 if not any(reader):  # (datasets: 'Instruction "train" corresponds to no data!')
                     raise ValueError(f"{path}: no rows in it (a header only)")
+            twice = [c for c in dict.fromkeys(header) if header.count(c) > 1]
+            if twice:  # (pandas renames the second 'answer' 'answer.1': which one is meant?)
+                raise ValueError(f"{path}: column {twice[0]!r} appears twice in the header "
+                                 f"(expected each column once)")
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
             # and only an empty cell is missing: pandas would also read "N/A", "NA", "None", "null",
             # "nan"... as missing, which an answer or a response can be

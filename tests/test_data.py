@@ -6,6 +6,8 @@ import json
 import os
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -475,7 +477,6 @@ def test_local_pair_files(tmp_path):
     path = write(tmp_path / "prefs.csv",
                  'prompt,chosen,rejected\n"Question: 2+2?\nAnswer:", 4, 5\nHi, there, you\n')
     assert data.load_pairs(path) == PREFS
-    import pyarrow as pa, pyarrow.parquet as pq
     # cells stay text
     path = write(tmp_path / "nums.csv", "prompt,chosen,rejected\nWhat is 2+2?,4,5\n")
     assert data.load_pairs(path) == [dict(prompt="What is 2+2?", chosen="4", rejected="5")]
@@ -597,6 +598,34 @@ def test_a_file_holding_no_rows_is_refused_as_such(tmp_path):
             data.load_pairs(write(tmp_path / name, text))
     with pytest.raises(ValueError, match=r"task.csv: no rows in it \(a header only\)"):
         data.load_task(write(tmp_path / "task.csv", "question,answer\r\n"), "train")
+
+def test_a_column_or_field_named_twice_is_refused_not_read_as_one_of_them(tmp_path):
+    """A CSV header naming 'chosen' twice was read as its first column (pandas renamed the second
+    'chosen.1', which nothing reads); a JSON object naming a field twice, as its last value. Which
+    one the author meant is unknowable: the file and the name are given instead."""
+    csv_file = write(tmp_path / "twice.csv", "prompt,chosen,chosen,rejected\np,a,b,r\n")
+    with pytest.raises(ValueError, match=r"twice.csv: column 'chosen' appears twice in the head"):
+        data.load_pairs(csv_file)
+    row = '{"prompt": "p", "chosen": " a", "rejected": " r", "chosen": " b"}'
+    with pytest.raises(ValueError, match=r"twice.jsonl: could not read it as jsonl \(line 2: "
+                                         r"field 'chosen' appears twice in one object"):
+        data.load_pairs(write(tmp_path / "twice.jsonl", json.dumps(PREFS[0]) + "\n" + row))
+    with pytest.raises(ValueError, match=r"twice.json: could not read it as json \(field 'chosen' "
+                                         r"appears twice"):
+        data.load_pairs(write(tmp_path / "twice.json", f"[{row}]"))
+    nested = {"messages": [{"role": "user", "content": "hi"}]}
+    assert common.read_jsonl(write(tmp_path / "ok.jsonl", json.dumps(nested))) == [nested]
+
+def test_a_parquet_file_without_rows_says_so(tmp_path):
+    """It was "could not read it as parquet (DatasetGenerationError ... <- ArrowInvalid: BatchSize
+    must be greater than 0, got 0)", after a line of datasets' own on stderr."""
+    empty = pa.Table.from_pylist([], schema=pa.Table.from_pylist(PREFS).schema)
+    pq.write_table(empty, tmp_path / "prefs.parquet")
+    with pytest.raises(ValueError, match=r"prefs.parquet: no rows in it$"):
+        data.load_pairs(str(tmp_path / "prefs.parquet"))
+    write(tmp_path / "broken.parquet", "PAR1 not really")
+    with pytest.raises(ValueError, match=r"broken.parquet: could not read it as parquet \("):
+        data.load_pairs(str(tmp_path / "broken.parquet"))
 
 def test_a_csv_with_a_bom_is_read(tmp_path):
     """Excel's "CSV UTF-8" starts with a BOM: it was refused (KeyError: '\\ufeffprompt')."""
