@@ -36,7 +36,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.hooks import RemovableHandle
 
 from machinery.checkpoint import _our_checkpoint, checkpoint_config, load_checkpoint
-from machinery.common import markdown_table, need
+from machinery.common import markdown_table, need, print0
 from machinery.config import check_context
 from machinery.hf import config_kwargs, hub_download, is_gpt2, is_hub_id
 from machinery.lora import apply_lora
@@ -239,10 +239,10 @@ def print_plan(cfg, losses):
     with torch.device("meta"):  # shapes without storage: a real 8B model is 32 GB
         n = sum(p.numel() for p in GPT(config).parameters())
     memory = gpu_gib(cfg)
-    print(f"plan: {cfg.init_from} ({config.model_type}, {config.n_layer} layers, n_embd "
-          f"{config.n_embd}, {n / 1e6:.1f}M parameters), max_len "
-          f"{cfg.max_len}, grad_accum {cfg.grad_accum}; GiB per GPU; fits: peak <= "
-          f"{HEADROOM:.0%} of {memory:.0f} GiB", flush=True)
+    print0(f"plan: {cfg.init_from} ({config.model_type}, {config.n_layer} layers, n_embd "
+           f"{config.n_embd}, {n / 1e6:.1f}M parameters), max_len "
+           f"{cfg.max_len}, grad_accum {cfg.grad_accum}; GiB per GPU; fits: peak <= "
+           f"{HEADROOM:.0%} of {memory:.0f} GiB")
     rows, peaks = [], {}
     for stage in run_stages(cfg):
         for mode in modes(cfg):
@@ -256,9 +256,9 @@ def print_plan(cfg, losses):
                                         ("params", "grads", "optimizer", "activations", "peak")),
                          "yes" if r["peak"] / GiB <= HEADROOM * memory else "no"])
     header = ["stage", "mode", "params", "grads", "AdamW", "activations", "peak", "fits"]
-    print(markdown_table(header, rows))
+    print0(markdown_table(header, rows))
     for mode, peak in peaks.items():
-        print(f"plan_{mode}_peak_gib: {peak:.2f}")
+        print0(f"plan_{mode}_peak_gib: {peak:.2f}")
     return peaks
 
 

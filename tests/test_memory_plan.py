@@ -19,7 +19,7 @@ from machinery.common import ConfigError
 from machinery.config import resolve_loss
 from machinery.lora import apply_lora
 from model import GPT, GPTConfig
-from conftest import ROOT, run_cli
+from conftest import free_port, ROOT, run_cli
 
 SHAPES = ROOT / "presets" / "shapes"
 GPT2 = GPTConfig(block_size=64, vocab_size=300, n_layer=3, n_head=2, n_embd=32)
@@ -97,6 +97,16 @@ def test_plan_prints_its_table_and_lines_and_does_no_work(tmp_path):
     assert list(lines) == ["full", "full_checkpointed", "lora", "fsdp2"]
     assert all(0 < float(v) < 1 for v in lines.values())
     assert not out.exists()  # no run folder: nothing was trained
+
+
+@pytest.mark.slow
+def test_the_plan_under_torchrun_is_printed_once(tmp_path):
+    """Each process of a torchrun job printed its own copy of the table."""
+    p = run_cli(["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                 f"--master_port={free_port()}", "train.py", "--preset", "smoke", "--out_dir",
+                 tmp_path / "run", "--plan", "true", "--gpu_gib", "24"], timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("| stage | mode |") == 1 and p.stdout.count("plan_full_peak_gib") == 1
 
 
 @pytest.mark.parametrize("layers", [2, 6])
