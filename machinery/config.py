@@ -205,6 +205,9 @@ def validate(cfg):
     for k in ("out_dir", "init_from", "pairs_source"):
         need(getattr(cfg, k).strip() != "",
              f"--{k} is empty (expected e.g. {getattr(Config, k)!r})")
+    need(cfg.n_samples >= 2 or cfg.pairs_source != "sample" or cfg.stop_after == "sft",
+         f"--n_samples {cfg.n_samples} makes no pairs: a pair is a right and a wrong sample of "
+         f"one question (expected >= 2 with --pairs_source sample)")
     need(cfg.pairs_source != "offline" or cfg.task == "arith",
          "--pairs_source offline needs --task arith (it corrupts the task's own solutions)")
     if cfg.init_from == "scratch":  # (a loaded model's context is checked in build_model)

@@ -665,6 +665,9 @@ CATALOGUE = [
     ("max-len-one", T, ["--max_len", "1"],
      "--max_len must be >= 2 (a prompt token and a response token; the prompt is cut to half "
      "of it), got 1"),
+    ("one-sample-per-question", T, ["--n_samples", "1"],  # (it trained SFT and sampled first)
+     "--n_samples 1 makes no pairs: a pair is a right and a wrong sample of one question "
+     "(expected >= 2 with --pairs_source sample)"),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("no-cuda", T, ["--device", "cuda"],
