@@ -333,7 +333,8 @@ def check_vocab(tok, model, source):
 
 def load_model(source, tokenizer="auto", chat_template="auto", **overrides):
     """(model, tokenizer) of `source` (see load_gpt and load_tokenizer), checked against each
-    other. overrides: dropout, block_size."""
+    other. overrides: dropout, block_size. A path may start with ~ (the home folder)."""
+    source = os.path.expanduser(os.fspath(source))
     model = load_gpt(source, **overrides)
     tok = load_tokenizer(source, tokenizer, chat_template)
     check_vocab(tok, model, source)
@@ -348,7 +349,8 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     generation_config.json lacks come from the tokenizer (the EOS a response ends with).
     adapter=True: a LoRA checkpoint's adapters alone, in PEFT's format (hf.save_adapter), for peft
     to load onto their base, an HF folder or hub id (a base that is one of our checkpoints exports
-    to one first: export(base, folder))."""
+    to one first: export(base, folder)). Either path may start with ~ (the home folder)."""
+    source = os.path.expanduser(os.fspath(source))
     model, tok = load_model(source)
     ours = _our_checkpoint(os.fspath(source))
     if adapter:

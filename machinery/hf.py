@@ -543,7 +543,8 @@ def export_folder(folder):
     exports write): anything else in it, a run's files above all, would be lost, and is refused
     in one line before anything is written. A kill before the swap leaves the earlier export
     whole; what it left beside it is removed by the next export there."""
-    path = os.path.abspath(os.fspath(folder))
+    path = os.path.abspath(os.path.expanduser(os.fspath(folder)))  # ('' is the working folder)
+    folder = os.fspath(folder) or path
     if os.path.isfile(path):
         raise ValueError(f"{folder}: a file (expected a folder to export into)")
     foreign = _not_an_export(path) if os.path.isdir(path) else []

@@ -208,6 +208,19 @@ def test_an_export_replaces_an_earlier_export_whole(tmp_path):
     assert listing(tmp_path / "hf") == before
 
 
+def test_an_export_path_starting_with_a_tilde_is_home(tmp_path, monkeypatch):
+    """export(ckpt, "~/models/x"), as the README writes it, made a folder literally named "~" in
+    the working folder (the flags expand ~; the Python API did not)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    save_checkpoint(home / "byte.pt", GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1,
+                                                    n_head=2, n_embd=16)), tokenizer="byte")
+    export("~/byte.pt", "~/hf")
+    assert (home / "hf" / "config.json").is_file() and not os.listdir(work)
+
+
 @pytest.mark.slow
 def test_an_export_into_a_run_folder_is_refused(tmp_path):
     """export(ckpt, run_folder) wrote the Hugging Face config.json over the run's own: the run
