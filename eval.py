@@ -100,8 +100,9 @@ def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, t
     fit the context and kept its end), MATH's subject and level where the example has them; and
     `maj`, `maj_correct` when maj_k > 1. Each example is graded by its kind (data.grader)."""
     prompts = [ex["prompt"] for ex in examples]
-    greedy, cut, _ = complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                           batch_size=batch_size, ctx=ctx, desc="eval greedy", progress=progress)
+    greedy, cut, _ = complete(model, tok, prompts, max_new_tokens=max_new_tokens,
+                              temperature=0.0, batch_size=batch_size, ctx=ctx, desc="eval greedy",
+                              progress=progress)
     records = [dict(question=ex.get("question", ex["prompt"]), completion=c,
                     pred=extract_answer(c, grader(ex)), gold=ex["answer"],
                     correct=is_correct(c, ex["answer"], grader(ex)), prompt_cut=k,
@@ -109,8 +110,8 @@ def grade(model, tok, examples, *, max_new_tokens=128, batch_size=64, maj_k=1, t
                for ex, (c,), k in zip(examples, greedy, cut)]
     if maj_k > 1:
         samples, _, _ = complete(model, tok, prompts, n=maj_k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, batch_size=batch_size, ctx=ctx,
-                           desc=f"eval maj@{maj_k}", progress=progress)
+                                 temperature=temperature, seed=seed, batch_size=batch_size,
+                                 ctx=ctx, desc=f"eval maj@{maj_k}", progress=progress)
         for r, s, ex in zip(records, samples, examples):
             r["maj"], voted = majority_answer(s, grader(ex))
             r["maj_correct"] = voted is not None and is_correct(voted, ex["answer"], grader(ex))

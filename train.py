@@ -439,11 +439,12 @@ def sample_pairs(cfg, run, out):
         if os.path.exists(files[c]):
             continue
         part = questions[c:c + chunk]
-        samples, cut, finished = complete(model, tok, [q["prompt"] for q in part], n=cfg.n_samples,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k or None, top_p=cfg.top_p,
-                           seed=seed_for(cfg.seed, "pairs", c),
-                           batch_size=cfg.eval_batch_size, ctx=run.ctx, progress=False)
+        samples, cut, finished = complete(model, tok, [q["prompt"] for q in part],
+                                          n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                          top_p=cfg.top_p, seed=seed_for(cfg.seed, "pairs", c),
+                                          batch_size=cfg.eval_batch_size, ctx=run.ctx,
+                                          progress=False)
         write_jsonl([dict(question=q["question"], prompt=q["prompt"], answer=q["answer"],
                           kind=grader(q), samples=s, finished=f, prompt_cut=k)
                      for q, s, f, k in zip(part, samples, finished, cut)],

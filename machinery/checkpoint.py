@@ -352,7 +352,7 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     to one first: export(base, folder)). Either path may start with ~ (the home folder)."""
     source = os.path.expanduser(os.fspath(source))
     model, tok = load_model(source)
-    ours = _our_checkpoint(os.fspath(source))
+    ours = _our_checkpoint(source)
     if adapter:
         if ours is None or lora_settings(model) is None:
             raise ValueError(f"{source}: not a LoRA checkpoint (expected a ckpt.pt of a run with "
@@ -365,7 +365,7 @@ def export(source, folder, dtype=None, max_shard_size="5GB", adapter=False):
     with tempfile.TemporaryDirectory(prefix="nanoadpo-tokenizer-") as made:
         files = getattr(tok, "files", None)  # the files our checkpoint keeps
         if not files:  # gpt2, byte, an HF source's own, or a checkpoint from before files were kept
-            name = tok.name if ours else os.fspath(source)
+            name = tok.name if ours else source
             where = gpt2_tokenizer_files(made) if is_gpt2(name) else name
             files = {n: _read_bytes(p) for n, p in tokenizer_files(where).items()}
         if getattr(tok, "chat_template", None) is None:  # the run's prompts were plain text

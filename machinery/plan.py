@@ -82,8 +82,8 @@ def model_config(cfg):
         vocab = 50257 if cfg.tokenizer == "gpt2" else 257  # (the byte tokenizer's otherwise)
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd)
-    if _our_checkpoint(source):
-        path = _our_checkpoint(source)
+    path = _our_checkpoint(source)
+    if path:
         config = checkpoint_config(load_checkpoint(path, mmap=True), path)
     else:
         if not os.path.isdir(source):

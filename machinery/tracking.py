@@ -14,9 +14,10 @@ DIR/tensorboard/<stage>/ (sft, po, compare/<variant>, ...) with tags like `loss`
 
 A resumed run continues the same curves. TensorBoard: the first training step a process logs to a
 stage purges the events at and after that step (step 1 too), which a killed run logged past its
-last training state and the resumed run logs again (SummaryWriter's purge_step). Weights & Biases and Trackio:
-the run folder names the tracked run (its id is a digest of the folder's path and config.json),
-which is resumed; the steps a killed run logged past its last training state appear twice there.
+last training state and the resumed run logs again (SummaryWriter's purge_step). Weights & Biases
+and Trackio: the run folder names the tracked run (its id is a digest of the folder's path and
+config.json), which is resumed; the steps a killed run logged past its last training state appear
+twice there.
 """
 import hashlib
 import json
