@@ -30,13 +30,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import (encode_pairs, extract_answer, grader, is_correct, load_pairs, load_split,
                   preference_batch, render_pairs)
-from loss import eos_padded, metric_granularity, preference_metrics
+from loss import preference_metrics
 from machinery import tracking
 from machinery.checkpoint import load_gpt, load_model, load_settings, load_tokenizer
 from machinery.common import (ROOT, all_gather, atomic_write, barrier, changed_flags,
                               cli, markdown_table, need, parse, print0, progress_bar, read_json,
                               read_jsonl, read_run_file, setup, write_json, write_jsonl)
-from machinery.config import Settings, validate_settings
+from machinery.config import Settings, eos_padded, metric_granularity, validate_settings
 from machinery.inputs import changed_inputs, changed_pairs
 from machinery.parallel import place
 from machinery.tokenizer import encode_prompt

@@ -38,7 +38,8 @@ plain sum) and the implicit rewards β·Σ_t ρ_t (detached) for logging. Sums a
 Try your own variant: write one function taking the same six tensors (or, for a loss of the
 summed log-ratios, one of (h_w, h_l) under @pairwise) and add it to LOSSES at the bottom;
 `python train.py --loss NAME` then uses it, filling its extra keyword parameters
-(beta, size, gamma, ...) from the config keys of the same name.
+(beta, size, gamma, ...) from the config keys of the same name. (What --loss may name, terms
+joined by + and NAME:FAMILY:SIZE, is parsed in machinery/config.py.)
 """
 
 import functools
@@ -756,48 +757,3 @@ NO_GRANULARITY = {
 # the losses of the policy's log-probs alone: LD-DPO's desensitisation leaves them as they are
 REFERENCE_FREE = ("simpo", "sft")
 
-
-def parse_loss(spec):
-    """A loss spec, what --loss names -> [(name, family, size)], one per term: terms joined by +,
-    each NAME or NAME:FAMILY:SIZE; family and size are None where a term names no granularity.
-    'dpo+sft' -> [('dpo', None, None), ('sft', None, None)], 'hinge:adaptive:16' ->
-    [('hinge', 'adaptive', 16)]. A bad spec is a ValueError of one line."""
-    terms = []
-    for term in spec.split("+"):
-        name, *granularity = term.strip().split(":")
-        _require(name in LOSSES, f"expected one of {', '.join(LOSSES)}, or terms of them joined "
-                                 f"by + (e.g. dpo+sft): {name!r} is none of them")
-        if not granularity:
-            terms.append((name, None, None))
-            continue
-        _require(name not in NO_GRANULARITY,
-                 f"{name} has no granularity ({NO_GRANULARITY.get(name)})")
-        family, size = (granularity + [""])[:2]
-        _require(len(granularity) == 2 and family in ("static", "adaptive")
-                 and size.isdigit() and int(size) >= 1,
-                 f"{term.strip()!r}: expected NAME:FAMILY:SIZE, FAMILY static or adaptive and "
-                 f"SIZE an integer >= 1 (e.g. hinge:adaptive:16)")
-        terms.append((name, family, int(size)))
-    return terms
-
-
-def granularities(spec, family=None, size=None):
-    """The (family, size) each term of spec compares at, or None (the whole responses): the
-    term's own, else family and size (--family/--size) for a bare adpo or cadpo."""
-    return [(f, s) if f else (family, size) if name in SEGMENTED else None
-            for name, f, s in parse_loss(spec)]
-
-
-def eos_padded(loss, family, eos_pad=True):
-    """Whether the pairs of this loss spec are EOS-padded: the paper pads the shorter response of
-    a pair with EOS tokens (y_pad in Figure 1) for the static family only, so when a term of the
-    spec compares at the static family (adpo with --family static, or any NAME:static:K);
-    --eos_pad false turns it off. The batch builder does the padding
-    (data.preference_batch(eos_pad=True)); every term then scores those tokens like any other."""
-    return eos_pad and any(g and g[0] == "static" for g in granularities(loss, family))
-
-
-def metric_granularity(loss, family, size):
-    """Where segments/win_rate is measured: at the granularity of the first term of the spec that
-    has one (hinge:adaptive:16 -> adaptive 16), else at --family/--size."""
-    return next((g for g in granularities(loss, family, size) if g), (family, size))

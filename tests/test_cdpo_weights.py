@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import eval as eval_
 import train
-from machinery.config import resolve_loss
+from machinery.config import eos_padded, resolve_loss
 from machinery.checkpoint import load_gpt
 from data import encode_pairs
-from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss, eos_padded
+from loss import adpo_loss, cadpo_loss, cdpo_loss, contrastive_weights, dpo_loss
 from model import GPT, GPTConfig
 from machinery.tokenizer import get_tokenizer
 from conftest import die_at, Died, make_batch, tiny

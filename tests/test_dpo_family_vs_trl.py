@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train
-from machinery.config import resolve_loss
-from loss import (LOSSES, NO_GRANULARITY, ld_desensitised, parse_loss, wpo_weights)
+from machinery.config import parse_loss, resolve_loss
+from loss import LOSSES, NO_GRANULARITY, ld_desensitised, wpo_weights
 from conftest import (log_sigmoid, make_batch, pair_segments, ragged_mask, response,
                       values_and_grads)
 

@@ -15,10 +15,10 @@ import torch
 import train
 from conftest import (check_one_line_error, log_sigmoid, make_batch, pair_segments, ragged_mask,
                       run_cli, values_and_grads)
-from loss import LOSSES, parse_loss, preference_metrics
+from loss import LOSSES, preference_metrics
 from machinery import compare
 from machinery.common import ConfigError
-from machinery.config import resolve_loss, validate
+from machinery.config import parse_loss, resolve_loss, validate
 
 LN2 = math.log(2.0)
 GRAINS = [(None, None), ("static", 1), ("static", 3), ("adaptive", 3), ("adaptive", 40)]

@@ -12,10 +12,10 @@ import torch
 
 from machinery import compare
 import train
-from machinery.config import resolve_loss
+from machinery.config import eos_padded, metric_granularity, resolve_loss
 from conftest import UNTIMED, Died, die_at, make_batch, tiny
 from machinery.common import ConfigError, read_jsonl
-from loss import LOSSES, eos_padded, metric_granularity
+from loss import LOSSES
 
 
 def six_of(batch):
