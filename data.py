@@ -378,7 +378,7 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
         require_columns(columns, ["question", "answer"], where)
     single_file = os.path.isfile(os.path.expanduser(str(name)))
     local = os.path.exists(os.path.expanduser(str(name)))
-    out, first, repeated = [], {}, 0  # first: a question -> (its first row, its example)
+    out, first, repeated = [], {}, 0  # first: a question -> (its first row, that row's answer)
     for i, row in enumerate(rows):
         example = _math_example(row, where, i) if math else _gsm8k_example(row, where, i)
         question = example["question"]
@@ -389,19 +389,19 @@ def load_task(name, split="train", n=None, seed=0, **knobs):
             # with another answer, the file contradicts itself
             j, kept = first[question]
             answer = example["answer"]
-            same = answer == kept["answer"] or (
-                math and is_correct(f"\\boxed{{{answer}}}", kept["answer"], "math"))
+            same = answer == kept or (
+                math and is_correct(f"\\boxed{{{answer}}}", kept, "math"))
+            clash = (f"{where} rows {j} and {i}: the same question with two answers "
+                     f"({kept!r} and {answer!r})")
             # decision: a file of yours is refused (you can keep the right answer); a hub
             # dataset, which you cannot edit, keeps the first answer and says which rows
             if not same and local:
-                raise ValueError(f"{where} rows {j} and {i}: the same question with two answers "
-                                 f"({kept['answer']!r} and {answer!r}); keep the right one")
+                raise ValueError(f"{clash}; keep the right one")
             if not same:
-                print(f"{where} rows {j} and {i}: the same question with two answers "
-                      f"({kept['answer']!r} and {answer!r}): row {j}'s is kept")
+                print(f"{clash}: row {j}'s is kept")
             repeated += 1
             continue
-        first[question] = (i, example)
+        first[question] = (i, example["answer"])
         out.append(example)
     if repeated:
         print(f"{where}: {repeated} repeated question(s), each kept once")
